@@ -1,0 +1,1 @@
+"""Kernels: ``reference.py`` (plain PyTorch, the CPU path) and ``triton/`` (CUDA), one contract."""

@@ -1,0 +1,115 @@
+"""Plain-PyTorch kernels: the CPU path, and the reference every GPU kernel is tested against.
+
+Contracts (shared with ``kernels/triton/*``):
+- ``store_kv(k_cache, v_cache, k, v, meta)``: writes the step's new keys/values ``[N, kv_heads, D]``
+  into the pool views ``[num_blocks, T, kv_heads, D]`` at ``(meta.slot_blocks, meta.slot_offsets)``.
+- ``paged_attention(q, k_cache, v_cache, meta, scale, sliding_window, softcap)``: ``q`` is
+  ``[N, heads, D]``; returns ``[N, heads, D]``. Each query at position p attends to the keys of its
+  own sequence at positions ``k <= p`` (and ``k > p - sliding_window`` when a window is given), read
+  from the pool through the block table. GQA: query head h uses kv head ``h // (heads // kv_heads)``.
+- ``rms_norm(x, weight, eps, offset)``: ``x / rms(x) * (offset + weight)``, computed in float32.
+- ``apply_rope(x, positions, inv_freq)``: rotate-half RoPE on ``[N, heads, D]``.
+- ``silu_and_mul(x)``: ``silu(x[..., :I]) * x[..., I:]`` for the fused gate_up output.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from modelhive.runner.attn_metadata import AttentionMetadata
+
+
+def store_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    meta: AttentionMetadata,
+) -> None:
+    k_cache[meta.slot_blocks, meta.slot_offsets] = k.to(k_cache.dtype)
+    v_cache[meta.slot_blocks, meta.slot_offsets] = v.to(v_cache.dtype)
+
+
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+    softcap: float | None,
+) -> torch.Tensor:
+    """q [B, H, Q, D], k/v [B, KVH, L, D], mask [B, 1, Q, L] (True = attend) -> [B, H, Q, D]."""
+    group = q.shape[1] // k.shape[1]
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                              enable_gqa=group > 1)
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores.float(), dim=-1).to(v.dtype), v)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    out = torch.empty_like(q)
+    d = meta.num_decodes
+    if d:
+        blocks, offsets, key_pos = meta.decode_gather
+        k = k_cache[blocks, offsets]  # [D, L, KVH, Dh]
+        v = v_cache[blocks, offsets]
+        lens = meta.seq_lens[:d].long().unsqueeze(1)  # [D, 1]
+        mask = key_pos.unsqueeze(0) < lens
+        if sliding_window is not None:
+            mask &= key_pos.unsqueeze(0) > (lens - 1 - sliding_window)
+        o = _attend(q[:d].unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),
+                    mask[:, None, None, :], scale, softcap)
+        out[:d] = o.squeeze(2)
+    qsl = meta.query_start_loc_host
+    T = meta.tokens_per_block
+    for s in range(d, meta.num_seqs):
+        start, end = qsl[s], qsl[s + 1]
+        seq_len = meta.seq_lens_host[s]
+        q_len = end - start
+        key_pos = torch.arange(seq_len, device=q.device)
+        blocks = meta.block_tables[s].long()[key_pos // T]
+        k = k_cache[blocks, key_pos % T]  # [L, KVH, Dh]
+        v = v_cache[blocks, key_pos % T]
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+        mask = key_pos.unsqueeze(0) <= q_pos.unsqueeze(1)
+        if sliding_window is not None:
+            mask &= key_pos.unsqueeze(0) > (q_pos.unsqueeze(1) - sliding_window)
+        o = _attend(q[start:end].transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
+                    v.transpose(0, 1).unsqueeze(0), mask[None, None], scale, softcap)
+        out[start:end] = o.squeeze(0).transpose(0, 1)
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * (offset + weight.float())).to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+               attention_scaling: float = 1.0) -> torch.Tensor:
+    """Rotate-half RoPE. x [N, heads, D], positions [N], inv_freq [D/2] (float32)."""
+    freqs = positions.float().unsqueeze(1) * inv_freq.unsqueeze(0)  # [N, D/2]
+    cos = (freqs.cos() * attention_scaling).to(x.dtype).unsqueeze(1)
+    sin = (freqs.sin() * attention_scaling).to(x.dtype).unsqueeze(1)
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return F.silu(x[..., :half]) * x[..., half:]
+
+
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return F.gelu(x[..., :half], approximate="tanh") * x[..., half:]

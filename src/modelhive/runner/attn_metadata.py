@@ -1,0 +1,113 @@
+"""AttentionMetadata: everything attention needs for one model's forward in one step.
+
+It is an explicit argument of every model forward (no global forward context). Tokens of the step
+are flat ``[num_tokens]``; sequences are ordered decodes first (exactly one new token each), then
+prefill/extend chunks (one or more new tokens, whose keys follow the sequence's cached tokens).
+
+Units: positions and lengths in tokens; ``block_tables`` holds pool block ids; a token at position
+``p`` of a sequence lives in block ``block_tables[seq, p // tokens_per_block]`` at offset
+``p % tokens_per_block``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+
+@dataclass(frozen=True)
+class SeqChunk:
+    """One sequence's share of a step, as the runner sees it (plain Python)."""
+
+    num_cached: int  # tokens already in the KV cache before this step
+    num_new: int  # tokens fed this step (1 for a decode)
+    block_table: tuple[int, ...]  # pool blocks covering at least num_cached + num_new tokens
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionMetadata:
+    tokens_per_block: int
+    num_decodes: int  # the first num_decodes sequences (and tokens) are decodes
+    positions: torch.Tensor  # [num_tokens] int64
+    slot_blocks: torch.Tensor  # [num_tokens] int64: block of each new token
+    slot_offsets: torch.Tensor  # [num_tokens] int64: offset inside that block
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32
+    seq_lens: torch.Tensor  # [num_seqs] int32: tokens in cache after this step
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32, padded with 0
+    query_start_loc_host: tuple[int, ...]
+    seq_lens_host: tuple[int, ...]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_host)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.query_start_loc_host[-1]
+
+    @cached_property
+    def decode_gather(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(blocks [D, L], offsets [D, L], key positions [L]) covering every decode's context.
+
+        Computed once per step and reused by all layers of the CPU reference path.
+        """
+        d = self.num_decodes
+        max_len = max(self.seq_lens_host[:d])
+        key_pos = torch.arange(max_len, device=self.positions.device)
+        tables = self.block_tables[:d].long()
+        blocks = tables.gather(1, (key_pos // self.tokens_per_block).expand(d, -1).clamp_max(tables.shape[1] - 1))
+        offsets = (key_pos % self.tokens_per_block).expand(d, -1)
+        return blocks, offsets, key_pos
+
+    def logits_indices(self) -> torch.Tensor:
+        """Row of the last token of every sequence (the rows that get logits)."""
+        ends = torch.tensor(self.query_start_loc_host[1:], dtype=torch.long) - 1
+        return ends.to(self.positions.device)
+
+
+def build_attention_metadata(
+    chunks: list[SeqChunk], tokens_per_block: int, device: torch.device | str = "cpu"
+) -> AttentionMetadata:
+    """Build metadata for ``chunks`` (decodes must come first: chunks with num_new == 1 and
+    num_cached > 0 at the front are counted as decodes)."""
+    num_decodes = 0
+    for c in chunks:
+        if c.num_new == 1 and c.num_cached > 0:
+            num_decodes += 1
+        else:
+            break
+    positions: list[int] = []
+    slot_blocks: list[int] = []
+    slot_offsets: list[int] = []
+    qsl = [0]
+    seq_lens = []
+    T = tokens_per_block
+    for c in chunks:
+        end = c.num_cached + c.num_new
+        if len(c.block_table) * T < end:
+            raise ValueError(f"block table of {len(c.block_table)} blocks cannot hold {end} tokens")
+        for p in range(c.num_cached, end):
+            positions.append(p)
+            slot_blocks.append(c.block_table[p // T])
+            slot_offsets.append(p % T)
+        qsl.append(qsl[-1] + c.num_new)
+        seq_lens.append(end)
+    max_blocks = max(len(c.block_table) for c in chunks)
+    tables = torch.zeros((len(chunks), max_blocks), dtype=torch.int32)
+    for i, c in enumerate(chunks):
+        if c.block_table:
+            tables[i, : len(c.block_table)] = torch.tensor(c.block_table, dtype=torch.int32)
+    return AttentionMetadata(
+        tokens_per_block=T,
+        num_decodes=num_decodes,
+        positions=torch.tensor(positions, dtype=torch.long, device=device),
+        slot_blocks=torch.tensor(slot_blocks, dtype=torch.long, device=device),
+        slot_offsets=torch.tensor(slot_offsets, dtype=torch.long, device=device),
+        query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        block_tables=tables.to(device),
+        query_start_loc_host=tuple(qsl),
+        seq_lens_host=tuple(seq_lens),
+    )
