@@ -1,0 +1,5 @@
+import sys
+
+from modelhive.cli.main import main
+
+sys.exit(main())
