@@ -1,0 +1,159 @@
+"""Memory planner: exact weights and KV bytes, budgets, policies and the not-fitting sentence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from modelhive.config import ModelSpec
+from modelhive.errors import ConfigError
+from modelhive.models.arch import ArchConfig
+from modelhive.planner.estimates import CUDA_OVERHEAD_BYTES, GiB, activation_bytes
+from modelhive.planner.memory import plan_memory
+
+from .hf_configs import QWEN2_5_3B, SMOLLM2_135M, TINYLLAMA_1_1B, YI_6B
+
+HF = {"tinyllama": TINYLLAMA_1_1B, "qwen": QWEN2_5_3B, "yi": YI_6B, "smollm2": SMOLLM2_135M}
+ARCHS = {name: ArchConfig.from_hf_config(cfg) for name, cfg in HF.items()}
+THREE = [
+    ModelSpec("tinyllama", "preset:tinyllama-1.1b", "float16", 1024, 32),
+    ModelSpec("qwen", "preset:qwen2.5-3b", "float16", 1536, 24),
+    ModelSpec("yi", "preset:yi-6b", "float16", 2048, 16),
+]
+
+
+def hf_param_count(cfg: dict) -> int:
+    """transformers' own count of the same config, built on the meta device (nothing allocated)."""
+    config = transformers.AutoConfig.for_model(**cfg)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "name, params, kv_per_token",
+    [
+        ("tinyllama", 1_100_048_384, 2 * 22 * 4 * 64 * 2),  # 22,528
+        ("qwen", 3_085_938_688, 2 * 36 * 2 * 128 * 2),  # 36,864
+        ("yi", 6_061_035_520, 2 * 32 * 4 * 128 * 2),  # 65,536
+    ],
+)
+def test_exact_sizes_match_hand_values_and_transformers(name, params, kv_per_token):
+    arch = ARCHS[name]
+    assert kv_per_token in (22_528, 36_864, 65_536)
+    assert arch.kv_bytes_per_token("float16") == kv_per_token
+    assert arch.num_params() == params == hf_param_count(HF[name])
+    plan = plan_memory(THREE, ARCHS, device="cuda", budget="32GiB", total_device_bytes=None)
+    m = plan.model(name)
+    assert (m.params, m.weight_bytes, m.kv_bytes_per_token) == (params, 2 * params, kv_per_token)
+
+
+def test_smollm2_params_match_transformers():
+    assert ARCHS["smollm2"].num_params() == hf_param_count(SMOLLM2_135M)
+
+
+def test_three_model_plan_terms_add_up():
+    plan = plan_memory(THREE, ARCHS, device="cuda", budget="32GiB", total_device_bytes=None)
+    assert plan.fits and plan.problem is None
+    assert plan.block_bytes == 65_536 * 16  # Yi gets exactly 16 tokens per block
+    assert [m.tokens_per_block for m in plan.models] == [46, 28, 16]
+    assert plan.weights_bytes == 2 * (1_100_048_384 + 3_085_938_688 + 6_061_035_520)
+    assert plan.activation_bytes == max(m.activation_bytes for m in plan.models)
+    assert plan.graph_bytes == 0 and plan.overhead_bytes == CUDA_OVERHEAD_BYTES
+    rest = plan.budget_bytes - plan.weights_bytes - plan.activation_bytes - plan.overhead_bytes
+    assert plan.num_blocks == rest // plan.block_bytes
+    assert plan.kv_pool_bytes == plan.num_blocks * plan.block_bytes
+    yi = plan.model("yi")
+    assert yi.max_seqs_at_max_len == plan.num_blocks // (2048 // 16)
+    assert plan.quotas()["yi"].max_blocks is None
+
+
+def test_activation_formula_by_hand_tinyllama_cuda():
+    t, s, h, q, kv, inter, v = 2048, 32, 2048, 2048, 256, 5632, 32000
+    hand = (4 * t * h * 2 + t * (q + 2 * kv) * 2 + t * (q + kv) * 2 + t * q * 2
+            + 3 * t * inter * 2 + 2 * s * v * 4)
+    plan = plan_memory(THREE, ARCHS, device="cuda", budget="32GiB", total_device_bytes=None)
+    assert plan.model("tinyllama").activation_bytes == hand
+    cpu = activation_bytes(ARCHS["tinyllama"], "float16", num_tokens=t, max_num_seqs=s,
+                           max_model_len=1024, device="cpu")
+    decode_scratch = 2 * s * 1024 * q * 2 + 2 * s * 32 * 1024 * 4
+    assert cpu == hand + decode_scratch
+
+
+def test_static_policy_splits_by_seqs_times_len_times_kv_bytes():
+    plan = plan_memory(THREE, ARCHS, device="cuda", budget="32GiB", total_device_bytes=None,
+                       policy="static")
+    shares = [m.min_blocks for m in plan.models]
+    assert sum(shares) == plan.num_blocks
+    assert all(m.min_blocks == m.max_blocks for m in plan.models)
+    weights = [32 * 1024 * 22_528, 24 * 1536 * 36_864, 16 * 2048 * 65_536]
+    for share, w in zip(shares, weights, strict=True):
+        assert abs(share - plan.num_blocks * w / sum(weights)) < 1
+    tiny = plan.model("tinyllama")
+    assert tiny.max_seqs_at_max_len == shares[0] // -(-1024 // 46)
+
+
+def test_dtype_and_length_defaults():
+    specs = [ModelSpec("qwen", "preset:qwen2.5-3b"), ModelSpec("tinyllama", "preset:x")]
+    cpu = plan_memory(specs, ARCHS, device="cpu", budget="40GiB", total_device_bytes=None)
+    assert [m.dtype for m in cpu.models] == ["float32", "float32"]
+    assert [m.max_model_len for m in cpu.models] == [4096, 2048]
+    assert [m.max_num_batched_tokens for m in cpu.models] == [512, 512]
+    fp16 = {**ARCHS, "tinyllama": ARCHS["tinyllama"].replace(torch_dtype="float16")}
+    gpu = plan_memory(specs, fp16, device="cuda", budget=0.9, total_device_bytes=80 * GiB)
+    assert [m.dtype for m in gpu.models] == ["bfloat16", "float16"]
+    assert [m.max_num_batched_tokens for m in gpu.models] == [2048, 2048]
+    assert gpu.budget_bytes == int(0.9 * 80 * GiB)
+    many = [ModelSpec("tinyllama", "preset:x", max_num_seqs=600)]
+    assert plan_memory(many, ARCHS, device="cpu", budget="8GiB",
+                       total_device_bytes=None).models[0].max_num_batched_tokens == 600
+
+
+def test_max_model_len_above_architecture_is_config_error():
+    specs = [ModelSpec("tinyllama", "preset:x", max_model_len=4096)]
+    with pytest.raises(ConfigError) as err:
+        plan_memory(specs, ARCHS, device="cpu", budget="8GiB", total_device_bytes=None)
+    assert err.value.key == "max_model_len" and "2048" in str(err.value)
+
+
+def test_cpu_default_budget_holds_every_sequence_and_caps_kv_at_4gib():
+    small = [ModelSpec("smollm2", "preset:x", max_model_len=1024, max_num_seqs=4)]
+    plan = plan_memory(small, ARCHS, device="cpu", budget=None, total_device_bytes=None)
+    assert plan.fits and plan.model("smollm2").max_seqs_at_max_len == 4
+    big = plan_memory(THREE, ARCHS, device="cpu", budget=None, total_device_bytes=None)
+    assert big.kv_pool_bytes == (4 * GiB // big.block_bytes) * big.block_bytes
+
+
+def test_not_fitting_names_the_term_and_the_amount():
+    plan = plan_memory(THREE, ARCHS, device="cuda", budget="16GiB", total_device_bytes=None)
+    assert not plan.fits and plan.num_blocks == 0
+    over = plan.weights_bytes + plan.activation_bytes + plan.overhead_bytes - 16 * GiB
+    assert "the weights" in plan.problem and f"{over / 1e9:.2f} GB" in plan.problem
+
+
+def test_pool_too_small_for_one_sequence_names_the_model():
+    specs = [ModelSpec("yi", "preset:yi-6b", "float16", max_model_len=4096, max_num_seqs=1)]
+    fixed = plan_memory(specs, ARCHS, device="cuda", budget="64GiB", total_device_bytes=None)
+    budget = 64 * GiB - fixed.kv_pool_bytes + 100 * fixed.block_bytes  # 100 blocks, 256 needed
+    plan = plan_memory(specs, ARCHS, device="cuda", budget=budget, total_device_bytes=None)
+    assert not plan.fits and plan.num_blocks == 100
+    assert "model yi" in plan.problem and "max_model_len to 1600" in plan.problem
+
+
+def test_guaranteed_minimums_beyond_pool():
+    specs = [ModelSpec("tinyllama", "preset:x", "float16", 1024, 32, kv_min_tokens=10**9)]
+    plan = plan_memory(specs, ARCHS, device="cuda", budget="32GiB", total_device_bytes=None)
+    assert not plan.fits and "kv_min_tokens" in plan.problem
+
+
+def test_budget_above_device_total_and_bad_inputs():
+    plan = plan_memory(THREE, ARCHS, device="cuda", budget="32GiB",
+                       total_device_bytes=32_607 * 2**20)
+    assert not plan.fits and "total memory" in plan.problem
+    for kwargs, key in [(dict(device="tpu"), "device"), (dict(policy="fair"), "policy"),
+                        (dict(budget=0.5), "memory")]:
+        args = {"device": "cuda", "budget": "32GiB", "total_device_bytes": None, **kwargs}
+        with pytest.raises(ConfigError) as err:
+            plan_memory(THREE, ARCHS, **args)
+        assert err.value.key == key
