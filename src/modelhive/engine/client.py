@@ -1,0 +1,210 @@
+"""AsyncEngine: the engine's step loop on its own thread, with an asyncio API for the server.
+
+Process layout: the engine runs in the HTTP process, on one dedicated thread that owns the
+``Engine`` (nothing else touches it). The event loop talks to it through a command queue
+(submit / abort) and receives ``CompletionDelta``s through per-request asyncio queues. Tensor work
+releases the GIL, so HTTP parsing and SSE writing overlap the forward passes; see
+docs/process-layout.md for the measurement behind this choice.
+
+Contract:
+- ``submit(...)`` validates on the engine thread and raises the engine's ``ModelhiveError`` in the
+  caller (so the HTTP layer can answer 400/404/429 before streaming starts).
+- ``stream(request_id)`` yields deltas until every completion of the request has finished.
+- ``abort(request_id)`` (also called when a stream's consumer goes away) finishes the request's
+  sequences and returns their KV blocks to the pool.
+- If the loop thread dies, ``healthy`` is False and every open stream ends with an error delta.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from modelhive.engine.engine import Engine
+from modelhive.engine.output import CompletionDelta
+from modelhive.sampling_params import SamplingParams
+
+log = logging.getLogger("modelhive.client")
+
+
+@dataclass
+class ModelStats:
+    running: int = 0
+    waiting: int = 0
+    blocks_used: int = 0
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+    preemptions_total: int = 0
+
+
+@dataclass
+class EngineStats:
+    """Snapshot refreshed by the loop after each step; read by /metrics without locking."""
+
+    models: dict[str, ModelStats] = field(default_factory=dict)
+    free_blocks: int = 0
+    total_blocks: int = 0
+    steps: int = 0
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    remaining: int  # completions not finished yet
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._thread = threading.Thread(target=self._run, name="modelhive-engine", daemon=True)
+        self._stopping = threading.Event()
+        self.error: str | None = None
+        self.stats = EngineStats(total_blocks=engine.pool.num_blocks)
+        self._refresh_stats()
+
+    # ------------------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def healthy(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop after in-flight requests finish (or ``timeout`` seconds pass)."""
+        self._stopping.set()
+        self._inbox.put(("wake", None, None))
+        self._thread.join(timeout)
+
+    # ------------------------------------------------------------------------------- API
+    async def submit(self, model: str, prompt: str | list[int], params: SamplingParams,
+                     request_id: str, priority: int | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future = loop.create_future()
+        stream = _Stream(loop, asyncio.Queue(), params.n)
+        self._inbox.put(("add", (model, prompt, params, request_id, priority, stream), (loop, fut)))
+        await fut  # raises the engine's validation error, if any
+
+    async def stream(self, request_id: str) -> AsyncIterator[CompletionDelta]:
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return
+        try:
+            while stream.remaining > 0:
+                delta = await stream.queue.get()
+                if delta.finish_reason is not None:
+                    stream.remaining -= 1
+                yield delta
+        finally:
+            if stream.remaining > 0:  # consumer left early (client disconnected): free its KV
+                self.abort(request_id)
+            self._streams.pop(request_id, None)
+
+    async def generate(self, model: str, prompt: str | list[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[CompletionDelta]:
+        await self.submit(model, prompt, params, request_id)
+        async for delta in self.stream(request_id):
+            yield delta
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id, None))
+
+    def call(self, fn, *args) -> Any:
+        """Run ``fn(engine, *args)`` on the engine thread and wait for its result (tests, admin)."""
+        done = threading.Event()
+        box: dict[str, Any] = {}
+        self._inbox.put(("call", (fn, args, box), done))
+        done.wait()
+        if "error" in box:
+            raise box["error"]
+        return box["result"]
+
+    # ------------------------------------------------------------------------ the loop
+    def _run(self) -> None:
+        try:
+            while True:
+                block = not self.engine.has_work
+                if self._stopping.is_set() and block:
+                    break
+                self._drain(block)
+                if self.engine.has_work:
+                    self._dispatch(self.engine.step())
+                    self._refresh_stats()
+        except BaseException as exc:  # the loop itself broke: fail every open stream
+            log.exception("engine loop died")
+            self.error = f"{type(exc).__name__}: {exc}"
+            for rid, stream in list(self._streams.items()):
+                for i in range(stream.remaining):
+                    d = CompletionDelta(rid, i, (), "", "error", None, 0, 0, self.error)
+                    stream.loop.call_soon_threadsafe(stream.queue.put_nowait, d)
+
+    def _drain(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._handle(*item)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, kind: str, payload, reply) -> None:
+        if kind == "add":
+            model, prompt, params, request_id, priority, stream = payload
+            loop, fut = reply
+            try:
+                self.engine.add_request(model, prompt, params, request_id, priority)
+            except Exception as exc:
+                loop.call_soon_threadsafe(_settle, fut, exc)
+                return
+            self._streams[request_id] = stream
+            loop.call_soon_threadsafe(_settle, fut, None)
+        elif kind == "abort":
+            self._dispatch(self.engine.abort(payload))
+        elif kind == "call":
+            fn, args, box = payload
+            try:
+                box["result"] = fn(self.engine, *args)
+            except Exception as exc:
+                box["error"] = exc
+            reply.set()
+
+    def _dispatch(self, deltas: list[CompletionDelta]) -> None:
+        for d in deltas:
+            stream = self._streams.get(d.request_id)
+            if stream is not None:
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, d)
+
+    def _refresh_stats(self) -> None:
+        eng = self.engine
+        models = {}
+        for name in eng.models:
+            models[name] = ModelStats(
+                running=eng.scheduler.num_running(name), waiting=eng.scheduler.num_waiting(name),
+                blocks_used=eng.allocator.num_used_blocks(name),
+                prompt_tokens_total=eng.prompt_tokens_total[name],
+                generation_tokens_total=eng.generation_tokens_total[name],
+                preemptions_total=eng.scheduler.num_preemptions[name])
+        self.stats = EngineStats(models, eng.allocator.num_free_blocks, eng.pool.num_blocks,
+                                 eng.num_steps)
+        self.stats_time = time.monotonic()
+
+
+def _settle(fut: asyncio.Future, exc: BaseException | None) -> None:
+    if fut.done():
+        return
+    if exc is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(exc)

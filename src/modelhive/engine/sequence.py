@@ -1,0 +1,110 @@
+"""Sequence state (plain Python) and the two frozen contracts between scheduler and runner.
+
+- ``StepPlan``: what the scheduler decided for one step: per model, which sequences feed which
+  tokens and which blocks hold their KV.
+- ``StepResult``: what the runners answer: one sampled token per sequence that asked for one, and
+  the models whose forward failed.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from modelhive.sampling_params import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"  # queued (new, or preempted and waiting to recompute)
+    RUNNING = "running"  # holds blocks; prefilling or decoding
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One completion being generated (a request with ``n`` > 1 has n sequences)."""
+
+    seq_id: str
+    request_id: str
+    index: int  # completion index inside its request
+    model: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival: int  # monotonic admission counter: lower arrived earlier
+    priority: int = 0
+    output_token_ids: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose K/V are in the pool
+    status: SeqStatus = SeqStatus.WAITING
+    finish_reason: str | None = None
+    num_preemptions: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def token_at(self, index: int) -> int:
+        n_prompt = len(self.prompt_token_ids)
+        return self.prompt_token_ids[index] if index < n_prompt else self.output_token_ids[index - n_prompt]
+
+    def tokens(self, start: int, end: int) -> tuple[int, ...]:
+        n_prompt = len(self.prompt_token_ids)
+        if end <= n_prompt:
+            return tuple(self.prompt_token_ids[start:end])
+        return tuple(self.prompt_token_ids[start:] if start < n_prompt else ()) + tuple(
+            self.output_token_ids[max(0, start - n_prompt): end - n_prompt])
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    """One sequence's part of a step."""
+
+    seq_id: str
+    token_ids: tuple[int, ...]  # fed this step
+    num_cached: int  # tokens already in the pool before this step
+    block_table: tuple[int, ...]
+    sample: bool  # True when this step reaches the sequence's end: sample its next token
+    params: SamplingParams
+    num_generated: int  # tokens generated so far (the seeded sampler's step index)
+    #: prompt + output tokens so far, only when penalties need them (else empty)
+    history: tuple[int, ...] = ()
+    num_prompt_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class ModelBatch:
+    model: str
+    seqs: tuple[ScheduledSeq, ...]  # decodes first, then prefill/extend chunks
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.seqs)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    batches: tuple[ModelBatch, ...]
+    preempted: tuple[str, ...] = ()
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.batches
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    seq_id: str
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] | None = None
+
+
+@dataclass(frozen=True)
+class StepResult:
+    tokens: tuple[SampledToken, ...]
+    #: (model, error message) for each model whose forward raised this step
+    failed_models: tuple[tuple[str, str], ...] = ()
