@@ -1,0 +1,102 @@
+"""Sampler: greedy, filters, penalties, seeded reproducibility, logprobs — on random logits."""
+
+import math
+
+import pytest
+import torch
+
+from modelhive.engine.output import Detokenizer
+from modelhive.engine.sampler import _filter, sample
+from modelhive.engine.sequence import ScheduledSeq
+from modelhive.errors import InvalidRequestError
+from modelhive.sampling_params import SamplingParams
+
+
+def item(params, seq_id="s", num_generated=0, history=(), num_prompt=0):
+    return ScheduledSeq(seq_id, (1,), 0, (0,), True, params, num_generated, tuple(history), num_prompt)
+
+
+def test_greedy_is_argmax_and_logprobs_are_raw_log_softmax():
+    logits = torch.randn(4, 50)
+    items = [item(SamplingParams(temperature=0.0, logprobs=3), f"s{i}") for i in range(4)]
+    out = sample(logits, items)
+    ref = torch.log_softmax(logits, -1)
+    for row, tok in enumerate(out):
+        assert tok.token_id == int(logits[row].argmax())
+        assert math.isclose(tok.logprob, float(ref[row, tok.token_id]), rel_tol=1e-6)
+        assert [t for t, _ in tok.top_logprobs] == ref[row].topk(3).indices.tolist()
+
+
+def test_seeded_sampling_is_independent_of_batch_composition():
+    torch.manual_seed(0)
+    logits = torch.randn(8, 100)
+    p = SamplingParams(temperature=0.9, top_p=0.95, seed=1234)
+    alone = sample(logits[3:4].clone(), [item(p, num_generated=5)])[0].token_id
+    others = [item(SamplingParams(temperature=1.0), f"o{i}") for i in range(8)]
+    others[3] = item(p, num_generated=5)
+    batched = sample(logits.clone(), others)[3].token_id
+    assert alone == batched
+    # a different step index draws different noise: over several steps the picks vary
+    picks = {sample(logits[3:4].clone(), [item(p, num_generated=k)])[0].token_id for k in range(20)}
+    assert len(picks) > 1
+
+
+def test_seeded_draws_follow_the_distribution():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    counts = torch.zeros(3)
+    for k in range(3000):
+        tok = sample(logits.clone(), [item(SamplingParams(temperature=1.0, seed=7), num_generated=k)])
+        counts[tok[0].token_id] += 1
+    assert torch.allclose(counts / counts.sum(), torch.tensor([0.5, 0.3, 0.2]), atol=0.03)
+
+
+def test_top_k_top_p_min_p_filters():
+    logits = torch.log(torch.tensor([0.4, 0.3, 0.2, 0.1]))
+    keep = lambda f: torch.isfinite(f).nonzero().flatten().tolist()  # noqa: E731
+    assert keep(_filter(logits, 2, 1.0, 0.0)) == [0, 1]
+    assert keep(_filter(logits, 0, 0.65, 0.0)) == [0, 1]  # 0.4 + 0.3 reaches 0.65
+    assert keep(_filter(logits, 0, 0.71, 0.0)) == [0, 1, 2]
+    assert keep(_filter(logits, 0, 1.0, 0.5)) == [0, 1, 2]  # >= 0.5 * 0.4
+    for _ in range(50):  # sampling never leaves the kept set
+        tok = sample(logits[None].clone(), [item(SamplingParams(temperature=1.0, top_k=2))])
+        assert tok[0].token_id in (0, 1)
+
+
+def test_penalties_change_greedy_choice_as_defined():
+    logits = torch.tensor([[2.0, 1.9, -1.0, 0.0]])
+    # repetition penalty divides positive logits of seen tokens (prompt included)
+    rep = SamplingParams(temperature=0.0, repetition_penalty=2.0)
+    assert sample(logits.clone(), [item(rep, history=(0,), num_prompt=1)])[0].token_id == 1
+    # frequency penalty counts only generated tokens
+    freq = SamplingParams(temperature=0.0, frequency_penalty=0.1)
+    assert sample(logits.clone(), [item(freq, history=(0, 0), num_prompt=1)])[0].token_id == 0
+    assert sample(logits.clone(), [item(freq, history=(5, 0, 0), num_prompt=1)])[0].token_id == 1
+    pres = SamplingParams(temperature=0.0, presence_penalty=0.2)
+    assert sample(logits.clone(), [item(pres, history=(0,), num_prompt=0)])[0].token_id == 1
+
+
+@pytest.mark.parametrize("kwargs,param", [
+    ({"max_tokens": 0}, "max_tokens"), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
+    ({"temperature": -1}, "temperature"), ({"temperature": float("nan")}, "temperature"),
+    ({"top_k": -2}, "top_k"), ({"min_p": 2}, "min_p"), ({"n": 0}, "n"),
+    ({"logprobs": 99}, "logprobs"), ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"stop": [""]}, "stop"), ({"seed": 1.5}, "seed"),
+])
+def test_invalid_sampling_params_name_the_parameter(kwargs, param):
+    with pytest.raises(InvalidRequestError) as info:
+        SamplingParams(**kwargs)
+    assert info.value.param == param and param in str(info.value)
+
+
+def test_detokenizer_holds_back_partial_stop_strings_and_cuts_at_stop():
+    d = Detokenizer(stop=("END",), include_stop=False)
+    assert d.update("Hello E", finished=False) == ("Hello", False)
+    assert d.update("Hello EN", finished=False) == (" ", False)  # "EN" may start "END"
+    assert d.update("Hello ENX", finished=False) == ("E", False)
+    assert d.update("Hello ENX END tail", finished=False) == ("NX ", True)
+    assert d.text == "Hello ENX "
+    d2 = Detokenizer(stop=("END",), include_stop=True)
+    assert d2.update("a END", finished=False) == ("a END", True)
+    d3 = Detokenizer(stop=(), include_stop=False)
+    assert d3.update("ab\ufffd", finished=False) == ("ab", False)
+    assert d3.update("abc", finished=True) == ("c", False)
