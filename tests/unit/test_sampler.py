@@ -56,7 +56,8 @@ def test_top_k_top_p_min_p_filters():
     assert keep(_filter(logits, 2, 1.0, 0.0)) == [0, 1]
     assert keep(_filter(logits, 0, 0.65, 0.0)) == [0, 1]  # 0.4 + 0.3 reaches 0.65
     assert keep(_filter(logits, 0, 0.71, 0.0)) == [0, 1, 2]
-    assert keep(_filter(logits, 0, 1.0, 0.5)) == [0, 1, 2]  # >= 0.5 * 0.4
+    assert keep(_filter(logits, 0, 1.0, 0.45)) == [0, 1, 2]  # p >= 0.45 * 0.4
+    assert keep(_filter(logits, 0, 1.0, 0.6)) == [0, 1]
     for _ in range(50):  # sampling never leaves the kept set
         tok = sample(logits[None].clone(), [item(SamplingParams(temperature=1.0, top_k=2))])
         assert tok[0].token_id in (0, 1)
