@@ -1,4 +1,4 @@
-"""Frozen user-facing specs: ModelSpec (one served model) and memory-size parsing.
+"""Frozen user-facing specs: ModelSpec (one served model), HiveConfig (a config file), memory sizes.
 
 A spec is what the user asked for; anything computed from it (block counts, resolved dtype, token
 budgets) lives in separate resolved objects (``planner.MemoryPlan``), never written back here.
@@ -6,6 +6,8 @@ budgets) lives in separate resolved objects (``planner.MemoryPlan``), never writ
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
 from dataclasses import dataclass
 
@@ -90,3 +92,128 @@ def parse_memory(value: str | int | float, total_bytes: int | None = None, key: 
             if result > 0:
                 return result
     raise ConfigError(f"{key}: must be a size like 8GiB or a fraction like 0.9, got {value!r}", key=key)
+
+
+# ------------------------------------------------------------------------------- hive config
+DEVICES = ("auto", "cpu", "cuda")
+POLICIES = ("shared", "static")
+_MODEL_KEYS = {f.name for f in dataclasses.fields(ModelSpec)}
+_MODEL_STR_KEYS = ("name", "source", "dtype", "chat_template")
+_TOP_KEYS = ("memory", "device", "policy", "enforce_eager", "host", "port", "models")
+
+
+@dataclass(frozen=True)
+class HiveConfig:
+    """Everything one ``modelhive serve`` runs: the models and the device budget they share.
+
+    ``memory``: absolute (``"20GiB"``, bytes) or a fraction of the device's total memory; ``None``
+    lets the planner choose (``planner.memory.plan_memory``). ``device``: ``auto`` picks CUDA when
+    present. ``policy``: ``shared`` (one elastic KV pool) or ``static`` (fixed per-model shares).
+    """
+
+    models: tuple[ModelSpec, ...]
+    memory: str | int | float | None = None
+    device: str = "auto"
+    policy: str = "shared"
+    enforce_eager: bool = True
+    host: str | None = None
+    port: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ConfigError("models: at least one model is required", key="models")
+        names = [m.name for m in self.models]
+        for name in names:
+            if names.count(name) > 1:
+                raise ConfigError(f"models: the name {name!r} is used twice", key="name")
+        if self.device not in DEVICES:
+            raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}",
+                              key="device")
+        if self.policy not in POLICIES:
+            raise ConfigError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}",
+                              key="policy")
+        if not isinstance(self.enforce_eager, bool):
+            raise ConfigError("enforce_eager must be true or false", key="enforce_eager")
+        if self.memory is not None:
+            parse_memory(self.memory, total_bytes=2**40, key="memory")  # syntax and sign only
+        if self.host is not None and (not isinstance(self.host, str) or not self.host):
+            raise ConfigError("host must be a non-empty string", key="host")
+        if self.port is not None and (isinstance(self.port, bool) or not isinstance(self.port, int)
+                                      or not 0 < self.port < 65536):
+            raise ConfigError(f"port must be an integer in 1-65535, got {self.port!r}", key="port")
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; other values pass through."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _model_spec(entry: object, where: str) -> ModelSpec:
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: expected a mapping of settings, got {type(entry).__name__}",
+                          key="models")
+    unknown = sorted(set(entry) - _MODEL_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; known keys: "
+                          f"{', '.join(sorted(_MODEL_KEYS))}", key=str(unknown[0]))
+    for key in ("name", "source"):
+        if key not in entry:
+            raise ConfigError(f"{where}: missing required key {key!r}", key=key)
+    for key in _MODEL_STR_KEYS:
+        if key in entry and entry[key] is not None and not isinstance(entry[key], str):
+            raise ConfigError(f"{where}: {key} must be a string, got {entry[key]!r}", key=key)
+    try:
+        return ModelSpec(**entry)
+    except ConfigError as exc:
+        message = str(exc).removeprefix(f"model {entry['name']}: ")
+        raise ConfigError(f"{where}: {message}", key=exc.key) from None
+
+
+def config_from_dict(data: object, origin: str = "config") -> HiveConfig:
+    """Validate a parsed YAML/JSON document; errors are one line naming the bad key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: expected a mapping at the top level", key="config")
+    unknown = sorted(set(data) - set(_TOP_KEYS), key=str)
+    if unknown:
+        raise ConfigError(f"{origin}: unknown key {unknown[0]!r}; known keys: "
+                          f"{', '.join(_TOP_KEYS)}", key=str(unknown[0]))
+    raw = data.get("models")
+    if isinstance(raw, dict):  # mapping form: {name: {source: ...}}
+        entries = [{"name": name, **(v if isinstance(v, dict) else {"source": v})}
+                   for name, v in raw.items()]
+    elif isinstance(raw, list):
+        entries = raw
+    else:
+        raise ConfigError(f"{origin}: models must be a list (or mapping) of models", key="models")
+    specs = tuple(_model_spec(e, f"{origin}: models[{i}]" + (
+        f" ({e['name']})" if isinstance(e, dict) and "name" in e else ""))
+        for i, e in enumerate(entries))
+    settings = {k: v for k, v in data.items() if k != "models"}
+    for key in ("device", "policy"):
+        if key in settings and not isinstance(settings[key], str):
+            raise ConfigError(f"{origin}: {key} must be a string", key=key)
+    try:
+        return HiveConfig(models=specs, **settings)
+    except ConfigError as exc:
+        raise ConfigError(f"{origin}: {exc}", key=exc.key) from None
+
+
+def load_config(path: str | os.PathLike) -> HiveConfig:
+    """Read a YAML config file into a ``HiveConfig`` (see examples/ for the format)."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}", key="config") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}",
+                          key="config") from None
+    return config_from_dict(data, origin=str(path))
