@@ -1,0 +1,241 @@
+"""Building blocks shared by the architecture files: fused linears that load themselves, RMSNorm,
+rotary embedding, the paged attention layer, the gated MLP, and the checkpoint loading loop.
+
+Every op goes through ``kernels.ops`` so the GPU path can swap in its kernels. Parameters are
+created directly in the model dtype on the current device (``torch.device`` context of the
+model constructor); RoPE frequencies stay float32.
+
+Weight loading follows nano-vllm: a parameter may carry a ``weight_loader(param, tensor, shard)``
+and a tuple ``shard_ids`` naming the checkpoint tensors packed into it (q, k, v -> ``qkv_proj``;
+gate (0), up (1) -> ``gate_up_proj``). ``load_checkpoint`` is the one loop that maps HF names.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modelhive.errors import ConfigError
+from modelhive.kernels import ops
+from modelhive.runner.attn_metadata import AttentionMetadata
+
+
+def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
+    if param.shape != loaded.shape:
+        raise ValueError(f"checkpoint tensor of shape {tuple(loaded.shape)} does not fit a "
+                         f"parameter of shape {tuple(param.shape)}")
+    param.data.copy_(loaded)
+
+
+def _copy_rows(param: nn.Parameter, loaded: torch.Tensor, start: int, size: int) -> None:
+    """Copy ``loaded`` into rows ``[start, start + size)`` (dim 0) of a fused parameter."""
+    if loaded.shape[0] != size or loaded.shape[1:] != param.shape[1:]:
+        raise ValueError(f"checkpoint shard of shape {tuple(loaded.shape)} does not fit "
+                         f"{size} rows of a parameter of shape {tuple(param.shape)}")
+    param.data[start:start + size].copy_(loaded)
+
+
+class Linear(nn.Module):
+    """``y = x @ W.T (+ b)``, W ``[out, in]`` like ``nn.Linear``, loaded as one tensor."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype),
+                                   requires_grad=False)
+        self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False)
+                     if bias else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedLinear(Linear):
+    """Several checkpoint linears sharing one input, stacked on the output dim (gate, up).
+
+    ``shard_ids`` name the checkpoint tensors in order (default 0, 1, ...); ``sizes`` are their
+    output widths, so ``forward(x).split(self.sizes, -1)`` gives them back.
+    """
+
+    def __init__(self, in_features: int, out_sizes: list[int], bias: bool, dtype: torch.dtype,
+                 shard_ids: tuple | None = None):
+        super().__init__(in_features, sum(out_sizes), bias, dtype)
+        self.sizes = list(out_sizes)
+        ids = shard_ids or tuple(range(len(out_sizes)))
+        starts = [sum(out_sizes[:i]) for i in range(len(out_sizes))]
+        self.shards = dict(zip(ids, zip(starts, out_sizes, strict=True), strict=True))
+        for param in self.parameters():
+            param.weight_loader = self.weight_loader
+            param.shard_ids = ids
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard: Any) -> None:
+        _copy_rows(param, loaded, *self.shards[shard])
+
+
+class QKVLinear(MergedLinear):
+    """q, k and v projections as one ``[q_size + 2 * kv_size, hidden]`` weight (shards "q","k","v")."""
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 bias: bool, dtype: torch.dtype):
+        q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        super().__init__(hidden_size, [q_size, kv_size, kv_size], bias, dtype, ("q", "k", "v"))
+
+
+class Embedding(nn.Module):
+    def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size, dtype=dtype),
+                                   requires_grad=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weight)
+
+
+class RMSNorm(nn.Module):
+    """``x / rms(x) * (offset + w)`` over the last dim; Gemma uses ``offset=1``."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, offset: float = 0.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim, dtype=dtype), requires_grad=False)
+        self.eps = eps
+        self.offset = offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps, self.offset)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
+    """RoPE inverse frequencies ``[head_dim / 2]`` float32, as transformers computes them.
+
+    ``scaling`` is the HF rope_scaling dict (``rope_type``: default, linear or llama3). Dynamic NTK,
+    YaRN and LongRoPE change frequencies with the sequence length and are not supported.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if rope_type == "default":
+        return inv_freq
+    if rope_type == "linear":
+        return inv_freq / scaling["factor"]
+    if rope_type == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+        return torch.where(is_medium, smoothed, scaled)
+    raise ConfigError(f"RoPE scaling type {rope_type!r} is not supported; supported: default, "
+                      "linear, llama3")
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half RoPE applied to q and k ``[N, heads, head_dim]`` at ``positions [N]``."""
+
+    def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None = None):
+        super().__init__()
+        self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta, scaling), persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor,
+                k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return ops.apply_rope(q, positions, self.inv_freq), ops.apply_rope(k, positions, self.inv_freq)
+
+
+class PagedAttention(nn.Module):
+    """Writes this step's K/V into the pool, then attends over the cached context.
+
+    ``q`` ``[N, heads, D]``, ``k``/``v`` ``[N, kv_heads, D]``; ``kv_cache`` is this layer's
+    ``(k_view, v_view)`` of the pool. Returns ``[N, heads, D]``.
+    """
+
+    def __init__(self, scale: float, sliding_window: int | None = None,
+                 softcap: float | None = None):
+        super().__init__()
+        self.scale = scale
+        self.sliding_window = sliding_window
+        self.softcap = softcap
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        k_cache, v_cache = kv_cache
+        ops.store_kv(k_cache, v_cache, k, v, meta)
+        return ops.paged_attention(q, k_cache, v_cache, meta, self.scale, self.sliding_window,
+                                   self.softcap)
+
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": ops.silu_and_mul,
+    "gelu_pytorch_tanh": ops.gelu_tanh_and_mul,
+}
+
+
+class GatedMLP(nn.Module):
+    """``down(act(gate(x)) * up(x))`` with gate and up fused into ``gate_up_proj``."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str,
+                 dtype: torch.dtype):
+        super().__init__()
+        if hidden_act not in ACTIVATIONS:
+            raise ConfigError(f"activation {hidden_act!r} is not supported; supported: "
+                              + ", ".join(ACTIVATIONS))
+        self.gate_up_proj = MergedLinear(hidden_size, [intermediate_size] * 2, False, dtype)
+        self.down_proj = Linear(intermediate_size, hidden_size, False, dtype)
+        self.act_and_mul = ACTIVATIONS[hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
+
+
+def final_logits(hidden: torch.Tensor, weight: torch.Tensor,
+                 softcap: float | None = None) -> torch.Tensor:
+    """``[M, hidden] -> [M, vocab]`` float32, with optional ``tanh`` soft-capping."""
+    logits = F.linear(hidden, weight).float()
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+#: checkpoint name fragment -> (our fused parameter fragment, shard id)
+PACKED_MODULES = {
+    ".q_proj.": (".qkv_proj.", "q"),
+    ".k_proj.": (".qkv_proj.", "k"),
+    ".v_proj.": (".qkv_proj.", "v"),
+    ".gate_proj.": (".gate_up_proj.", 0),
+    ".up_proj.": (".gate_up_proj.", 1),
+}
+
+
+def load_checkpoint(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
+                    tie_word_embeddings: bool) -> set[str]:
+    """Copy ``(hf_name, tensor)`` pairs into ``model``'s (fused) parameters.
+
+    Returns the names of the parameters that are completely filled (a fused one only once all its
+    shards arrived). A checkpoint name with no parameter is an error; ``lm_head.weight`` is
+    skipped when embeddings are tied, as are stale ``rotary_emb.inv_freq`` buffers.
+    """
+    params = dict(model.named_parameters())
+    shards_seen: dict[str, set] = {}
+    for hf_name, tensor in weights:
+        if "rotary_emb.inv_freq" in hf_name or (tie_word_embeddings and hf_name == "lm_head.weight"):
+            continue
+        name, shard = hf_name, None
+        for fragment, (fused, shard_id) in PACKED_MODULES.items():
+            if fragment in hf_name:
+                name, shard = hf_name.replace(fragment, fused), shard_id
+                break
+        param = params.get(name)
+        if param is None:
+            raise ValueError(f"checkpoint tensor {hf_name!r} matches no parameter of "
+                             f"{type(model).__name__}; is the architecture right?")
+        if shard is None:
+            default_weight_loader(param, tensor)
+        else:
+            param.weight_loader(param, tensor, shard)
+        shards_seen.setdefault(name, set()).add(shard)
+    return {name for name, seen in shards_seen.items()
+            if seen == set(getattr(params[name], "shard_ids", (None,)))}

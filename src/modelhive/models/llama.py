@@ -1,0 +1,115 @@
+"""Llama family: Llama 2/3, TinyLlama, Yi, SmolLM2, Mistral (without sliding window).
+
+Pre-norm decoder: ``h += attn(norm(h)); h += mlp(norm(h))``; GQA attention with RoPE; SwiGLU MLP.
+Qwen2 (qkv bias, set by ``arch.attention_bias``) and Qwen3 (qk-norm) reuse these classes; the
+class attributes ``attention_cls`` / ``layer_cls`` / ``model_cls`` are the only hooks.
+
+Shapes: all tokens of a step are flat, ``[N, hidden]``; heads are ``[N, heads, head_dim]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from modelhive.models.arch import ArchConfig
+from modelhive.models.base import CausalLM, KVCaches
+from modelhive.models.layers import (
+    Embedding,
+    GatedMLP,
+    Linear,
+    PagedAttention,
+    QKVLinear,
+    RMSNorm,
+    RotaryEmbedding,
+    final_logits,
+    load_checkpoint,
+)
+from modelhive.runner.attn_metadata import AttentionMetadata
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, arch: ArchConfig, rotary: RotaryEmbedding, dtype: torch.dtype):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            arch.num_heads, arch.num_kv_heads, arch.head_dim)
+        self.qkv_proj = QKVLinear(arch.hidden_size, arch.num_heads, arch.num_kv_heads,
+                                  arch.head_dim, arch.attention_bias, dtype)
+        self.o_proj = Linear(arch.q_size, arch.hidden_size, False, dtype)
+        self.rotary = rotary
+        self.attn = PagedAttention(scale=arch.head_dim ** -0.5)
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[N, hidden]`` -> q ``[N, heads, D]``, k and v ``[N, kv_heads, D]`` (before RoPE)."""
+        q, k, v = self.qkv_proj(x).split(self.qkv_proj.sizes, dim=-1)
+        return (q.view(-1, self.num_heads, self.head_dim),
+                k.view(-1, self.num_kv_heads, self.head_dim),
+                v.view(-1, self.num_kv_heads, self.head_dim))
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata,
+                kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        q, k, v = self.project_qkv(x)
+        q, k = self.rotary(meta.positions, q, k)
+        out = self.attn(q, k, v, kv_cache, meta)
+        return self.o_proj(out.flatten(1))
+
+
+class LlamaDecoderLayer(nn.Module):
+    attention_cls: type[LlamaAttention] = LlamaAttention
+
+    def __init__(self, arch: ArchConfig, rotary: RotaryEmbedding, dtype: torch.dtype):
+        super().__init__()
+        self.self_attn = self.attention_cls(arch, rotary, dtype)
+        self.mlp = GatedMLP(arch.hidden_size, arch.intermediate_size, arch.hidden_act, dtype)
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
+
+    def forward(self, h: torch.Tensor, meta: AttentionMetadata,
+                kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), meta, kv_cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    layer_cls: type[LlamaDecoderLayer] = LlamaDecoderLayer
+
+    def __init__(self, arch: ArchConfig, dtype: torch.dtype):
+        super().__init__()
+        self.embed_tokens = Embedding(arch.vocab_size, arch.hidden_size, dtype)
+        self.rotary_emb = RotaryEmbedding(arch.head_dim, arch.rope_theta,
+                                          dict(arch.rope_scaling) or None)
+        self.layers = nn.ModuleList(
+            [self.layer_cls(arch, self.rotary_emb, dtype) for _ in range(arch.num_layers)])
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
+
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: KVCaches) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            h = layer(h, meta, kv_cache)
+        return self.norm(h)
+
+
+class LlamaForCausalLM(CausalLM):
+    model_cls: type[LlamaModel] = LlamaModel
+
+    def __init__(self, arch: ArchConfig, dtype: torch.dtype, device: torch.device | str = "cpu"):
+        super().__init__()
+        self.arch = arch
+        with torch.device(device):
+            self.model = self.model_cls(arch, dtype)
+            self.lm_head = (None if arch.tie_word_embeddings
+                            else Linear(arch.hidden_size, arch.vocab_size, False, dtype))
+
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: KVCaches) -> torch.Tensor:
+        return self.model(input_ids, meta, kv_caches)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        head = self.model.embed_tokens if self.lm_head is None else self.lm_head
+        return final_logits(hidden, head.weight, self.arch.final_logit_softcapping)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return load_checkpoint(self, weights, self.arch.tie_word_embeddings)
