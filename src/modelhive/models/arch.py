@@ -25,6 +25,16 @@ HF_MODEL_TYPES = {
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
+#: transformers' ``Gemma3TextConfig`` defaults for the keys a multimodal Gemma3 ``text_config``
+#: may leave out (e.g. gemma-3-4b lists no head_dim, vocab_size or query_pre_attn_scalar).
+GEMMA3_TEXT_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 262_208, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 131_072,
+    "rms_norm_eps": 1e-6, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+    "tie_word_embeddings": True, "bos_token_id": 2, "eos_token_id": 1,
+}
+GEMMA3_GLOBAL_THETA, GEMMA3_LOCAL_THETA = 1_000_000.0, 10_000.0
+
 
 @dataclass(frozen=True)
 class ArchConfig:
@@ -155,29 +165,52 @@ class ArchConfig:
                 + ", ".join(sorted(HF_MODEL_TYPES))
             )
         arch = HF_MODEL_TYPES[model_type]
+        if arch == "gemma3":
+            # multimodal Gemma3 configs list only the text keys that differ from the defaults
+            cfg = {**GEMMA3_TEXT_DEFAULTS, **cfg}
+            if cfg.get("use_bidirectional_attention"):
+                raise ConfigError("Gemma3 with use_bidirectional_attention (an embedding model) is "
+                                  "not a causal LM and is not supported")
         num_heads = cfg["num_attention_heads"]
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
         num_layers = cfg["num_hidden_layers"]
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        if cfg.get("attention_bias") and arch != "qwen2":
+            # Llama/Qwen3/Gemma3 put this bias on o_proj too; our models carry a q/k/v bias only
+            raise ConfigError(f"{model_type} with attention_bias=true is not supported")
+        if cfg.get("mlp_bias"):
+            raise ConfigError(f"{model_type} with mlp_bias=true is not supported")
+        if arch in ("qwen2", "qwen3") and cfg.get("use_sliding_window") and cfg.get("sliding_window"):
+            # transformers: layers from max_window_layers on slide (unless layer_types says)
+            first_sliding = cfg.get("max_window_layers", 28)
+            qwen_types = cfg.get("layer_types") or [
+                "sliding_attention" if i >= first_sliding else "full_attention"
+                for i in range(num_layers)]
+            if "sliding_attention" in qwen_types:
+                raise ConfigError(f"{model_type} with use_sliding_window=true is not supported; "
+                                  "set use_sliding_window: false")
         rope_scaling = cfg.get("rope_scaling") or None
         rope_theta = cfg.get("rope_theta")
+        local_theta = cfg.get("rope_local_base_freq")
         rope_params = cfg.get("rope_parameters")  # transformers >= 5 folds theta in here
         if isinstance(rope_params, dict):
+            # when both are present, rope_parameters is what transformers uses
             if "full_attention" in rope_params:  # gemma3: per layer type
-                full = rope_params["full_attention"]
-                local = rope_params.get("sliding_attention", {})
-                rope_theta = rope_theta or full.get("rope_theta")
-                cfg = {**cfg, "rope_local_base_freq": cfg.get("rope_local_base_freq")
-                       or local.get("rope_theta")}
-                if full.get("rope_type", "default") != "default":
-                    rope_scaling = {k: v for k, v in full.items() if k != "rope_theta"}
+                full = rope_params.get("full_attention") or {}
+                local = rope_params.get("sliding_attention") or {}
+                rope_theta = full.get("rope_theta", rope_theta)
+                local_theta = local.get("rope_theta", local_theta)
             else:
-                rope_theta = rope_theta or rope_params.get("rope_theta")
-                if rope_params.get("rope_type", "default") != "default":
-                    rope_scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"}
+                full = rope_params
+                rope_theta = rope_params.get("rope_theta", rope_theta)
+            if full.get("rope_type", "default") != "default":
+                rope_scaling = {k: v for k, v in full.items() if k != "rope_theta"}
         if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) == "default":
             rope_scaling = None
+        if arch == "gemma3":
+            rope_theta = rope_theta or GEMMA3_GLOBAL_THETA
+            cfg = {**cfg, "rope_local_base_freq": local_theta or GEMMA3_LOCAL_THETA}
         layer_types = tuple(cfg.get("layer_types") or ())
         sliding_window = cfg.get("sliding_window")
         if arch == "gemma3":
