@@ -78,7 +78,8 @@ class Engine:
             return m.tokenizer.encode(prompt)
         if not all(isinstance(t, int) and 0 <= t < m.runner.model.arch.vocab_size for t in prompt):
             raise InvalidRequestError(
-                f"prompt token ids must be integers in [0, {m.runner.model.arch.vocab_size})",
+                f"prompt token ids must be integers in [0, {m.runner.model.arch.vocab_size}) "
+                f"(the vocabulary size of {model})",
                 param="prompt")
         return list(prompt)
 

@@ -1,0 +1,122 @@
+"""The engine end to end on tiny presets of three architectures sharing one pool (CPU, float32)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from modelhive import Hive, SamplingParams
+from modelhive.errors import ConfigError, InvalidRequestError, ModelNotFoundError, PlanError
+from tests.engine.conftest import THREE, budget_for_blocks
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+
+
+def prompts(model_vocab: int, count: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, model_vocab) for _ in range(rng.randint(3, 40))] for _ in range(count)]
+
+
+def test_api_returns_text_tokens_and_finish_reason(roomy_hive: Hive):
+    res = roomy_hive.generate("llama", ["Hello"], SamplingParams(max_tokens=16, temperature=0.0,
+                                                                 ignore_eos=True))
+    assert len(res) == 1
+    assert len(res[0].token_ids) == 16 and res[0].finish_reason == "length"
+    assert isinstance(res[0].text, str) and res[0].text
+    assert res[0].text == roomy_hive.tokenizer("llama").decode(res[0].token_ids)
+
+
+def test_batch_invariance_alone_batched_and_interleaved_across_models(roomy_hive: Hive):
+    target = prompts(512, 1, seed=1)[0]
+    alone = roomy_hive.generate("llama", [target], GREEDY)[0].token_ids
+    batched = roomy_hive.generate("llama", [target] + prompts(512, 30, seed=2), GREEDY)[0].token_ids
+    mixed = [("qwen2", p) for p in prompts(1024, 10, seed=3)]
+    mixed += [("llama", target)] + [("gemma3", p) for p in prompts(1024, 10, seed=4)]
+    mixed += [("llama", p) for p in prompts(512, 5, seed=5)]
+    interleaved = roomy_hive.generate_many(mixed, GREEDY, check_integrity=True)[10].token_ids
+    assert alone == batched == interleaved
+    roomy_hive.engine.check_integrity()
+    assert roomy_hive.engine.allocator.num_free_blocks == roomy_hive.engine.pool.num_blocks
+
+
+def test_preemption_across_models_gives_identical_outputs(roomy_hive: Hive):
+    work = [(m, p) for m, v, s in (("llama", 512, 10), ("qwen2", 1024, 11), ("gemma3", 1024, 12))
+            for p in prompts(v, 12, seed=s)]
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    expected = [r.token_ids for r in roomy_hive.generate_many(work, params)]
+    tight = Hive(THREE, device="cpu", memory=budget_for_blocks(THREE, 24))
+    got = tight.generate_many(work, params, check_integrity=True)
+    preemptions = tight.engine.scheduler.num_preemptions
+    assert sum(preemptions.values()) > 0, "the pool was meant to be too small"
+    assert [r.token_ids for r in got] == expected
+    tight.engine.check_integrity()
+    assert tight.engine.allocator.num_free_blocks == tight.engine.pool.num_blocks
+
+
+def test_seeded_sampling_reproducible_across_batches(roomy_hive: Hive):
+    p = SamplingParams(max_tokens=20, temperature=0.8, top_p=0.9, seed=42, ignore_eos=True)
+    target = prompts(512, 1, seed=7)[0]
+    alone = roomy_hive.generate("llama", [target], p)[0].token_ids
+    others = roomy_hive.generate("llama", prompts(512, 6, seed=8) + [target], p)[-1].token_ids
+    assert alone == others
+
+
+def test_n_completions_stop_tokens_and_stop_strings(roomy_hive: Hive):
+    base = roomy_hive.generate("qwen2", [[5, 6, 7]], GREEDY)[0]
+    stop_tok = base.token_ids[5]
+    first = base.token_ids.index(stop_tok)
+    res = roomy_hive.generate("qwen2", [[5, 6, 7]], SamplingParams(
+        max_tokens=24, temperature=0.0, ignore_eos=True, stop_token_ids=(stop_tok,)))[0]
+    assert res.finish_reason == "stop" and res.token_ids == base.token_ids[: first + 1]
+    n3 = roomy_hive.generate("qwen2", [[5, 6, 7]], SamplingParams(
+        max_tokens=8, temperature=1.0, seed=3, n=3, ignore_eos=True))[0]
+    assert len(n3.outputs) == 3 and all(len(o.token_ids) == 8 for o in n3.outputs)
+    text = base.text
+    if len(text) > 4:
+        stop = text[2:4]
+        res = roomy_hive.generate("qwen2", [[5, 6, 7]], SamplingParams(
+            max_tokens=24, temperature=0.0, ignore_eos=True, stop=[stop]))[0]
+        assert res.finish_reason == "stop" and res.text == text[: text.index(stop)]
+
+
+def test_abort_returns_blocks(roomy_hive: Hive):
+    eng = roomy_hive.engine
+    rid = eng.add_request("gemma3", [3, 4, 5, 6], SamplingParams(max_tokens=50, ignore_eos=True))
+    eng.step()
+    eng.step()
+    assert eng.allocator.num_used_blocks("gemma3") > 0
+    deltas = eng.abort(rid)
+    assert [d.finish_reason for d in deltas] == ["abort"]
+    eng.check_integrity()
+    assert eng.allocator.num_free_blocks == eng.pool.num_blocks and not eng.has_work
+
+
+def test_bad_input_raises_clear_errors_and_disturbs_nothing(roomy_hive: Hive):
+    eng = roomy_hive.engine
+    with pytest.raises(ModelNotFoundError, match="llama"):
+        roomy_hive.generate("nope", ["hi"], GREEDY)
+    with pytest.raises(InvalidRequestError, match="max_model_len"):
+        roomy_hive.generate("llama", [[5] * 300], GREEDY)
+    with pytest.raises(InvalidRequestError) as info:
+        roomy_hive.generate("llama", [[5, 6], [7] * 400], GREEDY)  # second prompt is bad
+    assert info.value.param == "prompt"
+    with pytest.raises(InvalidRequestError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(InvalidRequestError, match="top_p"):
+        SamplingParams(top_p=1.5)
+    with pytest.raises(InvalidRequestError, match="vocab"):
+        roomy_hive.generate("llama", [[1, 2, 10**6]], GREEDY)
+    assert not eng.has_work and eng.allocator.num_free_blocks == eng.pool.num_blocks
+    assert len(roomy_hive.generate("llama", [[5, 6, 7]], GREEDY)[0].token_ids) == 24
+
+
+def test_bad_specs_fail_before_loading():
+    from modelhive import ModelSpec
+
+    with pytest.raises(ConfigError, match="source"):
+        Hive([ModelSpec(name="x", source="/no/such/model.gguf")], device="cpu")
+    with pytest.raises(ConfigError, match="preset"):
+        Hive([ModelSpec(name="x", source="preset:no-such-preset")], device="cpu")
+    with pytest.raises(PlanError):
+        Hive(THREE, device="cpu", memory="1MiB")
