@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import math
+import re
+from pathlib import Path
+
 import pytest
 import torch
 import transformers
+import yaml
 
+from modelhive.cli.main import main
 from modelhive.config import ModelSpec
 from modelhive.errors import ConfigError
 from modelhive.models.arch import ArchConfig
@@ -157,3 +164,76 @@ def test_budget_above_device_total_and_bad_inputs():
         with pytest.raises(ConfigError) as err:
             plan_memory(THREE, ARCHS, **args)
         assert err.value.key == key
+
+
+# ------------------------------------------------------------------ `modelhive plan` end to end
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+THREE_YAML = str(EXAMPLES / "three-models-32gb.yaml")
+
+
+def test_cli_not_fitting_exits_1_naming_the_term(capsys):
+    assert main(["plan", THREE_YAML, "--memory", "16GiB"]) == 1
+    out, err = capsys.readouterr()
+    plan = plan_memory(THREE, ARCHS, device="cuda", budget="16GiB", total_device_bytes=None,
+                       enforce_eager=False)
+    over = plan.weights_bytes + plan.activation_bytes + plan.graph_bytes + plan.overhead_bytes
+    assert len(err.strip().splitlines()) == 1 and "the weights (20.49 GB)" in err
+    assert f"by {(over - 16 * GiB) / 1e9:.2f} GB" in err and "does NOT fit" in out
+
+
+def test_cli_json_has_the_stable_keys(capsys):
+    assert main(["plan", THREE_YAML, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert {"budget_bytes", "kv_pool_bytes", "fits", "models"} <= set(doc)
+    assert doc["fits"] is True and doc["budget_bytes"] == 32 * GiB
+    keys = {"name", "params", "weight_bytes", "kv_bytes_per_token", "tokens_per_block",
+            "max_seqs_at_max_len"}
+    assert [{k: m[k] for k in keys} for m in doc["models"]][2] == {
+        "name": "yi-6b", "params": 6_061_035_520, "weight_bytes": 12_122_071_040,
+        "kv_bytes_per_token": 65_536, "tokens_per_block": 16,
+        "max_seqs_at_max_len": doc["num_blocks"] // 128}
+
+
+def test_cli_unknown_source_is_one_line_naming_source(tmp_path, capsys):
+    path = tmp_path / "hive.yaml"
+    path.write_text("memory: 8GiB\nmodels:\n  - name: x\n    source: preset:no-such-model\n")
+    assert main(["plan", str(path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model x" in err and "no-such-model" in err
+
+
+def test_emit_vllm_utilizations_by_hand(capsys):
+    assert main(["plan", THREE_YAML, "--emit", "vllm"]) == 0
+    script = capsys.readouterr().out
+    utils = [float(u) for u in re.findall(r"--gpu-memory-utilization (\S+)", script)]
+    assert utils == [0.1246, 0.2872, 0.5183]  # checked by hand against the rule below
+    # vLLM v1: util x total = weights + activation + non-torch (128 MiB) + KV share, with the CUDA
+    # context (512 MiB) and graphs outside; the KV left is split by seqs x len x KV bytes/token.
+    total = 32_607 * 2**20
+    usable = min(32 * GiB, int(0.98 * total))
+    plan = plan_memory(THREE, ARCHS, device="cuda", budget="32GiB", total_device_bytes=None,
+                       enforce_eager=False)
+    fixed = [m.weight_bytes + m.activation_bytes + 128 * 2**20 for m in plan.models]
+    outside = [512 * 2**20 + m.graph_bytes for m in plan.models]
+    kv_total = usable - sum(fixed) - sum(outside)
+    weights = [32 * 1024 * 22_528, 24 * 1536 * 36_864, 16 * 2048 * 65_536]
+    for util, f, w in zip(utils, fixed, weights, strict=True):
+        share = kv_total * w // sum(weights)
+        assert util == math.floor((f + share) * 10_000 / total) / 10_000
+    assert sum(u * total for u in utils) + sum(outside) <= usable
+    assert script.index("wait_healthy 8001") < script.index("vllm serve Qwen/Qwen2.5-3B-Instruct")
+
+
+def test_emit_compose_orders_services_by_health(capsys):
+    assert main(["plan", THREE_YAML, "--emit", "compose"]) == 0
+    services = yaml.safe_load(capsys.readouterr().out)["services"]
+    assert list(services) == ["tinyllama-1-1b", "qwen2-5-3b", "yi-6b"]
+    assert "depends_on" not in services["tinyllama-1-1b"]
+    assert services["yi-6b"]["depends_on"] == {"qwen2-5-3b": {"condition": "service_healthy"}}
+    cmd = services["yi-6b"]["command"]
+    assert cmd[cmd.index("--gpu-memory-utilization") + 1] == "0.5183"
+
+
+def test_default_example_fits_on_this_machine(capsys):
+    assert main(["plan", str(EXAMPLES / "default.yaml"), "--device", "cpu"]) == 0
+    assert "fits" in capsys.readouterr().out

@@ -45,8 +45,8 @@ def _total_device_bytes(device: str, total_memory: str | None) -> int | None:
         return None
 
 
-def resolve_archs(config: HiveConfig) -> dict[str, ArchConfig]:
-    """Each model's architecture from its source (config.json, GGUF header or preset; no weights)."""
+def resolve_archs(config: HiveConfig, origin: str = "config") -> dict[str, ArchConfig]:
+    """Each model's architecture from its source (config.json, GGUF header, preset; no weights)."""
     from modelhive.models.loader import resolve_source
 
     archs = {}
@@ -54,7 +54,7 @@ def resolve_archs(config: HiveConfig) -> dict[str, ArchConfig]:
         try:
             archs[spec.name] = resolve_source(spec.source).arch
         except ConfigError as exc:
-            raise ConfigError(f"model {spec.name}: source {spec.source!r}: {exc}",
+            raise ConfigError(f"{origin}: model {spec.name}: {exc}",
                               key=exc.key or "source") from None
     return archs
 
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     device = "cuda" if args.emit else resolve_device(args.device or config.device)
     policy = args.policy or config.policy
     total = _total_device_bytes(device, args.total_memory)
-    archs = resolve_archs(config)
+    archs = resolve_archs(config, origin=args.config)
     common = dict(device=device, budget=args.memory or config.memory, total_device_bytes=total,
                   enforce_eager=config.enforce_eager)
     plan = plan_memory(config.models, archs, policy=policy, **common)

@@ -36,6 +36,7 @@ VLLM_CONTEXT_BYTES = CUDA_OVERHEAD_BYTES
 #: share of the device left unplanned for the driver, a display and estimate error
 DEVICE_HEADROOM = 0.02
 UTIL_SCALE = 10_000  # 4 decimals
+Ports = Mapping[str, int | None] | None  # model name -> port (default 8001, 8002, ...)
 #: preset architectures -> the public checkpoint vLLM would load instead of random weights
 PRESET_HF_IDS = {
     "tinyllama-1.1b": "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
@@ -43,6 +44,8 @@ PRESET_HF_IDS = {
     "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B-Instruct",
     "yi-6b": "01-ai/Yi-6B-Chat",
     "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "qwen3-0.6b": "Qwen/Qwen3-0.6B",
+    "gemma3-270m": "google/gemma-3-270m-it",
 }
 
 
@@ -98,13 +101,14 @@ def vllm_model_name(source: str) -> str:
     return source
 
 
-def vllm_instances(plan: MemoryPlan, total_bytes: int, *, ports: Mapping[str, int | None] | None = None,
+def vllm_instances(plan: MemoryPlan, total_bytes: int, *, ports: Ports = None,
                    enforce_eager: bool = True) -> list[VllmInstance]:
     """One instance per planned model, in start order (the config's order)."""
     if plan.device != "cuda":
         raise PlanError("vLLM output needs a CUDA plan; pass --device cuda")
     usable = min(plan.budget_bytes, int((1 - DEVICE_HEADROOM) * total_bytes))
-    fixed = {m.name: m.weight_bytes + m.activation_bytes + VLLM_NON_TORCH_BYTES for m in plan.models}
+    fixed = {m.name: m.weight_bytes + m.activation_bytes + VLLM_NON_TORCH_BYTES
+             for m in plan.models}
     outside = {m.name: VLLM_CONTEXT_BYTES + m.graph_bytes for m in plan.models}
     kv_total = usable - sum(fixed.values()) - sum(outside.values())
     if kv_total <= 0:
@@ -141,11 +145,11 @@ def _header(plan: MemoryPlan, instances: list[VllmInstance], total_bytes: int) -
         "hold weights + activation peak + non-torch + KV.",
         f"sum of utilizations {utils:.4f}; expected device use {used / 1e9:.2f} GB with contexts "
         "and graphs.",
-        "Start one at a time: an engine that starts while another profiles mis-measures free memory.",
+        "Start one at a time: an engine starting while another profiles mis-measures free memory.",
     ]
 
 
-def emit_vllm(plan: MemoryPlan, total_bytes: int, *, ports: Mapping[str, int | None] | None = None,
+def emit_vllm(plan: MemoryPlan, total_bytes: int, *, ports: Ports = None,
               enforce_eager: bool = True) -> str:
     """A bash script: one `vllm serve` per model, each started after the previous is healthy."""
     instances = vllm_instances(plan, total_bytes, ports=ports, enforce_eager=enforce_eager)
@@ -161,9 +165,9 @@ def emit_vllm(plan: MemoryPlan, total_bytes: int, *, ports: Mapping[str, int | N
     return "\n".join(lines) + "\n"
 
 
-def emit_compose(plan: MemoryPlan, total_bytes: int, *, ports: Mapping[str, int | None] | None = None,
+def emit_compose(plan: MemoryPlan, total_bytes: int, *, ports: Ports = None,
                  enforce_eager: bool = True) -> str:
-    """A docker-compose file: one service per model, each depending on the previous being healthy."""
+    """A docker-compose file: one service per model, each waiting for the previous to be healthy."""
     instances = vllm_instances(plan, total_bytes, ports=ports, enforce_eager=enforce_eager)
     health = ('["CMD", "python3", "-c", "import urllib.request; '
               "urllib.request.urlopen('http://localhost:8000/health')\"]")

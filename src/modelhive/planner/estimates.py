@@ -69,7 +69,7 @@ def activation_bytes(
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
-    """Decode batch sizes captured as CUDA graphs: 1, 2, 4, then multiples of 8, then max_num_seqs."""
+    """Decode batch sizes captured as CUDA graphs: 1, 2, 4, multiples of 8, max_num_seqs."""
     sizes = {b for b in (1, 2, 4) if b <= max_num_seqs}
     sizes.update(range(8, max_num_seqs + 1, 8))
     sizes.add(max_num_seqs)
@@ -105,5 +105,5 @@ def graph_bytes(
 
 
 def overhead_bytes(device: str) -> int:
-    """Device memory the process uses outside torch tensors: 0 on CPU, ``CUDA_OVERHEAD_BYTES`` on CUDA."""
+    """Device memory outside torch tensors: 0 on CPU, ``CUDA_OVERHEAD_BYTES`` on CUDA."""
     return CUDA_OVERHEAD_BYTES if device == "cuda" else 0

@@ -1,7 +1,8 @@
 """MemoryPlan: every byte of the device budget assigned before any weight is loaded.
 
     budget = weights (sum, exact) + activation peak (max over models: they run one after another)
-           + CUDA graphs (sum) + overhead (CUDA context; 0 on CPU) + KV pool (the rest, whole blocks)
+           + CUDA graphs (sum) + overhead (CUDA context; 0 on CPU)
+           + KV pool (the rest, whole blocks)
 
 The plan is a separate resolved object: specs are never modified. ``fits`` is False, with one
 sentence in ``problem``, when the fixed terms exceed the budget, the pool cannot hold one
@@ -96,7 +97,7 @@ def resolve_dtype(spec_dtype: str, arch: ArchConfig, device: str) -> str:
 
 
 def _static_shares(weights: list[int], num_blocks: int) -> list[int]:
-    """Split ``num_blocks`` proportionally to ``weights`` (largest remainder; sums to num_blocks)."""
+    """Split ``num_blocks`` in proportion to ``weights`` (largest remainder, sums to num_blocks)."""
     total = sum(weights)
     exact = [num_blocks * w / total for w in weights]
     shares = [int(x) for x in exact]
