@@ -1,0 +1,99 @@
+"""POST /v1/chat/completions: messages -> the model's chat template -> tokens -> completions.
+
+The template renders in the sandbox of ``models/chat_template.py``; its output is encoded without
+adding special tokens (templates write their own BOS), as transformers' ``apply_chat_template``
+does, so /tokenize with the same messages gives exactly ``usage.prompt_tokens``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from modelhive.engine.output import TokenLogprob
+from modelhive.errors import ConfigError, InvalidRequestError
+from modelhive.models.tokenizer import Tokenizer
+from modelhive.server.generation import (
+    cancel_on_disconnect,
+    collect,
+    stream_choices,
+    submit_prompts,
+    usage,
+)
+from modelhive.server.metrics import RequestTimer
+from modelhive.server.protocol import ChatCompletionRequest, message_dicts
+from modelhive.server.routes import get_state
+from modelhive.server.state import ServerState
+from modelhive.server.streaming import SSEResponse
+
+router = APIRouter()
+
+
+def render_chat_prompt(tokenizer: Tokenizer, messages: list[dict[str, Any]],
+                       add_generation_prompt: bool = True) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    except ConfigError as exc:  # no template, or the model's template does not parse
+        raise InvalidRequestError(f"{exc}", param="messages") from None
+
+
+def chat_logprobs(logprobs: list[TokenLogprob] | tuple[TokenLogprob, ...]) -> dict[str, Any]:
+    def entry(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return {"content": [{**entry(lp.token, lp.logprob),
+                         "top_logprobs": [entry(text, value) for _, text, value in lp.top]}
+                        for lp in logprobs]}
+
+
+@router.post("/v1/chat/completions")
+async def create_chat_completion(body: ChatCompletionRequest, request: Request):
+    state = get_state(request)
+    state.check_healthy()
+    model = state.resolve_model(body.model)
+    loaded = state.loaded(model)
+    text = render_chat_prompt(loaded.tokenizer, message_dicts(body.messages),
+                              body.add_generation_prompt)
+    ids = loaded.tokenizer.encode(text, add_special_tokens=False)
+    params = body.to_sampling_params(len(ids), loaded.limits.max_model_len)
+    timer = state.metrics.timer(model)
+    request_id = state.new_id("chatcmpl")
+    rids = await submit_prompts(state, model, [ids], [params], request_id, body.priority)
+    if body.stream:
+        return SSEResponse(_chunks(state, body, model, request_id, rids, len(ids), timer))
+    choices = await cancel_on_disconnect(request, collect(state, rids, body.n, timer))
+    return {
+        "id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                     "logprobs": chat_logprobs(c.logprobs) if body.logprobs else None,
+                     "finish_reason": c.finish_reason} for c in choices],
+        "usage": usage(len(ids), sum(c.num_tokens for c in choices)),
+    }
+
+
+async def _chunks(state: ServerState, body: ChatCompletionRequest, model: str, request_id: str,
+                  rids: list[str], prompt_tokens: int,
+                  timer: RequestTimer) -> AsyncIterator[dict[str, Any]]:
+    created = int(time.time())
+
+    def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"id": request_id, "object": "chat.completion.chunk", "created": created,
+                "model": model, "choices": choices}
+
+    for index in range(body.n):  # the role comes first, as OpenAI sends it
+        yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
+                      "logprobs": None, "finish_reason": None}])
+    tokens: dict[int, int] = {}
+    async with aclosing(stream_choices(state, rids, body.n, timer)) as deltas:
+        async for index, delta in deltas:
+            tokens[index] = delta.num_output_tokens
+            content = {"content": delta.text} if delta.text or delta.logprobs else {}
+            yield chunk([{"index": index, "delta": content,
+                          "logprobs": chat_logprobs(delta.logprobs or ()) if body.logprobs
+                          else None, "finish_reason": delta.finish_reason}])
+    if body.include_usage:
+        yield {**chunk([]), "usage": usage(prompt_tokens, sum(tokens.values()))}
