@@ -161,6 +161,8 @@ def gguf_arch_config(header: GGUFHeader) -> ArchConfig:
         pattern = get("attention.sliding_window_pattern")
         if isinstance(pattern, list):  # newer converters: one bool per layer, True = sliding
             cfg["layer_types"] = ["sliding_attention" if s else "full_attention" for s in pattern]
+        elif isinstance(pattern, int):  # every pattern-th layer is global
+            cfg["sliding_window_pattern"] = pattern
         cfg["rope_local_base_freq"] = 10000.0  # llama.cpp's fixed value for Gemma 3 local layers
         # llama.cpp: scale 1/sqrt(hidden/heads) for the 27B (62 layers), else 1/sqrt(head_dim)
         cfg["query_pre_attn_scalar"] = hidden // num_heads if num_layers == 62 else head_dim

@@ -25,17 +25,20 @@ from modelhive.errors import ConfigError
 from modelhive.models.arch import ArchConfig
 from modelhive.models.tokenizer import ByteTokenizer
 
-_LLAMA: dict[str, Any] = {"model_type": "llama", "hidden_act": "silu", "attention_bias": False}
+_LLAMA: dict[str, Any] = {"model_type": "llama", "hidden_act": "silu", "attention_bias": False,
+                          "torch_dtype": "bfloat16"}
 _QWEN2: dict[str, Any] = {"model_type": "qwen2", "hidden_act": "silu", "rms_norm_eps": 1e-6,
                           "rope_theta": 1000000.0, "max_position_embeddings": 32768,
-                          "vocab_size": 151936, "attention_bias": True}
+                          "vocab_size": 151936, "attention_bias": True,
+                          "torch_dtype": "bfloat16"}
 _QWEN3: dict[str, Any] = {"model_type": "qwen3", "hidden_act": "silu", "rms_norm_eps": 1e-6,
-                          "rope_theta": 1000000.0, "vocab_size": 151936, "attention_bias": False}
+                          "rope_theta": 1000000.0, "vocab_size": 151936, "attention_bias": False,
+                          "torch_dtype": "bfloat16"}
 _GEMMA3: dict[str, Any] = {"model_type": "gemma3_text", "hidden_activation": "gelu_pytorch_tanh",
                            "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
                            "rope_local_base_freq": 10000.0, "attention_bias": False,
                            "tie_word_embeddings": True, "final_logit_softcapping": None,
-                           "attn_logit_softcapping": None}
+                           "attn_logit_softcapping": None, "torch_dtype": "bfloat16"}
 
 
 def _gemma3_layer_types(num_layers: int, pattern: int = 6) -> list[str]:
