@@ -138,7 +138,9 @@ class AsyncEngine:
                 self._drain(block)
                 if self.engine.has_work:
                     self._dispatch(self.engine.step())
-                    self._refresh_stats()
+                # also after commands alone: an abort that empties the engine frees blocks
+                # without a step, and /metrics must see them back in the pool
+                self._refresh_stats()
         except BaseException as exc:  # the loop itself broke: fail every open stream
             log.exception("engine loop died")
             self.error = f"{type(exc).__name__}: {exc}"
