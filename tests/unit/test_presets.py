@@ -120,3 +120,16 @@ def test_byte_tokenizer_round_trip_specials_and_placeholders() -> None:
     assert ids[0] == ByteTokenizer.IM_START_ID and ByteTokenizer.IM_END_ID in ids
     assert tok.decode(ids, skip_special_tokens=False) == prompt
     assert tok.decode(ids) == "user\nhi\nassistant\n"
+
+
+def test_with_chat_template_copies_and_validates(tmp_path) -> None:
+    tok = resolve_source("preset:tiny-qwen3").load_tokenizer()
+    custom = tok.with_chat_template("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    assert custom.apply_chat_template(messages) == "[a][b]"
+    assert tok.apply_chat_template(messages).startswith("<|im_start|>user")  # original unchanged
+    (tmp_path / "t.jinja").write_text("{{ messages | length }}")
+    assert tok.with_chat_template(str(tmp_path / "t.jinja")).apply_chat_template(messages) == "2"
+    with pytest.raises(ConfigError) as info:
+        tok.with_chat_template("{% if %}")
+    assert info.value.key == "chat_template"

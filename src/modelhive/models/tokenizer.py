@@ -10,6 +10,7 @@ bytes, a few ChatML specials follow, every other id decodes to a visible ``<|tN|
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from collections.abc import Sequence
@@ -41,6 +42,19 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str:
         raise NotImplementedError
+
+    def with_chat_template(self, template: str) -> Tokenizer:
+        """A copy that uses ``template`` (Jinja source, or the path of a file holding it; a string
+        without ``{`` that names an existing file is read). Raises ``ConfigError`` if it does not
+        parse, so a bad template in a model spec fails at startup, not on the first request."""
+        from modelhive.models.chat_template import compile_chat_template
+
+        if "{" not in template and Path(template).expanduser().is_file():
+            template = Path(template).expanduser().read_text()
+        compile_chat_template(template)
+        clone = copy.copy(self)
+        clone.chat_template = template
+        return clone
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                             chat_template: str | None = None, **kwargs: Any) -> str:
@@ -102,10 +116,9 @@ class HFTokenizer(Tokenizer):
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def id_to_token(self, token_id: int) -> str:
-        token = self._backend.id_to_token(token_id)
-        if token is None:
-            raise KeyError(f"token id {token_id} is outside the vocabulary ({self.vocab_size})")
-        return token
+        # ids past the tokenizer's vocabulary (embedding rows padded beyond it) decode to "" as in
+        # ``decode``; the sampler can still pick them, so this must not raise
+        return self._backend.id_to_token(token_id) or ""
 
 
 class ByteTokenizer(Tokenizer):
