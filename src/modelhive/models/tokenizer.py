@@ -105,8 +105,12 @@ class HFTokenizer(Tokenizer):
         template_path = directory / "chat_template.jinja"
         if chat_template is None and template_path.is_file():
             chat_template = template_path.read_text()
-        if chat_template is None and isinstance(config.get("chat_template"), str):
-            chat_template = config["chat_template"]
+        configured = config.get("chat_template")
+        if isinstance(configured, list):  # named templates: [{"name": "default", "template": ...}]
+            named = {t.get("name"): t.get("template") for t in configured if isinstance(t, dict)}
+            configured = named.get("default")
+        if chat_template is None and isinstance(configured, str):
+            chat_template = configured
         self.chat_template = chat_template
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
