@@ -25,7 +25,8 @@ class ModelSpec:
     ``dtype``: ``auto`` picks float32 on CPU and bfloat16 on CUDA (float16 if the checkpoint is
     float16). ``max_model_len``: prompt + output tokens per sequence (default: the architecture's
     limit, capped at 4096). ``kv_min_tokens`` / ``kv_max_tokens``: guaranteed KV and optional cap,
-    in tokens of this model. ``priority``: higher is preempted last.
+    in tokens of this model. ``priority``: higher is preempted last. ``weight``: this model's
+    share of a step's token budget while several models have work (weighted max-min fairness).
     """
 
     name: str
@@ -37,6 +38,7 @@ class ModelSpec:
     kv_min_tokens: int = 0
     kv_max_tokens: int | None = None
     priority: int = 0
+    weight: float = 1.0
     port: int | None = None
     chat_template: str | None = None
     max_queue: int = 256
@@ -61,6 +63,10 @@ class ModelSpec:
             raise ConfigError(f"model {self.name}: kv_min_tokens must be an integer >= 0", key="kv_min_tokens")
         if self.kv_max_tokens is not None and self.kv_max_tokens < self.kv_min_tokens:
             raise ConfigError(f"model {self.name}: kv_max_tokens must be >= kv_min_tokens", key="kv_max_tokens")
+        if (isinstance(self.weight, bool) or not isinstance(self.weight, (int, float))
+                or not 0 < self.weight <= 1000):
+            raise ConfigError(f"model {self.name}: weight must be a number in (0, 1000], "
+                              f"got {self.weight!r}", key="weight")
         if isinstance(self.priority, bool) or not isinstance(self.priority, int):
             raise ConfigError(f"model {self.name}: priority must be an integer", key="priority")
 

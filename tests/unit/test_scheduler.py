@@ -81,6 +81,7 @@ def run(limits, quotas, num_blocks, requests, max_steps=5000):
 
 
 def make_limits(tpb=(5, 7, 16), seqs=8, budget=24, max_len=200):
+    seqs = min(seqs, budget)  # the planner guarantees max_num_seqs <= max_num_batched_tokens
     return {m: ModelLimits(layout(t), seqs, budget, max_len) for m, t in zip("abc", tpb)}
 
 
@@ -174,3 +175,43 @@ def test_random_workloads_keep_invariants_and_exact_outputs(seed, num_blocks, st
         reqs = [r for r in reqs if r[0] != m or len(r[1]) + r[2] <= cap_tokens]
     outs, _, _ = run(limits, quotas, num_blocks, reqs)
     assert outs == reference_outputs(reqs)
+
+
+def test_fair_allowances_are_weighted_work_conserving_and_never_zero():
+    from modelhive.engine.fair_share import fair_allowances
+
+    assert fair_allowances({"a": 1000, "b": 1000}, {"a": 1, "b": 3}, 400) == {"a": 100, "b": 300}
+    # b needs little: a gets the rest
+    assert fair_allowances({"a": 1000, "b": 40}, {"a": 1, "b": 1}, 400) == {"a": 360, "b": 40}
+    assert fair_allowances({"a": 0, "b": 40}, {"a": 1, "b": 1}, 400) == {"a": 0, "b": 40}
+    got = fair_allowances({m: 10**6 for m in "abcdefgh"}, dict.fromkeys("abcdefgh", 1), 4)
+    assert all(v >= 1 for v in got.values())
+
+
+def test_flood_to_one_model_cannot_delay_another_models_first_token():
+    """20 long prompts to a, then 3 short ones to b: b's first tokens come in the first step,
+    and while both have prefill work, tokens per step split by weight (a:1, b:3)."""
+    lim = {m: ModelLimits(layout(16), 32, 256, 400) for m in "ab"}
+    sched = Scheduler(BlockAllocator(400, {m: ModelQuota() for m in "ab"}), lim,
+                      weights={"a": 1.0, "b": 3.0})
+    flood = [Sequence(f"a{i}", f"ra{i}", 0, "a", [1] * 300, SamplingParams(max_tokens=4), arrival=i)
+             for i in range(20)]
+    short = [Sequence(f"b{i}", f"rb{i}", 0, "b", [2] * 10, SamplingParams(max_tokens=200),
+                      arrival=100 + i) for i in range(3)]
+    long_b = Sequence("bl", "rbl", 0, "b", [3] * 390, SamplingParams(max_tokens=5), arrival=200)
+    for s in flood + short + [long_b]:
+        sched.add(s)
+    plan = sched.schedule()
+    tokens = {b.model: b.num_tokens for b in plan.batches}
+    assert sum(tokens.values()) <= 256
+    firsts = {i.seq_id for b in plan.batches for i in b.seqs if i.sample}
+    assert {"b0", "b1", "b2"} <= firsts  # short requests of b are done prefilling in step 1
+    assert tokens["b"] == 3 * 10 + 192 - 30 and tokens["a"] == 256 - tokens["b"]  # 3:1 split
+
+
+def test_model_alone_uses_its_whole_budget():
+    lim = {m: ModelLimits(layout(16), 32, 256, 400) for m in "ab"}
+    sched = Scheduler(BlockAllocator(400, {m: ModelQuota() for m in "ab"}), lim)
+    sched.add(Sequence("a0", "r", 0, "a", [1] * 390, SamplingParams(max_tokens=4), arrival=0))
+    plan = sched.schedule()
+    assert plan.batches[0].num_tokens == 256

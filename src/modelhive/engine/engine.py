@@ -36,6 +36,7 @@ class LoadedModel:
     tokenizer: Tokenizer
     limits: ModelLimits
     max_queue: int
+    weight: float = 1.0
     healthy: bool = True
     consecutive_failures: int = 0
 
@@ -51,12 +52,16 @@ class _Request:
 
 
 class Engine:
-    def __init__(self, plan: MemoryPlan, pool: KVPool, models: dict[str, LoadedModel]):
+    def __init__(self, plan: MemoryPlan, pool: KVPool, models: dict[str, LoadedModel],
+                 max_waiting_total: int = 4096):
         self.plan = plan
         self.pool = pool
         self.models = models
+        #: waiting sequences of all models together; beyond it: 503 (per model: 429)
+        self.max_waiting_total = max_waiting_total
         self.allocator = BlockAllocator(pool.num_blocks, plan.quotas())
-        self.scheduler = Scheduler(self.allocator, {m.name: m.limits for m in models.values()})
+        self.scheduler = Scheduler(self.allocator, {m.name: m.limits for m in models.values()},
+                                   weights={m.name: m.weight for m in models.values()})
         self._requests: dict[str, _Request] = {}
         self._seqs: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
@@ -98,6 +103,10 @@ class Engine:
                 f"{m.limits.max_model_len}; shorten the prompt", param="prompt")
         if self.scheduler.num_waiting(model) + params.n > m.max_queue:
             raise CapacityError(f"the queue of {model} is full ({m.max_queue} waiting); retry later")
+        waiting_total = sum(self.scheduler.num_waiting(name) for name in self.models)
+        if waiting_total + params.n > self.max_waiting_total:
+            raise CapacityError(f"the server is at capacity ({waiting_total} requests waiting); "
+                                "retry later", status=503)
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._requests:
             raise InvalidRequestError(f"request id {request_id} is already running", param="request_id")

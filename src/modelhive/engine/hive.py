@@ -51,7 +51,8 @@ def total_device_bytes(device: torch.device) -> int:
 def build_engine(specs: Sequence[ModelSpec], device: str | torch.device = "auto",
                  memory: str | int | float | None = None, policy: str = "shared",
                  enforce_eager: bool = True,
-                 on_model_loaded: Callable[[str], None] | None = None) -> Engine:
+                 on_model_loaded: Callable[[str], None] | None = None,
+                 max_waiting_total: int = 4096) -> Engine:
     """Resolve sources, plan memory (refusing to load when it does not fit), load, make the pool."""
     if not specs:
         raise ConfigError("no models to serve", key="models")
@@ -82,8 +83,9 @@ def build_engine(specs: Sequence[ModelSpec], device: str | torch.device = "auto"
         layout = KVLayout.for_model(src.arch, mp.dtype, plan.block_bytes)
         runner = ModelRunner(spec.name, models[spec.name], layout, pool.layer_views(layout), dev)
         limits = ModelLimits(layout, mp.max_num_seqs, mp.max_num_batched_tokens, mp.max_model_len)
-        loaded[spec.name] = LoadedModel(spec.name, runner, tokenizer, limits, spec.max_queue)
-    return Engine(plan, pool, loaded)
+        loaded[spec.name] = LoadedModel(spec.name, runner, tokenizer, limits, spec.max_queue,
+                                        spec.weight)
+    return Engine(plan, pool, loaded, max_waiting_total)
 
 
 @dataclass

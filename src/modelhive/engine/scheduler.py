@@ -1,8 +1,9 @@
 """Scheduler: per step, which models run, which sequences, how many tokens (pure Python).
 
-Per model: continuous batching with chunked prefill under a token budget (running sequences
-first: decodes, then unfinished prefills; then admissions from the waiting queue in arrival order),
-at most ``max_num_seqs`` running. Every model with work is scheduled every step.
+Per model: continuous batching with chunked prefill (running decodes first, then unfinished
+prefills, then admissions from the waiting queue in arrival order), at most ``max_num_seqs``
+running. Every model with work is scheduled every step; the step's token budget is split between
+models by weighted max-min fairness (``fair_share.py``), and decodes always run.
 
 When the pool cannot give a running sequence the block it needs, the scheduler preempts (by
 recompute) the worst running sequence of ANY model: lowest priority first, then latest arrival,
@@ -13,9 +14,11 @@ sequence frees its blocks and goes back to the front of its model's waiting queu
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import dataclass
 
+from modelhive.engine.fair_share import fair_allowances
 from modelhive.engine.kv_pool import BlockAllocator, KVLayout
 from modelhive.engine.sequence import ModelBatch, ScheduledSeq, Sequence, SeqStatus, StepPlan
 
@@ -42,9 +45,15 @@ class ModelQueues:
 
 
 class Scheduler:
-    def __init__(self, allocator: BlockAllocator, limits: dict[str, ModelLimits]):
+    def __init__(self, allocator: BlockAllocator, limits: dict[str, ModelLimits],
+                 weights: dict[str, float] | None = None, step_token_budget: int | None = None):
         self.allocator = allocator
         self.queues = {name: ModelQueues(lim) for name, lim in limits.items()}
+        self.weights = {name: (weights or {}).get(name, 1.0) for name in limits}
+        #: tokens of all models together per step (default: the largest per-model budget, so a
+        #: model alone runs at its full budget)
+        self.step_token_budget = step_token_budget or max(
+            lim.max_num_batched_tokens for lim in limits.values())
         self.num_preemptions: dict[str, int] = {name: 0 for name in limits}
 
     # --------------------------------------------------------------------------- requests
@@ -125,35 +134,52 @@ class Scheduler:
                 return False
 
     # ----------------------------------------------------------------------------- a step
+    def _demand(self, q: ModelQueues) -> int:
+        """Tokens this model could use this step: decodes + pending prefill, capped by its budget."""
+        need = sum(s.num_tokens - s.num_computed for s in q.running)
+        free_slots = q.limits.max_num_seqs - len(q.running)
+        for seq in itertools.islice(q.waiting, max(0, free_slots)):
+            need += seq.num_tokens - seq.num_computed
+        return min(need, q.limits.max_num_batched_tokens)
+
     def schedule(self) -> StepPlan:
+        demand = {name: self._demand(q) for name, q in self.queues.items() if q.has_work}
+        allowance = fair_allowances(demand, self.weights, self.step_token_budget)
         batches: list[ModelBatch] = []
         scheduled: set[str] = set()
         preempted: list[str] = []
-        for name, q in self.queues.items():
-            if not q.has_work:
-                continue
-            decodes, prefills = self._schedule_model(q, scheduled, preempted)
+        for name in demand:
+            decodes, prefills = self._schedule_model(self.queues[name], allowance[name],
+                                                     scheduled, preempted)
             if decodes or prefills:
                 batches.append(ModelBatch(name, tuple(decodes + prefills)))
         return StepPlan(tuple(batches), tuple(preempted))
 
-    def _schedule_model(self, q: ModelQueues, scheduled: set[str],
+    def _schedule_model(self, q: ModelQueues, allowance: int, scheduled: set[str],
                         preempted: list[str]) -> tuple[list[ScheduledSeq], list[ScheduledSeq]]:
+        """Decodes always run (at most max_num_seqs tokens, within the model's own budget);
+        prefill chunks and admissions share what is left of ``allowance``."""
         lim = q.limits
-        budget = lim.max_num_batched_tokens
         decodes: list[ScheduledSeq] = []
         prefills: list[ScheduledSeq] = []
         # running sequences in arrival order, so the newest are preempted first
-        for seq in sorted(q.running, key=lambda s: s.arrival):
+        running = sorted(q.running, key=lambda s: s.arrival)
+        for seq in running:
+            if seq.status is SeqStatus.RUNNING and seq.num_tokens - seq.num_computed == 1 \
+                    and seq.num_computed > 0:
+                if self._reserve(seq, seq.num_tokens, scheduled, preempted):
+                    decodes.append(self._scheduled(seq, 1))
+                    scheduled.add(seq.seq_id)
+        budget = min(allowance, lim.max_num_batched_tokens) - len(decodes)
+        for seq in running:
             if budget <= 0:
                 break
-            if seq.status is not SeqStatus.RUNNING:
-                continue  # preempted earlier in this step
+            if seq.status is not SeqStatus.RUNNING or seq.seq_id in scheduled:
+                continue  # preempted earlier in this step, or already decoding
             chunk = min(seq.num_tokens - seq.num_computed, budget)
             if not self._reserve(seq, seq.num_computed + chunk, scheduled, preempted):
                 continue
-            item = self._scheduled(seq, chunk)
-            (decodes if chunk == 1 and seq.num_computed > 0 else prefills).append(item)
+            prefills.append(self._scheduled(seq, chunk))
             scheduled.add(seq.seq_id)
             budget -= chunk
         # admissions: FCFS, no preemption on their behalf
