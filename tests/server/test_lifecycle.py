@@ -10,13 +10,22 @@ import httpx
 from tests.server.conftest import start_server
 
 
+TEMPLATE = "{% for m in messages %}[{{ m['role'] }}|{{ m['content'] }}]{% endfor %}>>"
+
+
 def test_cli_models_and_sigterm_drains_in_flight_streams(tmp_path):
+    (tmp_path / "chat.jinja").write_text(TEMPLATE)
     srv = start_server(tmp_path, "--model", "preset:tiny-llama", "--model", "preset:tiny-qwen2",
                        "--served-model-name", "a", "--device", "cpu", "--memory", "128MiB",
-                       "--max-model-len", "512", use_config=False)
+                       "--max-model-len", "512", "--chat-template", str(tmp_path / "chat.jinja"),
+                       use_config=False)
     try:
         names = sorted(m["id"] for m in httpx.get(srv.url() + "/v1/models").json()["data"])
         assert names == ["a", "tiny-qwen2"]
+        ids = httpx.post(srv.url() + "/tokenize", json={
+            "model": "a", "messages": [{"role": "user", "content": "hi"}]}).json()["tokens"]
+        text = httpx.post(srv.url() + "/detokenize", json={"model": "a", "tokens": ids}).json()
+        assert text == {"prompt": "[user|hi]>>"}  # --chat-template replaced the model's
         log = srv.log()
         assert "KV pool" in log and f"{srv.url()}/v1" in log  # the plan table and the URL
 
