@@ -9,7 +9,6 @@ import httpx
 
 from tests.server.conftest import start_server
 
-
 TEMPLATE = "{% for m in messages %}[{{ m['role'] }}|{{ m['content'] }}]{% endfor %}>>"
 
 
