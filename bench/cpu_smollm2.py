@@ -33,7 +33,7 @@ def main():
     llm = LLM(model=model_dir, dtype=dtype, enforce_eager=True, gpu_memory_utilization=0.5,
               max_model_len=512, max_num_seqs=64)
     startup = time.perf_counter() - t0
-    sp = SamplingParams(max_tokens=%d, temperature=0.0, ignore_eos=True)
+    sp = SamplingParams(max_tokens=int(sys.argv[4]), temperature=0.0, ignore_eos=True)
     out = {"startup_s": startup}
     llm.generate([{"prompt_token_ids": prompts[0]}], sp)  # warm-up
     for bs in (1, 64):
@@ -43,7 +43,7 @@ def main():
     print("RESULT " + json.dumps(out))
 if __name__ == "__main__":
     main()
-""" % NEW_TOKENS
+"""
 
 
 def make_prompts(tokenizer, count: int) -> list[list[int]]:
@@ -105,7 +105,8 @@ def bench_vllm(python: str, model_dir: Path, dtype: str, prompts: list[list[int]
         script.write_text(VLLM_SCRIPT)
         pfile.write_text(json.dumps(prompts))
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}
-        proc = subprocess.run([python, str(script), str(model_dir), dtype, str(pfile)],
+        proc = subprocess.run([python, str(script), str(model_dir), dtype, str(pfile),
+                               str(NEW_TOKENS)],
                               capture_output=True, text=True, env=env, timeout=1800)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):

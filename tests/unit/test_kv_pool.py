@@ -5,7 +5,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from modelhive.engine.kv_pool import BlockAllocator, KVLayout, KVPool, ModelQuota, choose_block_bytes
+from modelhive.engine.kv_pool import (
+    BlockAllocator,
+    KVLayout,
+    KVPool,
+    ModelQuota,
+    choose_block_bytes,
+)
 from modelhive.errors import ConfigError
 from modelhive.models.arch import ArchConfig
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from modelhive.engine.kv_pool import BlockAllocator, KVLayout, ModelQuota
 from modelhive.engine.scheduler import ModelLimits, Scheduler
-from modelhive.engine.sequence import Sequence, SeqStatus
+from modelhive.engine.sequence import SeqStatus, Sequence
 from modelhive.sampling_params import SamplingParams
 
 VOCAB = 97
@@ -82,7 +82,7 @@ def run(limits, quotas, num_blocks, requests, max_steps=5000):
 
 def make_limits(tpb=(5, 7, 16), seqs=8, budget=24, max_len=200):
     seqs = min(seqs, budget)  # the planner guarantees max_num_seqs <= max_num_batched_tokens
-    return {m: ModelLimits(layout(t), seqs, budget, max_len) for m, t in zip("abc", tpb)}
+    return {m: ModelLimits(layout(t), seqs, budget, max_len) for m, t in zip("abc", tpb, strict=True)}
 
 
 def reference_outputs(requests):

@@ -9,9 +9,9 @@ applies the sampled tokens, detokenizes, checks stop conditions, and returns the
 from __future__ import annotations
 
 import itertools
-from collections import Counter
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +19,7 @@ import torch
 from modelhive.engine.kv_pool import BlockAllocator, KVLayout, KVPool
 from modelhive.engine.output import CompletionDelta, Detokenizer, TokenLogprob, check_stop_token
 from modelhive.engine.scheduler import ModelLimits, Scheduler
-from modelhive.engine.sequence import SampledToken, Sequence, SeqStatus, StepResult
+from modelhive.engine.sequence import SampledToken, SeqStatus, Sequence, StepResult
 from modelhive.errors import CapacityError, InvalidRequestError, ModelNotFoundError
 from modelhive.models.tokenizer import Tokenizer
 from modelhive.planner.memory import MemoryPlan

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from modelhive.engine.fair_share import fair_allowances
 from modelhive.engine.kv_pool import BlockAllocator, KVLayout
-from modelhive.engine.sequence import ModelBatch, ScheduledSeq, Sequence, SeqStatus, StepPlan
+from modelhive.engine.sequence import ModelBatch, ScheduledSeq, SeqStatus, Sequence, StepPlan
 
 
 @dataclass(frozen=True)
