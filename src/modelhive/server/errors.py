@@ -105,7 +105,9 @@ def validation_error_response(errors: list[dict[str, Any]]) -> JSONResponse:
     """pydantic / FastAPI validation errors -> 400 naming the first bad parameter."""
     if not errors:
         return error_response(400, "Invalid request body", code="invalid_request")
-    first = errors[0]
+    # a union (``str | list[str]``) reports one error per member; our own check (value_error)
+    # says what is really wrong, where "should be a valid string" would mislead
+    first = next((e for e in errors if e.get("type") == "value_error"), errors[0])
     if first.get("type") == "json_invalid":
         ctx = first.get("ctx") or {}
         return error_response(
