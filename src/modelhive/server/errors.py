@@ -8,7 +8,7 @@ cause                                      status  type                       co
 =========================================  ======  =========================  ====================
 bad parameter (ours or pydantic's)         400     invalid_request_error      invalid_parameter /
                                                                               (pydantic error type)
-malformed JSON body                        400     invalid_request_error      invalid_json
+malformed JSON, not UTF-8, or too deep     400     invalid_request_error      invalid_json
 missing / wrong API key                    401     invalid_request_error      invalid_api_key
 unknown model (or not on this port)        404     invalid_request_error      model_not_found
 unknown route / wrong method               404/405 invalid_request_error      not_found / ...
@@ -118,6 +118,19 @@ def validation_error_response(errors: list[dict[str, Any]]) -> JSONResponse:
                           code=str(first.get("type", "invalid_parameter")))
 
 
+def unparsable_body_response(cause: BaseException) -> JSONResponse:
+    """FastAPI could not decode the body (it raises a bare 400 "error parsing the body" from
+    ``cause``): say which of the two usual causes it was."""
+    if isinstance(cause, UnicodeDecodeError):
+        message = (f"The request body is not valid UTF-8 (byte 0x{cause.object[cause.start]:02x} "
+                   f"at position {cause.start}); send UTF-8 encoded JSON")
+    elif isinstance(cause, RecursionError):
+        message = "The request body is nested too deeply to parse; send a flatter JSON object"
+    else:
+        message = f"The request body could not be parsed ({type(cause).__name__}); send a JSON object"
+    return error_response(400, message, code="invalid_json")
+
+
 def exception_response(exc: BaseException) -> JSONResponse:
     """Any exception -> the OpenAI-shaped response it deserves (see the module table)."""
     if isinstance(exc, APIError):
@@ -162,6 +175,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return validation_error_response(list(exc.errors()))
 
     async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.__cause__ is not None:
+            return unparsable_body_response(exc.__cause__)
         message = exc.detail if isinstance(exc.detail, str) else "HTTP error"
         if exc.status_code == 404:
             message = f"No route {request.method} {request.url.path}; see /openapi.json"
