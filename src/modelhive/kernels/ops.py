@@ -1,16 +1,58 @@
 """Dispatch: the op a model calls, picked by the tensor's device.
 
-The CPU path (and any device without a Triton kernel) uses ``reference.py``. Triton kernels are
-registered here by ``kernels/triton`` when CUDA and Triton are available.
+CUDA tensors take the Triton kernels of ``kernels/triton`` (imported on first use); everything
+else, and CUDA when Triton is missing, takes ``reference.py``. Both share one contract.
 """
 
 from __future__ import annotations
 
+from types import ModuleType
+
 from modelhive.kernels import reference
 
-store_kv = reference.store_kv
-paged_attention = reference.paged_attention
-rms_norm = reference.rms_norm
-apply_rope = reference.apply_rope
-silu_and_mul = reference.silu_and_mul
-gelu_tanh_and_mul = reference.gelu_tanh_and_mul
+_triton: ModuleType | None = None
+_triton_tried = False
+
+
+def _gpu(x) -> ModuleType | None:
+    """The Triton kernel module for a CUDA tensor, else None."""
+    global _triton, _triton_tried
+    if not x.is_cuda:
+        return None
+    if not _triton_tried:
+        _triton_tried = True
+        try:
+            from modelhive.kernels import triton as triton_kernels
+        except ImportError:
+            triton_kernels = None
+        _triton = triton_kernels
+    return _triton
+
+
+def store_kv(k_cache, v_cache, k, v, meta):
+    return (_gpu(k) or reference).store_kv(k_cache, v_cache, k, v, meta)
+
+
+def paged_attention(q, k_cache, v_cache, meta, scale, sliding_window=None, softcap=None):
+    return (_gpu(q) or reference).paged_attention(q, k_cache, v_cache, meta, scale,
+                                                  sliding_window, softcap)
+
+
+def rms_norm(x, weight, eps, offset=0.0):
+    return (_gpu(x) or reference).rms_norm(x, weight, eps, offset)
+
+
+def rms_norm_residual(x, residual, weight, eps, offset=0.0):
+    return (_gpu(x) or reference).rms_norm_residual(x, residual, weight, eps, offset)
+
+
+def apply_rope(x, positions, inv_freq, attention_scaling=1.0):
+    return (_gpu(x) or reference).apply_rope(x, positions, inv_freq, attention_scaling)
+
+
+def silu_and_mul(x):
+    return (_gpu(x) or reference).silu_and_mul(x)
+
+
+def gelu_tanh_and_mul(x):
+    return (_gpu(x) or reference).gelu_tanh_and_mul(x)

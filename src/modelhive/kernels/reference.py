@@ -8,6 +8,8 @@ Contracts (shared with ``kernels/triton/*``):
   own sequence at positions ``k <= p`` (and ``k > p - sliding_window`` when a window is given), read
   from the pool through the block table. GQA: query head h uses kv head ``h // (heads // kv_heads)``.
 - ``rms_norm(x, weight, eps, offset)``: ``x / rms(x) * (offset + weight)``, computed in float32.
+- ``rms_norm_residual(x, residual, weight, eps, offset)``: ``residual' = x + residual`` (in the model
+  dtype), returns ``(rms_norm(residual'), residual')``: the pre-norm block's add and norm in one op.
 - ``apply_rope(x, positions, inv_freq)``: rotate-half RoPE on ``[N, heads, D]``.
 - ``silu_and_mul(x)``: ``silu(x[..., :I]) * x[..., I:]`` for the fused gate_up output.
 """
@@ -92,6 +94,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return (xf * (offset + weight.float())).to(x.dtype)
+
+
+def rms_norm_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                      offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    summed = x + residual
+    return rms_norm(summed, weight, eps, offset), summed
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,

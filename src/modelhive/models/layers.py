@@ -104,8 +104,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.offset = offset
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.rms_norm(x, self.weight, self.eps, self.offset)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """``norm(x)``; with ``residual``: ``(norm(x + residual), x + residual)`` in one fused op."""
+        if residual is None:
+            return ops.rms_norm(x, self.weight, self.eps, self.offset)
+        return ops.rms_norm_residual(x, residual, self.weight, self.eps, self.offset)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 The only part of the engine that touches tensors. It owns the model and its per-layer views of
 the shared pool; it never allocates KV itself (the scheduler's block tables say where to write).
+On CUDA, decode-only steps replay a captured graph once ``enable_cuda_graphs`` ran
+(``runner/cuda_graphs.py``); every other step runs eagerly, its inputs staged in one copy.
 """
 
 from __future__ import annotations
@@ -25,13 +27,34 @@ class ModelRunner:
         self.device = device
         self.generator = torch.Generator(device=device)
         self.generator.seed()
+        self.decode_graphs = None  # runner.cuda_graphs.DecodeGraphs once captured
+
+    def enable_cuda_graphs(self, max_num_seqs: int, max_model_len: int, pool=None) -> None:
+        """Capture decode graphs for batch buckets up to ``max_num_seqs`` (CUDA only); ``pool``:
+        a CUDA graph memory pool shared with the other models of the engine."""
+        from modelhive.runner.cuda_graphs import DecodeGraphs
+
+        graphs = DecodeGraphs(self.model, self.kv_caches, self.layout.tokens_per_block,
+                              max_num_seqs, max_model_len, self.device, pool=pool)
+        graphs.capture()
+        self.decode_graphs = graphs
 
     @torch.inference_mode()
     def execute(self, batch: ModelBatch) -> list[SampledToken]:
+        if self.decode_graphs is not None:
+            logits = self.decode_graphs.run(batch.seqs)
+            if logits is not None:  # decode-only: every sequence samples
+                return sample(logits, list(batch.seqs), self.generator)
         chunks = [SeqChunk(s.num_cached, len(s.token_ids), s.block_table) for s in batch.seqs]
-        meta = build_attention_metadata(chunks, self.layout.tokens_per_block, self.device)
         flat = [t for s in batch.seqs for t in s.token_ids]
-        input_ids = torch.tensor(flat, dtype=torch.long, device=self.device)
+        if self.device.type == "cuda":
+            from modelhive.runner.cuda_graphs import stage_eager_inputs
+
+            meta, input_ids = stage_eager_inputs(chunks, flat, self.layout.tokens_per_block,
+                                                 self.device)
+        else:
+            meta = build_attention_metadata(chunks, self.layout.tokens_per_block, self.device)
+            input_ids = torch.tensor(flat, dtype=torch.long, device=self.device)
         hidden = self.model(input_ids, meta, self.kv_caches)
         rows = [i for i, s in enumerate(batch.seqs) if s.sample]
         if not rows:

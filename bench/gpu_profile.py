@@ -1,0 +1,61 @@
+"""Where a decode step's time goes on the GPU machine: graph replay (device time) vs host time.
+
+    PYTHONPATH=src python3 bench/gpu_profile.py [preset] [batch]
+
+Prints the median engine step, the graph replay time (CUDA events), an eager decode step, and
+the top host functions by own time (cProfile) over a generation.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import pstats
+import random
+import statistics
+import sys
+import time
+
+import torch
+
+from modelhive import ModelSpec, SamplingParams
+from modelhive.bench.offline import Setup, _graph_replay_ms, make_engine
+
+preset = sys.argv[1] if len(sys.argv) > 1 else "tinyllama-1.1b"
+batch = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+spec = ModelSpec(name="m", source=f"preset:{preset}", dtype="bfloat16", max_model_len=400,
+                 max_num_seqs=batch, max_num_batched_tokens=max(2048, 128 * batch))
+engine = make_engine([spec], {"m": batch * 400}, Setup(enforce_eager=False, bandwidth=1.0))
+rng = random.Random(0)
+vocab = engine.models["m"].runner.model.arch.vocab_size
+
+
+def generate(new_tokens: int, profile: cProfile.Profile | None = None) -> list[float]:
+    for _ in range(batch):
+        engine.add_request("m", [rng.randrange(300, vocab) for _ in range(128)],
+                           SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True))
+    engine.step()  # prefill
+    times = []
+    if profile:
+        profile.enable()
+    while engine.has_work:
+        t = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t)
+    if profile:
+        profile.disable()
+    return times
+
+
+generate(8)
+steps = generate(64)
+print(f"{preset} b={batch}: engine decode step median {1e3 * statistics.median(steps):.3f} ms")
+print(f"graph replay {_graph_replay_ms(engine, 'm', batch):.3f} ms")
+runner = engine.models["m"].runner
+graphs, runner.decode_graphs = runner.decode_graphs, None
+eager = generate(16)
+print(f"eager decode step median {1e3 * statistics.median(eager):.3f} ms")
+runner.decode_graphs = graphs
+prof = cProfile.Profile()
+generate(64, prof)
+pstats.Stats(prof).sort_stats("tottime").print_stats(22)
+torch.cuda.synchronize()

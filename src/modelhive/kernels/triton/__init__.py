@@ -1,0 +1,16 @@
+"""Triton kernels for CUDA tensors, one per op of ``kernels/reference.py`` with the same contract.
+
+Import only where CUDA and Triton are available (``kernels/ops.py`` does it lazily). Every kernel
+reads and writes the shared pool through the strided per-layer views ``[num_blocks, T, kv_heads,
+head_dim]`` (block stride = block_bytes / element size, any T), and takes its shapes from tensor
+shapes and static metadata only, so a decode step can be captured in a CUDA graph.
+"""
+
+from modelhive.kernels.triton.activation import gelu_tanh_and_mul, silu_and_mul
+from modelhive.kernels.triton.paged_attention import paged_attention
+from modelhive.kernels.triton.rmsnorm import rms_norm, rms_norm_residual
+from modelhive.kernels.triton.rope import apply_rope
+from modelhive.kernels.triton.store_kv import store_kv
+
+__all__ = ["apply_rope", "gelu_tanh_and_mul", "paged_attention", "rms_norm", "rms_norm_residual",
+           "silu_and_mul", "store_kv"]

@@ -1,0 +1,287 @@
+"""Paged attention over the shared pool: decode (flash-decoding split-K) and prefill/extend.
+
+Contract (``reference.paged_attention``): ``q`` ``[N, heads, D]`` -> ``[N, heads, D]``; the query at
+position p of a sequence attends to that sequence's keys at positions ``k <= p`` (and
+``k > p - sliding_window``), read through ``block_tables[seq, k // T]`` at offset ``k % T`` from the
+strided per-layer pool views ``[num_blocks, T, kv_heads, D]``. T is any positive integer.
+
+Decode (the first ``meta.num_decodes`` sequences, one query each): one program per
+(sequence, kv head, split of ``PARTITION`` keys; one split up to
+``SPLIT_ABOVE`` keys). All query heads of a GQA group share the program,
+so each key/value row is read from memory once per kv head; the group is padded to 16 rows for
+``tl.dot``. Splits keep the chip busy at batch 1 on long contexts; their partial results
+(unnormalised accumulator, running max, running sum) are merged by a second small kernel. The
+number of splits comes from the block-table width (``max_blocks * T``), never from sequence
+lengths on the host, so a captured CUDA graph replays for any lengths up to its width.
+
+Prefill/extend (the other sequences): one program per (sequence, tile of ``BLOCK_M`` queries,
+query head), an online-softmax loop over key tiles of the cached + new keys with the causal and
+window masks. It reads ``meta.query_start_loc_host`` for the grid, so it is eager-only (prefill is
+never captured).
+
+Float32 inputs use IEEE float32 dots (no TF32), so the float32 GPU path matches the CPU reference
+closely enough for token-exact greedy decoding; bf16/fp16 use the tensor cores with float32
+accumulation, and P is cast to the value dtype before the PV product as in flash attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from modelhive.runner.attn_metadata import AttentionMetadata
+
+#: keys handled by one decode program when the context is split; the split count is
+#: cdiv(max_blocks * T, PARTITION), and 1 (no merge kernel) up to SPLIT_ABOVE keys
+PARTITION = 512
+SPLIT_ABOVE = 1024
+
+
+@triton.jit
+def _tanh(x):
+    # tanh via exp, stable for large |x|: sign(x) * (1 - 2 / (exp(2|x|) + 1))
+    ax = tl.abs(x)
+    t = 1.0 - 2.0 / (tl.exp(2.0 * ax) + 1.0)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
+    out_ptr, part_acc_ptr, part_ml_ptr,
+    scale, softcap, window, T, num_splits, partition_size,
+    stride_qn, stride_qh, stride_on, stride_oh,
+    stride_cb, stride_ct, stride_ch, stride_bt,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, DIRECT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    num_kv_heads = tl.num_programs(1)
+    seq_len = tl.load(seq_lens_ptr + seq)
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    g_mask = g < GROUP
+    d_mask = d < HEAD_DIM
+    heads = kv_head * GROUP + g
+    q = tl.load(q_ptr + seq * stride_qn + heads[:, None] * stride_qh + d[None, :],
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+
+    start = split * partition_size
+    end = tl.minimum(start + partition_size, seq_len)
+    if USE_WINDOW:
+        start = tl.maximum(start, seq_len - window)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    kv_col = kv_head * stride_ch + d[None, :]
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        p_mask = pos < end
+        block = tl.load(table + pos // T, mask=p_mask, other=0).to(tl.int64)
+        row = block * stride_cb + (pos % T).to(tl.int64) * stride_ct
+        kv_mask = p_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_cache_ptr + row[:, None] + kv_col, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        if USE_SOFTCAP:
+            s = softcap * _tanh(s / softcap)
+        s = tl.where(p_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + row[:, None] + kv_col, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    out_mask = g_mask[:, None] & d_mask[None, :]
+    if DIRECT:
+        denom = tl.where(l_i > 0, l_i, 1.0)
+        o = acc / denom[:, None]
+        tl.store(out_ptr + seq * stride_on + heads[:, None] * stride_oh + d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        # partial results: part_acc [S, H, splits, BLOCK_D], part_ml [S, H, splits, 2]
+        row_id = (seq * num_kv_heads * GROUP + heads).to(tl.int64) * num_splits + split
+        tl.store(part_acc_ptr + row_id[:, None] * BLOCK_D + d[None, :], acc, mask=out_mask)
+        tl.store(part_ml_ptr + row_id * 2, m_i, mask=g_mask)
+        tl.store(part_ml_ptr + row_id * 2 + 1, l_i, mask=g_mask)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    part_acc_ptr, part_ml_ptr, out_ptr, num_splits, stride_on, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    num_heads = tl.num_programs(1)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    s_mask = s < num_splits
+    base = (seq * num_heads + head).to(tl.int64) * num_splits
+    m = tl.load(part_ml_ptr + (base + s) * 2, mask=s_mask, other=float("-inf"))
+    l_s = tl.load(part_ml_ptr + (base + s) * 2 + 1, mask=s_mask, other=0.0)
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp(m - m_max)
+    acc = tl.load(part_acc_ptr + (base + s)[:, None] * BLOCK_D + d[None, :],
+                  mask=s_mask[:, None], other=0.0)
+    total = tl.sum(l_s * w, 0)
+    o = tl.sum(acc * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + seq * stride_on + head * stride_oh + d, o.to(out_ptr.dtype.element_ty),
+             mask=d < HEAD_DIM)
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, out_ptr,
+    scale, softcap, window, T, first_seq,
+    stride_qn, stride_qh, stride_on, stride_oh,
+    stride_cb, stride_ct, stride_ch, stride_bt,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+):
+    seq = first_seq + tl.program_id(0)
+    tile = tl.program_id(1)
+    head = tl.program_id(2)
+    kv_head = head // GROUP
+    q_start = tl.load(query_start_ptr + seq)
+    q_len = tl.load(query_start_ptr + seq + 1) - q_start
+    seq_len = tl.load(seq_lens_ptr + seq)
+    num_cached = seq_len - q_len
+
+    m_offs = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = m_offs < q_len
+    q_pos = num_cached + m_offs
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < HEAD_DIM
+    q_rows = (q_start + m_offs).to(tl.int64)
+    q = tl.load(q_ptr + q_rows[:, None] * stride_qn + head * stride_qh + d[None, :],
+                mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+
+    # keys this tile needs: up to its last query (causal), from its first query's window start
+    hi = tl.minimum(seq_len, num_cached + (tile + 1) * BLOCK_M)
+    lo = 0
+    if USE_WINDOW:
+        lo = tl.maximum(0, num_cached + tile * BLOCK_M - window + 1)
+        lo = (lo // BLOCK_N) * BLOCK_N
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    kv_col = kv_head * stride_ch + d[None, :]
+    for n0 in range(lo, hi, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        p_mask = pos < hi
+        block = tl.load(table + pos // T, mask=p_mask, other=0).to(tl.int64)
+        row = block * stride_cb + (pos % T).to(tl.int64) * stride_ct
+        kv_mask = p_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_cache_ptr + row[:, None] + kv_col, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        if USE_SOFTCAP:
+            s = softcap * _tanh(s / softcap)
+        keep = p_mask[None, :] & (pos[None, :] <= q_pos[:, None])
+        if USE_WINDOW:
+            keep = keep & (pos[None, :] > q_pos[:, None] - window)
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + row[:, None] + kv_col, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(out_ptr + q_rows[:, None] * stride_on + head * stride_oh + d[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    out = torch.empty((num_tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    T = meta.tokens_per_block
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    use_window = sliding_window is not None
+    window = int(sliding_window) if use_window else 0
+    use_softcap = softcap is not None
+    cap = float(softcap) if use_softcap else 1.0
+    precision = _precision(q.dtype)
+    tables = meta.block_tables
+    cache_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), tables.stride(0))
+
+    num_decodes = meta.num_decodes
+    if num_decodes:
+        max_len_bound = tables.shape[1] * T
+        num_splits = 1 if max_len_bound <= SPLIT_ABOVE else triton.cdiv(max_len_bound, PARTITION)
+        direct = num_splits == 1
+        partition = max_len_bound if direct else PARTITION  # one split covers every key
+        if direct:
+            part_acc = part_ml = out  # unused
+        else:
+            part_acc = torch.empty((num_decodes, num_heads, num_splits, block_d),
+                                   dtype=torch.float32, device=q.device)
+            part_ml = torch.empty((num_decodes, num_heads, num_splits, 2),
+                                  dtype=torch.float32, device=q.device)
+        block_n = 64 if head_dim <= 128 else 32
+        _decode_kernel[(num_decodes, num_kv_heads, num_splits)](
+            q, k_cache, v_cache, tables, meta.seq_lens, out, part_acc, part_ml,
+            float(scale), cap, window, T, num_splits, partition,
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1), *cache_strides,
+            GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+            BLOCK_D=block_d, BLOCK_N=block_n,
+            USE_WINDOW=use_window, USE_SOFTCAP=use_softcap, DIRECT=direct, PRECISION=precision,
+            num_warps=4, num_stages=2,
+        )
+        if not direct:
+            _decode_reduce_kernel[(num_decodes, num_heads)](
+                part_acc, part_ml, out, num_splits, out.stride(0), out.stride(1),
+                HEAD_DIM=head_dim, BLOCK_D=block_d,
+                BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=4,
+            )
+
+    num_prefills = meta.num_seqs - num_decodes
+    if num_prefills:
+        qsl = meta.query_start_loc_host
+        max_q = max(qsl[s + 1] - qsl[s] for s in range(num_decodes, meta.num_seqs))
+        block_m = 64 if head_dim <= 128 else 32
+        block_n = 64 if head_dim <= 64 else 32
+        grid = (num_prefills, triton.cdiv(max_q, block_m), num_heads)
+        _prefill_kernel[grid](
+            q, k_cache, v_cache, tables, meta.seq_lens, meta.query_start_loc, out,
+            float(scale), cap, window, T, num_decodes,
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1), *cache_strides,
+            GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+            USE_WINDOW=use_window, USE_SOFTCAP=use_softcap, PRECISION=precision,
+            num_warps=4, num_stages=2,
+        )
+    return out

@@ -1,0 +1,199 @@
+"""CUDA graphs for decode, per (model, batch-size bucket), and one-copy staging of step inputs.
+
+A decode-only step of ``n`` sequences replays the graph of the smallest captured bucket ``>= n``
+(buckets: ``planner.estimates.graph_batch_sizes``: 1, 2, 4, multiples of 8, max_num_seqs). Each
+graph runs the model forward and the logits projection on static buffers:
+
+    input_ids [B] | positions [B] | slot_blocks [B] | slot_offsets [B] | seq_lens [B] | tables [B, M]
+
+all int32, laid out in ONE device buffer, filled from ONE pinned host buffer with ONE
+``non_blocking`` copy per step (``M = cdiv(max_model_len, T)``: block tables are padded to the
+longest sequence the model allows). The graph-safe metadata keeps shapes fixed per bucket: the
+attention kernels size their split-K grid from the table width, never from host lengths. Rows
+past ``n`` are padding: block id -1 (store-KV skips them, so padding never touches the pool) and
+length 0 (attention writes zeros).
+
+All graphs of all models of one engine share one CUDA graph memory pool (``capture_cuda_graphs``
+passes it): steps run one model at a time and each step reads its logits before the next replay,
+so the activations of the largest capture are the only graph memory the engine holds (what
+``planner.estimates.graph_bytes`` counts, per model, as an upper bound). The pool lives as long
+as the engine's graphs (a handle is never reused after its graphs are gone: the allocator forbids
+it). The shared KV pool is outside the graph pool.
+
+``stage_eager_inputs`` does the same one-copy staging for the eager path (prefill, mixed steps):
+metadata built on the CPU, packed into two pinned tensors (int64, int32), copied non-blocking.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from modelhive.engine.sequence import ScheduledSeq
+from modelhive.models.base import CausalLM, KVCaches
+from modelhive.planner.estimates import graph_batch_sizes
+from modelhive.runner.attn_metadata import AttentionMetadata, SeqChunk, build_attention_metadata
+
+log = logging.getLogger("modelhive.runner")
+
+def is_decode_only(seqs: Sequence[ScheduledSeq]) -> bool:
+    """Every sequence feeds one token after cached ones and samples (a graph-replayable step)."""
+    return bool(seqs) and all(len(s.token_ids) == 1 and s.num_cached > 0 and s.sample
+                              for s in seqs)
+
+
+class DecodeGraphs:
+    """Captured decode graphs of one model; ``run`` replays the right bucket or returns None."""
+
+    def __init__(self, model: CausalLM, kv_caches: KVCaches, tokens_per_block: int,
+                 max_num_seqs: int, max_model_len: int, device: torch.device,
+                 batch_sizes: Sequence[int] | None = None, pool=None):
+        self.model = model
+        self.kv_caches = kv_caches
+        self.tokens_per_block = tokens_per_block
+        self.device = device
+        self.batch_sizes = sorted(set(batch_sizes or graph_batch_sizes(max_num_seqs)))
+        self.max_batch = self.batch_sizes[-1]
+        self.max_blocks = -(-max_model_len // tokens_per_block)
+        B, M = self.max_batch, self.max_blocks
+        size = 5 * B + B * M
+        self._host = torch.zeros(size, dtype=torch.int32, pin_memory=True)
+        self._host_np = self._host.numpy()
+        self._dev = torch.zeros(size, dtype=torch.int32, device=device)
+        self._copied = torch.cuda.Event()
+        self._copied.record()
+        regions = [self._dev[i * B:(i + 1) * B] for i in range(5)]
+        self.input_ids, self.positions, self.slot_blocks, self.slot_offsets, self.seq_lens = regions
+        self.block_tables = self._dev[5 * B:].view(B, M)
+        self.query_start_loc = torch.arange(B + 1, dtype=torch.int32, device=device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = pool if pool is not None else torch.cuda.graph_pool_handle()
+
+    def _meta(self, bs: int) -> AttentionMetadata:
+        bound = self.max_blocks * self.tokens_per_block
+        return AttentionMetadata(
+            tokens_per_block=self.tokens_per_block,
+            num_decodes=bs,
+            positions=self.positions[:bs],
+            slot_blocks=self.slot_blocks[:bs],
+            slot_offsets=self.slot_offsets[:bs],
+            query_start_loc=self.query_start_loc[:bs + 1],
+            seq_lens=self.seq_lens[:bs],
+            block_tables=self.block_tables[:bs],
+            query_start_loc_host=tuple(range(bs + 1)),
+            seq_lens_host=(bound,) * bs,  # an upper bound: graph kernels never read it
+        )
+
+    def _stage(self, seqs: Sequence[ScheduledSeq], bs: int) -> None:
+        """Fill the pinned buffer for ``seqs`` padded to ``bs`` rows and copy it once."""
+        B, M, T = self.max_batch, self.max_blocks, self.tokens_per_block
+        self._copied.synchronize()  # the previous step's copy has read the pinned buffer
+        host = self._host_np
+        n = len(seqs)
+        ids, pos, blocks, offs, lens = (host[i * B:i * B + bs] for i in range(5))
+        tables = host[5 * B:].reshape(B, M)
+        for i, s in enumerate(seqs):
+            p = s.num_cached
+            ids[i] = s.token_ids[0]
+            pos[i] = p
+            blocks[i] = s.block_table[p // T]
+            offs[i] = p % T
+            lens[i] = p + 1
+            tables[i, :len(s.block_table)] = s.block_table
+        ids[n:] = 0
+        pos[n:] = 0
+        blocks[n:] = -1
+        offs[n:] = 0
+        lens[n:] = 0
+        self._dev.copy_(self._host, non_blocking=True)
+        self._copied.record()
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture every bucket, largest first (smaller ones reuse its memory)."""
+        pool = self.pool
+        for bs in reversed(self.batch_sizes):
+            self._stage((), bs)  # all padding: nothing is written to the KV pool
+            meta = self._meta(bs)
+            ids = self.input_ids[:bs]
+            # eager warm-up: compiles the Triton kernels and lets cuBLAS pick its algorithms
+            self.model.compute_logits(self.model(ids, meta, self.kv_caches))
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self.model.compute_logits(self.model(ids, meta, self.kv_caches))
+            self.graphs[bs] = (graph, logits)
+        torch.cuda.synchronize(self.device)
+        log.info("captured %d decode graphs (batch sizes %s)", len(self.graphs), self.batch_sizes)
+
+    def run(self, seqs: Sequence[ScheduledSeq]) -> torch.Tensor | None:
+        """Logits ``[len(seqs), vocab]`` (float32) of a decode-only step by graph replay, or None
+        when the step does not fit a graph (not decode-only, too many sequences, a block table
+        longer than the captured width). The tensor is the graph's static output: read it before
+        the next replay."""
+        n = len(seqs)
+        if n > self.max_batch or not is_decode_only(seqs):
+            return None
+        if any(len(s.block_table) > self.max_blocks for s in seqs):
+            return None
+        bs = next(b for b in self.batch_sizes if b >= n)
+        self._stage(seqs, bs)
+        graph, logits = self.graphs[bs]
+        graph.replay()
+        return logits[:n]
+
+
+def stage_eager_inputs(chunks: list[SeqChunk], token_ids: list[int], tokens_per_block: int,
+                       device: torch.device) -> tuple[AttentionMetadata, torch.Tensor]:
+    """(metadata, input_ids) on the CUDA ``device``, built on the CPU and moved with two
+    non-blocking copies from pinned memory (instead of one blocking copy per tensor)."""
+    meta = build_attention_metadata(chunks, tokens_per_block, "cpu")
+    n = len(token_ids)
+    longs = torch.empty(4 * n, dtype=torch.long, pin_memory=True)
+    longs_np = longs.numpy()
+    longs_np[:n] = np.asarray(token_ids, dtype=np.int64)
+    longs[n:2 * n] = meta.positions
+    longs[2 * n:3 * n] = meta.slot_blocks
+    longs[3 * n:] = meta.slot_offsets
+    num_seqs = meta.num_seqs
+    tables = meta.block_tables
+    ints = torch.empty(2 * num_seqs + 1 + tables.numel(), dtype=torch.int32, pin_memory=True)
+    ints[:num_seqs + 1] = meta.query_start_loc
+    ints[num_seqs + 1:2 * num_seqs + 1] = meta.seq_lens
+    ints[2 * num_seqs + 1:] = tables.flatten()
+    longs_dev = longs.to(device, non_blocking=True)
+    ints_dev = ints.to(device, non_blocking=True)
+    dev_meta = AttentionMetadata(
+        tokens_per_block=tokens_per_block,
+        num_decodes=meta.num_decodes,
+        positions=longs_dev[n:2 * n],
+        slot_blocks=longs_dev[2 * n:3 * n],
+        slot_offsets=longs_dev[3 * n:],
+        query_start_loc=ints_dev[:num_seqs + 1],
+        seq_lens=ints_dev[num_seqs + 1:2 * num_seqs + 1],
+        block_tables=ints_dev[2 * num_seqs + 1:].view(tables.shape),
+        query_start_loc_host=meta.query_start_loc_host,
+        seq_lens_host=meta.seq_lens_host,
+    )
+    return dev_meta, longs_dev[:n]
+
+
+def capture_cuda_graphs(engine) -> int:
+    """Capture decode graphs for every model of ``engine`` on CUDA; returns how many graphs.
+
+    ``build_engine(..., enforce_eager=False)`` is the caller that should run this (the planner
+    already reserves the memory); until it does, benchmarks and tests call it after building.
+    """
+    total = 0
+    pool = None
+    for loaded in engine.models.values():
+        runner = loaded.runner
+        if runner.device.type != "cuda":
+            continue
+        pool = pool if pool is not None else torch.cuda.graph_pool_handle()
+        runner.enable_cuda_graphs(loaded.limits.max_num_seqs, loaded.limits.max_model_len, pool)
+        total += len(runner.decode_graphs.graphs)
+    return total

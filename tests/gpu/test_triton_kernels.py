@@ -1,0 +1,238 @@
+"""Each Triton kernel against its plain-PyTorch reference on fresh random inputs.
+
+Shapes cover head_dim 64/128/256 (and odd small ones the tiny presets use), GQA ratios 1/4/8,
+tokens-per-block that are not powers of two, shuffled (non-contiguous) block tables, sliding
+windows, soft-capping, decode contexts long enough to use several split-K partitions, and
+decodes + prefill/extend chunks in one batch. Outputs are poisoned (NaN) before every kernel
+runs, so an element the kernel fails to write shows up.
+
+Runs on CUDA; skipped without it. ``TRITON_INTERPRET=1`` runs the same checks on the CPU through
+Triton's interpreter (slow; for kernel development without a GPU).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if not (torch.cuda.is_available() or INTERPRET):
+    pytest.skip("needs CUDA (or TRITON_INTERPRET=1)", allow_module_level=True)
+
+from modelhive.engine.kv_pool import BLOCK_ALIGN_BYTES, KVLayout, KVPool  # noqa: E402
+from modelhive.kernels import reference  # noqa: E402
+from modelhive.kernels import triton as tk  # noqa: E402
+from modelhive.runner.attn_metadata import SeqChunk, build_attention_metadata  # noqa: E402
+
+DEVICE = "cpu" if INTERPRET else "cuda"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# relative L2 error allowed: float32 kernels use IEEE dots; bf16 differs by rounding order
+TOL = {torch.float32: 2e-5, torch.bfloat16: 1.5e-2}
+
+
+def needs_gpu_numerics(dtype: torch.dtype = torch.float32, libdevice: bool = False) -> None:
+    """Skip checks the interpreter cannot make: it truncates float32 -> bf16 casts (the GPU
+    rounds to nearest even, as the reference does) and has no libdevice functions."""
+    if INTERPRET and (libdevice or dtype == torch.bfloat16):
+        pytest.skip("needs GPU numerics (interpreter: truncating bf16 casts, no libdevice)")
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not torch.isnan(out).any(), "NaN in output: an element was not written"
+    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def poison_allocator(nbytes: int = 64 << 20) -> None:
+    """Fill and free a large block so the caching allocator hands NaN-filled memory to the next
+    ``torch.empty`` calls (the kernels' outputs)."""
+    if DEVICE == "cuda":
+        torch.empty(nbytes // 4, dtype=torch.float32, device=DEVICE).fill_(float("nan"))
+
+
+def make_pool(num_layers: int, kv_heads: int, head_dim: int, dtype: str, tokens: int,
+              num_blocks: int) -> tuple[KVPool, KVLayout]:
+    """A pool of random values whose (aligned) block holds exactly ``tokens`` tokens."""
+    elem = 4 if dtype == "float32" else 2
+    per_token = 2 * num_layers * kv_heads * head_dim * elem
+    block_bytes = -(-tokens * per_token // BLOCK_ALIGN_BYTES) * BLOCK_ALIGN_BYTES
+    layout = KVLayout(num_layers, kv_heads, head_dim, dtype, block_bytes // per_token)
+    assert layout.tokens_per_block == tokens
+    pool = KVPool(num_blocks, block_bytes, DEVICE)
+    pool.storage.view(DTYPES[dtype]).normal_()
+    return pool, layout
+
+
+def views_of(storage: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The view ``like`` takes of the pool, taken of another storage of the same size."""
+    return storage.view(like.dtype).as_strided(like.shape, like.stride(), like.storage_offset())
+
+
+def make_meta(seqs: list[tuple[int, int]], T: int, num_blocks: int, seed: int):
+    """``seqs``: (num_cached, num_new) per sequence, decodes (1 new, >0 cached) first."""
+    rng = random.Random(seed)
+    free = list(range(num_blocks))
+    rng.shuffle(free)
+    chunks = []
+    for cached, new in seqs:
+        need = -(-(cached + new) // T)
+        table = tuple(free.pop() for _ in range(need))
+        chunks.append(SeqChunk(cached, new, table))
+    return build_attention_metadata(chunks, T, DEVICE)
+
+
+ATTN_CASES = [
+    # dtype, heads, kv_heads, head_dim, T, window, softcap, [(cached, new)]
+    ("float32", 4, 4, 64, 13, None, None, [(5, 1), (40, 1), (0, 17), (9, 6)]),
+    ("bfloat16", 32, 4, 64, 19, None, None, [(300, 1), (700, 1), (1, 1), (0, 70), (33, 20)]),
+    ("bfloat16", 16, 2, 128, 11, None, None, [(129, 1), (600, 1), (0, 130), (250, 1 + 64)]),
+    ("float32", 8, 1, 256, 7, None, None, [(50, 1), (0, 23)]),
+    ("bfloat16", 8, 1, 256, 23, 40, None, [(100, 1), (520, 1), (0, 90), (60, 30)]),
+    ("float32", 4, 1, 32, 5, 16, 3.0, [(20, 1), (3, 1), (0, 40), (31, 9)]),
+    ("bfloat16", 32, 8, 128, 29, None, 30.0, [(1000, 1), (0, 5)]),
+    ("float32", 4, 2, 24, 6, None, None, [(17, 1), (0, 11)]),
+    ("bfloat16", 16, 2, 128, 17, None, None, [(1500, 1), (40, 1), (2100, 1), (0, 33)]),
+    ("float32", 8, 1, 64, 31, 300, None, [(1800, 1), (5, 1), (0, 12)]),
+    ("float32", 4, 2, 32, 17, None, None, [(900, 1), (40, 1), (0, 9)]),  # one split, > PARTITION
+]
+
+
+@pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: f"{c[0]}-h{c[1]}-kv{c[2]}-d{c[3]}-T{c[4]}-w{c[5]}-cap{c[6]}")
+def test_paged_attention_matches_reference(case):
+    dtype_name, heads, kv_heads, head_dim, T, window, softcap, seqs = case
+    if INTERPRET and max(c + n for c, n in seqs) > 300:
+        pytest.skip("long contexts are too slow in the interpreter")
+    dtype = DTYPES[dtype_name]
+    torch.manual_seed(hash(case[:5]) % 2**31)
+    total = sum(-(-(c + n) // T) for c, n in seqs)
+    pool, layout = make_pool(3, kv_heads, head_dim, dtype_name, T, total + 5)
+    assert layout.tokens_per_block == T
+    k_cache, v_cache = pool.layer_views(layout)[1]
+    meta = make_meta(seqs, T, pool.num_blocks, seed=len(seqs))
+    q = torch.randn(meta.num_tokens, heads, head_dim, dtype=dtype, device=DEVICE)
+    scale = head_dim ** -0.5
+    ref = reference.paged_attention(q.float(), k_cache.float(), v_cache.float(), meta, scale,
+                                    window, softcap)
+    poison_allocator()
+    out = tk.paged_attention(q, k_cache, v_cache, meta, scale, window, softcap)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+def test_paged_attention_decode_zero_length_rows_are_finite():
+    """Padded rows of a decode graph (seq_len 0) produce zeros, not NaN."""
+    pool, layout = make_pool(1, 2, 64, "bfloat16", 9, 8)
+    k_cache, v_cache = pool.layer_views(layout)[0]
+    meta = make_meta([(10, 1), (4, 1)], 9, 8, seed=0)
+    meta.seq_lens[1] = 0
+    q = torch.randn(2, 4, 64, dtype=torch.bfloat16, device=DEVICE)
+    out = tk.paged_attention(q, k_cache, v_cache, meta, 0.125)
+    assert torch.isfinite(out).all() and out[1].abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("dtype_name,kv_heads,head_dim,T", [
+    ("float32", 2, 64, 13), ("bfloat16", 4, 128, 7), ("bfloat16", 1, 256, 21), ("float32", 3, 24, 5)])
+def test_store_kv_writes_exactly_the_slots(dtype_name, kv_heads, head_dim, T):
+    dtype = DTYPES[dtype_name]
+    pool, layout = make_pool(4, kv_heads, head_dim, dtype_name, T, 12)
+    views = pool.layer_views(layout)
+    meta = make_meta([(7, 1), (2 * T - 1, 1), (0, 3 * T + 2), (T, 5)], T, pool.num_blocks, seed=3)
+    n = meta.num_tokens
+    qkv = torch.randn(n, (2 + 2 * kv_heads) * head_dim, dtype=dtype, device=DEVICE)
+    # k, v as strided views of a fused projection, like the models pass them
+    k = qkv[:, 2 * head_dim:(2 + kv_heads) * head_dim].view(n, kv_heads, head_dim)
+    v = qkv[:, (2 + kv_heads) * head_dim:].view(n, kv_heads, head_dim)
+    pool.storage.view(dtype).fill_(float("nan"))
+    expected = pool.storage.clone()
+    k_cache, v_cache = views[2]
+    reference.store_kv(views_of(expected, k_cache), views_of(expected, v_cache), k, v, meta)
+    tk.store_kv(k_cache, v_cache, k, v, meta)
+    assert torch.equal(pool.storage, expected)  # same bytes, NaN elsewhere untouched
+
+
+def test_store_kv_skips_negative_blocks():
+    pool, layout = make_pool(1, 2, 64, "bfloat16", 9, 4)
+    k_cache, v_cache = pool.layer_views(layout)[0]
+    meta = make_meta([(3, 1), (5, 1)], 9, 4, seed=1)
+    expected = pool.storage.clone()
+    meta.slot_blocks[1] = -1
+    k = torch.randn(2, 2, 64, dtype=torch.bfloat16, device=DEVICE)
+    tk.store_kv(k_cache, v_cache, k, k, meta)
+    b, o = int(meta.slot_blocks[0]), int(meta.slot_offsets[0])
+    views_of(expected, k_cache)[b, o] = k[0]
+    views_of(expected, v_cache)[b, o] = k[0]
+    assert torch.equal(pool.storage, expected)  # token 0 written, the skipped token nowhere
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+@pytest.mark.parametrize("shape,offset", [((37, 2048), 0.0), ((5, 640), 1.0), ((300, 896), 0.0),
+                                          ((9, 4096), 0.0)])
+def test_rms_norm(dtype_name, shape, offset):
+    dtype = DTYPES[dtype_name]
+    needs_gpu_numerics(dtype)
+    x = torch.randn(shape, dtype=dtype, device=DEVICE) * 3
+    w = torch.randn(shape[-1], dtype=dtype, device=DEVICE)
+    ref = reference.rms_norm(x, w, 1e-6, offset)
+    poison_allocator()
+    out = tk.rms_norm(x, w, 1e-6, offset)
+    assert rel_err(out, ref) < (1e-6 if dtype == torch.float32 else 8e-3)
+    res = torch.randn(shape, dtype=dtype, device=DEVICE)
+    ref_out, ref_res = reference.rms_norm_residual(x, res, w, 1e-6, offset)
+    poison_allocator()
+    out, new_res = tk.rms_norm_residual(x, res, w, 1e-6, offset)
+    assert torch.equal(new_res, ref_res)
+    assert rel_err(out, ref_out) < (1e-6 if dtype == torch.float32 else 8e-3)
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+@pytest.mark.parametrize("heads,head_dim", [(16, 128), (4, 256), (9, 64), (4, 24)])
+def test_rms_norm_on_strided_heads(dtype_name, heads, head_dim):
+    """qk-norm: ``[N, heads, D]`` views of a fused qkv output."""
+    dtype = DTYPES[dtype_name]
+    n = 19
+    qkv = torch.randn(n, 3 * heads * head_dim, dtype=dtype, device=DEVICE)
+    q = qkv[:, heads * head_dim:2 * heads * head_dim].view(n, heads, head_dim)
+    w = torch.randn(head_dim, dtype=dtype, device=DEVICE)
+    ref = reference.rms_norm(q, w, 1e-6, 1.0)
+    poison_allocator()
+    out = tk.rms_norm(q, w, 1e-6, 1.0)
+    assert out.shape == q.shape
+    assert rel_err(out, ref) < (1e-6 if dtype == torch.float32 else 8e-3)
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+@pytest.mark.parametrize("heads,head_dim,scaling", [(32, 64, 1.0), (2, 128, 1.0), (4, 256, 1.0),
+                                                    (3, 24, 0.75)])
+def test_rope(dtype_name, heads, head_dim, scaling):
+    dtype = DTYPES[dtype_name]
+    needs_gpu_numerics(dtype, libdevice=True)
+    n = 45
+    big = torch.randn(n, 2 * heads * head_dim, dtype=dtype, device=DEVICE)
+    x = big[:, heads * head_dim:].view(n, heads, head_dim)  # strided, like q/k views
+    positions = torch.randint(0, 4096, (n,), device=DEVICE)
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, device=DEVICE).float() / head_dim))
+    ref = reference.apply_rope(x, positions, inv_freq, scaling)
+    poison_allocator()
+    out = tk.apply_rope(x, positions, inv_freq, scaling)
+    assert out.shape == x.shape
+    assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 8e-3)
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+@pytest.mark.parametrize("rows,inter", [(1, 5632), (33, 11008), (7, 160), (130, 2048)])
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+def test_gated_activations(dtype_name, rows, inter, act):
+    dtype = DTYPES[dtype_name]
+    needs_gpu_numerics(dtype, libdevice=act == "gelu_tanh")
+    x = torch.randn(rows, 2 * inter, dtype=dtype, device=DEVICE) * 2
+    ref_fn, fn = ((reference.silu_and_mul, tk.silu_and_mul) if act == "silu"
+                  else (reference.gelu_tanh_and_mul, tk.gelu_tanh_and_mul))
+    ref = ref_fn(x)
+    poison_allocator()
+    out = fn(x)
+    assert out.shape == ref.shape
+    assert rel_err(out, ref) < (1e-6 if dtype == torch.float32 else 5e-3)
