@@ -57,6 +57,8 @@ class Engine:
         self.plan = plan
         self.pool = pool
         self.models = models
+        #: models left out because they failed to load (name -> one-line reason); not served
+        self.failed_models: dict[str, str] = {}
         #: waiting sequences of all models together; beyond it: 503 (per model: 429)
         self.max_waiting_total = max_waiting_total
         self.allocator = BlockAllocator(pool.num_blocks, plan.quotas())
@@ -194,7 +196,9 @@ class Engine:
         out_ids = seq.output_token_ids
         if reason == "stop" and not seq.params.include_stop_str_in_output:
             out_ids = out_ids[:-1]  # the stop/eos token is in token_ids, not in the text
-        text = m.tokenizer.decode(out_ids, skip_special_tokens=seq.params.skip_special_tokens)
+        skip = seq.params.skip_special_tokens
+        text = detok.advance(lambda ids: m.tokenizer.decode(ids, skip_special_tokens=skip),
+                             out_ids, finished=reason is not None)
         new_text, hit_stop = detok.update(text, finished=reason is not None)
         if hit_stop:
             reason = "stop"

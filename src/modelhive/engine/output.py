@@ -34,6 +34,10 @@ class CompletionDelta:
 class Detokenizer:
     """Turns a sequence's output ids into text, holding back what may still change.
 
+    ``advance`` decodes incrementally (vLLM's prefix/read offsets): each step decodes only the
+    tokens since the previous emission plus the chunk before them, so the cost per token does not
+    grow with the output. The chunk before is decoded too because tokenizers drop or merge
+    characters at the start of a decode (SentencePiece's leading space, multi-token UTF-8).
     Held back: a trailing incomplete UTF-8 character (decoded as U+FFFD), and the tail that could
     be the start of a stop string. ``emitted`` counts characters already sent.
     """
@@ -43,9 +47,21 @@ class Detokenizer:
     text: str = ""
     emitted: int = 0
     max_stop_len: int = field(init=False)
+    decoded: str = ""  # text of ids[:read_offset]
+    prefix_offset: int = 0
+    read_offset: int = 0
 
     def __post_init__(self) -> None:
         self.max_stop_len = max((len(s) for s in self.stop), default=0)
+
+    def advance(self, decode, ids: list[int], finished: bool) -> str:
+        """Text of ``ids`` so far, decoding only the new tail. ``decode(ids) -> str``."""
+        prefix_text = decode(ids[self.prefix_offset:self.read_offset])
+        new_text = decode(ids[self.prefix_offset:])
+        if len(new_text) > len(prefix_text) and (finished or not new_text.endswith("\ufffd")):
+            self.decoded += new_text[len(prefix_text):]
+            self.prefix_offset, self.read_offset = self.read_offset, len(ids)
+        return self.decoded
 
     def update(self, text: str, finished: bool) -> tuple[str, bool]:
         """Take the full decoded text; return (new text to emit, hit a stop string)."""
