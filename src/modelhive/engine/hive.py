@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -20,8 +21,8 @@ from modelhive.engine.engine import Engine, LoadedModel
 from modelhive.engine.kv_pool import TORCH_DTYPES, KVLayout, KVPool
 from modelhive.engine.output import CompletionDelta, TokenLogprob
 from modelhive.engine.scheduler import ModelLimits
-from modelhive.errors import ConfigError, PlanError
-from modelhive.models.loader import load_model, resolve_source
+from modelhive.errors import ConfigError, ModelhiveError, PlanError
+from modelhive.models import loader
 from modelhive.planner.memory import plan_memory
 from modelhive.runner.model_runner import ModelRunner
 from modelhive.sampling_params import SamplingParams
@@ -46,6 +47,39 @@ def total_device_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+class ModelLoadError(ConfigError):
+    """One model's source could not be read or loaded; ``source`` says which (one-line message)."""
+
+    def __init__(self, message: str, source: str):
+        super().__init__(" ".join(message.split()), key="source")
+        self.source = source
+
+
+@contextmanager
+def _reading(source: str) -> Iterator[None]:
+    """Any failure while reading ``source`` (a truncated GGUF raises struct.error, a short tensor
+    a reshape error) becomes a ``ModelLoadError`` naming the source: one line, no traceback."""
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except ModelhiveError as exc:
+        raise ModelLoadError(str(exc), source) from exc
+    except Exception as exc:
+        raise ModelLoadError(f"model source {source!r} is corrupt or unreadable "
+                             f"({type(exc).__name__}: {exc}); replace the file", source) from exc
+
+
+def resolve_source(source: str) -> loader.ModelSource:
+    with _reading(source):
+        return loader.resolve_source(source)
+
+
+def load_model(src: loader.ModelSource, dtype: torch.dtype, device: torch.device):
+    with _reading(src.source):
+        return loader.load_model(src, dtype, device)
 
 
 def build_engine(specs: Sequence[ModelSpec], device: str | torch.device = "auto",
