@@ -122,6 +122,32 @@ def build_engine(specs: Sequence[ModelSpec], device: str | torch.device = "auto"
     return Engine(plan, pool, loaded, max_waiting_total)
 
 
+def build_engine_skipping_failed(specs: Sequence[ModelSpec], *args, **kwargs) -> Engine:
+    """``build_engine``, leaving out every model whose source fails to resolve or load.
+
+    Each failure re-plans without that model (its weights' share goes back to the KV pool), so the
+    plan stays exactly what is loaded; models loaded before the failure are loaded again. The
+    engine's ``failed_models`` maps each left-out name to its one-line reason. If no model is
+    left, the last failure is raised. Plan errors (memory) are not skipped: they concern all models.
+    """
+    failed: dict[str, str] = {}
+    live = list(specs)
+    while True:
+        try:
+            engine = build_engine(live, *args, **kwargs)
+        except ModelLoadError as exc:
+            bad = [s for s in live if s.source == exc.source]
+            if not bad or len(bad) == len(live):
+                raise
+            for spec in bad:
+                log.error("model %s failed to load, serving the others: %s", spec.name, exc)
+                failed[spec.name] = str(exc)
+            live = [s for s in live if s.source != exc.source]
+            continue
+        engine.failed_models = failed
+        return engine
+
+
 @dataclass
 class Completion:
     index: int
