@@ -55,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="larger request bodies get 413 (default 8 MiB)")
     parser.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                         help="log every HTTP request (default on)")
+    parser.add_argument("--skip-failed-models", action="store_true",
+                        help="a model whose source is missing or corrupt is left out (reported in "
+                        "/health and /v1/models) instead of refusing to start")
 
 
 def default_name(source: str) -> str:
@@ -134,7 +137,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         for port in ports:
             sockets[port] = bind(served.host, port)
-        engine = _load(config)
+        engine = _load(config, args.skip_failed_models)
+        for name, reason in engine.failed_models.items():
+            print(f"WARNING: model {name} is not served: {reason}", flush=True)
+            port = served.model_ports.get(name)
+            if port is not None:  # its own port has nothing to serve
+                sockets.pop(port).close()
+        if engine.failed_models:
+            served = dataclasses.replace(served, model_ports={
+                n: p for n, p in served.model_ports.items() if n not in engine.failed_models})
     except BaseException:
         for sock in sockets.values():
             sock.close()
@@ -150,10 +161,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(config: HiveConfig):
+def _load(config: HiveConfig, skip_failed: bool = False):
     from tqdm import tqdm
 
-    from modelhive.engine.hive import build_engine
+    from modelhive.engine.hive import build_engine, build_engine_skipping_failed
+
+    build = build_engine_skipping_failed if skip_failed else build_engine
 
     with tqdm(total=len(config.models), desc="loading models", unit="model",
               file=sys.stderr) as bar:
@@ -161,8 +174,8 @@ def _load(config: HiveConfig):
             bar.set_postfix_str(name)
             bar.update(1)
 
-        return build_engine(config.models, config.device, config.memory, config.policy,
-                            config.enforce_eager, on_model_loaded=loaded)
+        return build(config.models, config.device, config.memory, config.policy,
+                     config.enforce_eager, on_model_loaded=loaded)
 
 
 def _print_urls(served, models: list[str]) -> None:

@@ -3,6 +3,7 @@ serves (all of them on the main port; exactly one on a per-model port)."""
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Mapping
@@ -16,6 +17,13 @@ from modelhive.server.metrics import ServerMetrics
 
 #: default limit on a request body (bytes); larger bodies get 413 before they are parsed
 DEFAULT_MAX_BODY_BYTES = 8 * 2**20
+
+
+_PATH = re.compile(r"(?<![\w.])(?:~|\.{1,2})?/[^\s'\"]+")
+
+
+def _without_paths(text: str) -> str:
+    return _PATH.sub("<path>", text)
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,11 @@ class ServerState:
                     param="model", code="model_not_found")
             raise APIError(404, f"The model '{requested}' does not exist. This port serves only "
                            f"'{self.fixed_model}'", param="model", code="model_not_found")
+        failed = self.async_engine.engine.failed_models
+        if requested in failed:
+            raise APIError(503, f"The model '{requested}' failed to load at startup and is not "
+                           "served; see /health, and fix its source and restart the server",
+                           "service_unavailable_error", param="model", code="model_not_loaded")
         if requested is None:
             if len(models) == 1:
                 return next(iter(models))
@@ -77,6 +90,15 @@ class ServerState:
 
     def loaded(self, name: str) -> LoadedModel:
         return self.async_engine.engine.model(name)
+
+    @property
+    def failed_models(self) -> list[dict[str, str]]:
+        """Models left out at startup (``--skip-failed-models``), for /health and /v1/models. The
+        reason is the loader's one line with file paths replaced, so no path reaches a client."""
+        if self.fixed_model is not None:
+            return []
+        return [{"id": name, "error": _without_paths(reason)}
+                for name, reason in self.async_engine.engine.failed_models.items()]
 
     def check_healthy(self) -> None:
         if not self.async_engine.healthy:

@@ -16,7 +16,10 @@ router = APIRouter()
 async def health(request: Request) -> dict[str, Any]:
     state = get_state(request)
     state.check_healthy()  # raises the 503
-    return {"status": "ok", "models": state.model_names}
+    body: dict[str, Any] = {"status": "ok", "models": state.model_names}
+    if state.failed_models:  # --skip-failed-models left some out: the others serve
+        body.update(status="degraded", failed_models=state.failed_models)
+    return body
 
 
 @router.get("/version")

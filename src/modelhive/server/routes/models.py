@@ -22,7 +22,11 @@ def _card(state: ServerState, name: str) -> dict[str, Any]:
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
     state = get_state(request)
-    return {"object": "list", "data": [_card(state, name) for name in state.model_names]}
+    body: dict[str, Any] = {"object": "list",
+                            "data": [_card(state, name) for name in state.model_names]}
+    if state.failed_models:  # not in "data": clients pick models from there
+        body["failed"] = state.failed_models
+    return body
 
 
 @router.get("/v1/models/{name:path}")
