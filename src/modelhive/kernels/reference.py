@@ -105,9 +105,18 @@ def rms_norm_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.Ten
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
                attention_scaling: float = 1.0) -> torch.Tensor:
     """Rotate-half RoPE. x [N, heads, D], positions [N], inv_freq [D/2] (float32)."""
+    return rotate_half_rope(x, *rope_cos_sin(positions, inv_freq, x.dtype, attention_scaling))
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype,
+                 attention_scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin ``[N, 1, D/2]`` in ``dtype`` (computed in float32, as transformers does)."""
     freqs = positions.float().unsqueeze(1) * inv_freq.unsqueeze(0)  # [N, D/2]
-    cos = (freqs.cos() * attention_scaling).to(x.dtype).unsqueeze(1)
-    sin = (freqs.sin() * attention_scaling).to(x.dtype).unsqueeze(1)
+    return ((freqs.cos() * attention_scaling).to(dtype).unsqueeze(1),
+            (freqs.sin() * attention_scaling).to(dtype).unsqueeze(1))
+
+
+def rotate_half_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modelhive.errors import ConfigError
-from modelhive.kernels import ops
+from modelhive.kernels import ops, reference
 from modelhive.runner.attn_metadata import AttentionMetadata
 
 
@@ -143,10 +143,19 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None = None):
         super().__init__()
         self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta, scaling), persistent=False)
+        self._cached: tuple | None = None  # (positions, dtype, cos, sin) of the current step
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor,
                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return ops.apply_rope(q, positions, self.inv_freq), ops.apply_rope(k, positions, self.inv_freq)
+        if q.is_cuda:  # the Triton kernel computes cos/sin inline
+            return (ops.apply_rope(q, positions, self.inv_freq),
+                    ops.apply_rope(k, positions, self.inv_freq))
+        # CPU: cos/sin once per step for all layers (every layer gets the same positions tensor)
+        if self._cached is None or self._cached[0] is not positions or self._cached[1] != q.dtype:
+            self._cached = (positions, q.dtype, *reference.rope_cos_sin(positions, self.inv_freq,
+                                                                       q.dtype))
+        cos, sin = self._cached[2:]
+        return reference.rotate_half_rope(q, cos, sin), reference.rotate_half_rope(k, cos, sin)
 
 
 class PagedAttention(nn.Module):

@@ -1,6 +1,7 @@
 """Llama family: Llama 2/3, TinyLlama, Yi, SmolLM2, Mistral (without sliding window).
 
-Pre-norm decoder: ``h += attn(norm(h)); h += mlp(norm(h))``; GQA attention with RoPE; SwiGLU MLP.
+Pre-norm decoder: ``h += attn(norm(h)); h += mlp(norm(h))`` (each add fused into the next norm);
+GQA attention with RoPE; SwiGLU MLP.
 Qwen2 (qkv bias, set by ``arch.attention_bias``) and Qwen3 (qk-norm) reuse these classes; the
 class attributes ``attention_cls`` / ``layer_cls`` / ``model_cls`` are the only hooks.
 
@@ -66,10 +67,17 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
 
-    def forward(self, h: torch.Tensor, meta: AttentionMetadata,
-                kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), meta, kv_cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata,
+                kv_cache: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(h, residual) -> (mlp output, residual)``: the residual add is fused into the next
+        norm (``RMSNorm(x, residual)`` returns ``norm(x + residual), x + residual``)."""
+        if residual is None:
+            residual, h = h, self.input_layernorm(h)
+        else:
+            h, residual = self.input_layernorm(h, residual)
+        h = self.self_attn(h, meta, kv_cache)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -87,9 +95,10 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: KVCaches) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            h = layer(h, meta, kv_cache)
-        return self.norm(h)
+            h, residual = layer(h, residual, meta, kv_cache)
+        return self.norm(h, residual)[0]
 
 
 class LlamaForCausalLM(CausalLM):
