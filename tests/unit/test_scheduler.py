@@ -215,3 +215,23 @@ def test_model_alone_uses_its_whole_budget():
     sched.add(Sequence("a0", "r", 0, "a", [1] * 390, SamplingParams(max_tokens=4), arrival=0))
     plan = sched.schedule()
     assert plan.batches[0].num_tokens == 256
+
+
+def test_a_model_at_its_cap_does_not_claim_step_budget_it_cannot_use():
+    """a is at its static cap with prompts waiting; b has prefill work: b gets the whole step
+    (the waiting prompts of a cannot be admitted, so they must not take a share of it)."""
+    lim = {m: ModelLimits(layout(16), 32, 256, 400) for m in "ab"}
+    quotas = {"a": ModelQuota(4, 4), "b": ModelQuota(0, None)}
+    sched = Scheduler(BlockAllocator(100, quotas), lim)
+    a0 = Sequence("a0", "r0", 0, "a", [1] * 60, SamplingParams(max_tokens=50), arrival=0)
+    sched.add(a0)
+    sched.after_step(sched.schedule())  # a0 takes all 4 of a's blocks
+    a0.output_token_ids.append(5)
+    for i in range(5):
+        sched.add(Sequence(f"a{i + 1}", f"ra{i}", 0, "a", [1] * 100, SamplingParams(max_tokens=4),
+                           arrival=1 + i))
+    sched.add(Sequence("b0", "rb", 0, "b", [2] * 390, SamplingParams(max_tokens=4), arrival=9))
+    plan = sched.schedule()
+    tokens = {b.model: b.num_tokens for b in plan.batches}
+    assert tokens["a"] == 1  # a0's decode; nothing of a can be admitted
+    assert tokens["b"] == 255  # was 128: half the step held for a's unadmittable prompts

@@ -134,16 +134,26 @@ class Scheduler:
                 return False
 
     # ----------------------------------------------------------------------------- a step
-    def _demand(self, q: ModelQueues) -> int:
-        """Tokens this model could use this step: decodes + pending prefill, capped by its budget."""
+    def _demand(self, name: str, q: ModelQueues) -> int:
+        """Tokens this model could use this step: decodes + pending prefill, capped by its budget.
+
+        Waiting sequences count only as far as the pool can take them now (admissions never
+        preempt): a model held at its cap or by a full pool must not claim a share of the step
+        that it cannot use while other models wait (the split must stay work conserving).
+        """
         need = sum(s.num_tokens - s.num_computed for s in q.running)
         free_slots = q.limits.max_num_seqs - len(q.running)
+        room = self.allocator.num_available(name) * q.limits.layout.tokens_per_block
         for seq in itertools.islice(q.waiting, max(0, free_slots)):
-            need += seq.num_tokens - seq.num_computed
+            if room <= 0:
+                break
+            tokens = seq.num_tokens - seq.num_computed
+            need += min(tokens, room)
+            room -= q.limits.layout.blocks_for_tokens(tokens) * q.limits.layout.tokens_per_block
         return min(need, q.limits.max_num_batched_tokens)
 
     def schedule(self) -> StepPlan:
-        demand = {name: self._demand(q) for name, q in self.queues.items() if q.has_work}
+        demand = {name: self._demand(name, q) for name, q in self.queues.items() if q.has_work}
         allowance = fair_allowances(demand, self.weights, self.step_token_budget)
         batches: list[ModelBatch] = []
         scheduled: set[str] = set()
