@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     three.add_argument("--new-tokens", type=int, default=10)
     three.add_argument("--rounds", type=int, default=5)
     three.add_argument("--no-baseline", action="store_true")
+    from modelhive.bench.load import command as serve_command  # HTTP load generator, any device
+
+    serve_command.add_arguments(sub.add_parser("serve", help="load a running server over HTTP"))
     for p in (lat, thr, three):
         p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
         p.add_argument("--json", help="write the results to this file")
@@ -75,6 +78,10 @@ def _print(results: list[dict], bandwidth: float, device_name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.bench == "serve":
+        from modelhive.bench.load import command as serve_command
+
+        return serve_command.run(args)
     import torch
 
     if not torch.cuda.is_available():
