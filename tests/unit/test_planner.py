@@ -78,14 +78,17 @@ def test_three_model_plan_terms_add_up():
 
 def test_activation_formula_by_hand_tinyllama_cuda():
     t, s, h, q, kv, inter, v = 2048, 32, 2048, 2048, 256, 5632, 32000
-    hand = (4 * t * h * 2 + t * (q + 2 * kv) * 2 + t * (q + kv) * 2 + t * q * 2
-            + 3 * t * inter * 2 + 2 * s * v * 4)
+    residual = 4 * t * h * 2
+    mlp = residual + 3 * t * inter * 2  # the largest phase (H200 measured 90.1 MiB for 3 T h e)
+    attention = residual + t * (q + 2 * kv) * 2 + t * (q + kv) * 2 + t * q * 2
+    slack = 2 * 2**20
     plan = plan_memory(THREE, ARCHS, device="cuda", budget="32GiB", total_device_bytes=None)
-    assert plan.model("tinyllama").activation_bytes == hand
+    assert plan.model("tinyllama").activation_bytes == mlp + slack
     cpu = activation_bytes(ARCHS["tinyllama"], "float16", num_tokens=t, max_num_seqs=s,
                            max_model_len=1024, device="cpu")
     decode_scratch = 2 * s * 1024 * q * 2 + 2 * s * 32 * 1024 * 4
-    assert cpu == hand + decode_scratch
+    assert cpu == max(mlp, attention + decode_scratch, 2 * t * h * 2 + s * h * 2 + 3 * s * v * 4) \
+        + slack
 
 
 def test_static_policy_splits_by_seqs_times_len_times_kv_bytes():
@@ -206,7 +209,7 @@ def test_emit_vllm_utilizations_by_hand(capsys):
     assert main(["plan", THREE_YAML, "--emit", "vllm"]) == 0
     script = capsys.readouterr().out
     utils = [float(u) for u in re.findall(r"--gpu-memory-utilization (\S+)", script)]
-    assert utils == [0.1246, 0.2872, 0.5183]  # checked by hand against the rule below
+    assert utils == [0.1238, 0.2860, 0.5170]  # checked by hand against the rule below
     # vLLM v1: util x total = weights + activation + non-torch (128 MiB) + KV share, with the CUDA
     # context (512 MiB) and graphs outside; the KV left is split by seqs x len x KV bytes/token.
     total = 32_607 * 2**20
@@ -231,7 +234,7 @@ def test_emit_compose_orders_services_by_health(capsys):
     assert "depends_on" not in services["tinyllama-1-1b"]
     assert services["yi-6b"]["depends_on"] == {"qwen2-5-3b": {"condition": "service_healthy"}}
     cmd = services["yi-6b"]["command"]
-    assert cmd[cmd.index("--gpu-memory-utilization") + 1] == "0.5183"
+    assert cmd[cmd.index("--gpu-memory-utilization") + 1] == "0.5170"
 
 
 def test_default_example_fits_on_this_machine(capsys):

@@ -19,6 +19,7 @@ import torch
 from modelhive.config import ModelSpec
 from modelhive.engine.engine import Engine, LoadedModel
 from modelhive.engine.kv_pool import TORCH_DTYPES, KVLayout, KVPool
+from modelhive.engine.memory_report import MemoryProbe, dry_step_batch
 from modelhive.engine.output import CompletionDelta, TokenLogprob
 from modelhive.engine.scheduler import ModelLimits
 from modelhive.errors import ConfigError, ModelhiveError, PlanError
@@ -86,8 +87,13 @@ def build_engine(specs: Sequence[ModelSpec], device: str | torch.device = "auto"
                  memory: str | int | float | None = None, policy: str = "shared",
                  enforce_eager: bool = True,
                  on_model_loaded: Callable[[str], None] | None = None,
-                 max_waiting_total: int = 4096) -> Engine:
-    """Resolve sources, plan memory (refusing to load when it does not fit), load, make the pool."""
+                 max_waiting_total: int = 4096, measure_memory: bool = True) -> Engine:
+    """Resolve sources, plan memory (refusing to load when it does not fit), load, make the pool.
+
+    ``measure_memory``: record what each load took and run one dry step per model at its token
+    budget once the pool exists (``engine/memory_report.py``); the result is ``engine.load_memory``,
+    read by ``modelhive ps`` and ``/metrics``. False skips the dry steps (parameter bytes only).
+    """
     if not specs:
         raise ConfigError("no models to serve", key="models")
     names = [s.name for s in specs]
@@ -102,11 +108,15 @@ def build_engine(specs: Sequence[ModelSpec], device: str | torch.device = "auto"
         raise PlanError(plan.problem)
     loaded: dict[str, LoadedModel] = {}
     models = {}
+    probe = MemoryProbe(dev)
     for spec in specs:
         mp = plan.model(spec.name)
-        models[spec.name] = load_model(sources[spec.name], TORCH_DTYPES[mp.dtype], dev)
+        with probe.loading(spec.name):
+            models[spec.name] = load_model(sources[spec.name], TORCH_DTYPES[mp.dtype], dev)
+        probe.loaded(spec.name, models[spec.name])
         if on_model_loaded:
             on_model_loaded(spec.name)
+    probe.after_loads()
     pool = KVPool(plan.num_blocks, plan.block_bytes, dev)
     for spec in specs:
         mp = plan.model(spec.name)
@@ -117,9 +127,15 @@ def build_engine(specs: Sequence[ModelSpec], device: str | torch.device = "auto"
         layout = KVLayout.for_model(src.arch, mp.dtype, plan.block_bytes)
         runner = ModelRunner(spec.name, models[spec.name], layout, pool.layer_views(layout), dev)
         limits = ModelLimits(layout, mp.max_num_seqs, mp.max_num_batched_tokens, mp.max_model_len)
+        if measure_memory:
+            probe.dry_step(runner, dry_step_batch(
+                spec.name, mp.max_num_batched_tokens, mp.max_num_seqs, mp.max_model_len,
+                layout.tokens_per_block, plan.num_blocks, src.arch.vocab_size), mp.activation_bytes)
         loaded[spec.name] = LoadedModel(spec.name, runner, tokenizer, limits, spec.max_queue,
                                         spec.weight)
-    return Engine(plan, pool, loaded, max_waiting_total)
+    engine = Engine(plan, pool, loaded, max_waiting_total)
+    engine.load_memory = probe.result()  # measured beside the plan: engine/memory_report.py
+    return engine
 
 
 def build_engine_skipping_failed(specs: Sequence[ModelSpec], *args, **kwargs) -> Engine:

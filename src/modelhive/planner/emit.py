@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from modelhive.errors import PlanError
-from modelhive.planner.estimates import CUDA_OVERHEAD_BYTES, MiB
+from modelhive.planner.estimates import MiB
 from modelhive.planner.memory import MemoryPlan, ModelPlan
 
 VLLM_IMAGE = "vllm/vllm-openai:v0.10.1.1"
@@ -32,7 +32,8 @@ DEFAULT_TOTAL_BYTES = 32_607 * MiB
 #: non-torch memory a vLLM profile run adds inside the budget (cuBLAS/NCCL workspaces); estimate.
 VLLM_NON_TORCH_BYTES = 128 * MiB
 #: CUDA context per process, outside the budget (the setup measured 0.4-0.9 GB with graphs).
-VLLM_CONTEXT_BYTES = CUDA_OVERHEAD_BYTES
+#: vLLM's own estimate: modelhive's ``CUDA_OVERHEAD_BYTES`` also holds its allocator cache slack.
+VLLM_CONTEXT_BYTES = 512 * MiB
 #: share of the device left unplanned for the driver, a display and estimate error
 DEVICE_HEADROOM = 0.02
 UTIL_SCALE = 10_000  # 4 decimals

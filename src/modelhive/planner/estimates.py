@@ -1,8 +1,9 @@
 """Per-model memory terms that are not exact shapes: activation peak, CUDA graphs, device overhead.
 
-Weights and KV bytes per token are exact (``ArchConfig``); the terms here are documented upper
-bounds, chosen so that a plan that fits on paper also fits when loaded. ``modelhive ps`` later
-shows them next to the measured numbers.
+Weights and KV bytes per token are exact (``ArchConfig``); the terms here are upper bounds whose
+constants were measured (``bench/gpu_memory_check.py``, docs/benchmarks.md "Memory: planned vs
+measured"): on an NVIDIA H200, driver 580.159.04, torch 2.11.0+cu130, the three-model example,
+2026-11-27. ``modelhive ps`` shows them next to what the loaded process measures.
 """
 
 from __future__ import annotations
@@ -12,11 +13,23 @@ from modelhive.models.arch import DTYPE_BYTES, ArchConfig
 MiB = 2**20
 GiB = 2**30
 
-#: CUDA context + non-torch allocations (cuBLAS workspaces, NCCL, allocator slack) of one process.
-#: An estimate until measured per device kind (the vLLM setup measured 0.4-0.9 GB per process).
-CUDA_OVERHEAD_BYTES = 512 * MiB
-#: bookkeeping of one captured CUDA graph (kernel nodes, parameters); an estimate, measured later.
-GRAPH_BYTES_PER_CAPTURE = 2 * MiB
+#: device memory of one CUDA process outside the weights, KV pool, activation peak and graphs:
+#: CUDA context (612 MiB by NVML after the first tensor), libraries and Triton modules loaded by
+#: the first steps (66 MiB), cuBLAS workspace (32 MiB), and allocator cache beyond the one
+#: activation peak (freed blocks of other sizes, other models' steps: 330 MiB of cache for a
+#: 178 MiB peak). Measured on H200 (above), after every model's worst step: 863 MiB.
+CUDA_OVERHEAD_BYTES = 896 * MiB
+#: per captured decode graph: graph executable and decode kernels loaded for capture (non-torch,
+#: 94 MiB for 18 graphs), the capture stream's cuBLAS workspace and the pool's segment rounding.
+#: Fitted on H200 (above): graph pool 92 MiB + non-torch 94 MiB for 18 captures of three models.
+GRAPH_BYTES_PER_CAPTURE = 4 * MiB
+#: staging buffers, attention metadata and allocator rounding of one step (measured: 0.1 to
+#: 1.1 MiB above the largest phase at 2,048 tokens)
+ACTIVATION_SLACK_BYTES = 2 * MiB
+#: decode attention splits keys into partitions of this many tokens above SPLIT_ABOVE
+#: (kernels/triton/paged_attention.py), each with a float32 partial result
+DECODE_PARTITION_TOKENS = 512
+DECODE_SPLIT_ABOVE_TOKENS = 1024
 #: on CPU with no budget given, the KV pool is capped here (see ``plan_memory``).
 CPU_DEFAULT_KV_CAP_BYTES = 4 * GiB
 
@@ -30,42 +43,51 @@ def activation_bytes(
     max_model_len: int,
     device: str,
 ) -> int:
-    """Upper bound, in bytes, of the transient tensors of one forward of ``num_tokens`` tokens.
+    """Peak, in bytes, of the transient tensors of one step of ``num_tokens`` tokens.
 
     With e = dtype bytes, T = ``num_tokens`` (the token budget), S = ``max_num_seqs``,
     L = ``max_model_len``, h = hidden, q = heads x head_dim, kv = kv_heads x head_dim,
-    I = intermediate, V = vocab, H = heads::
+    I = intermediate, V = vocab, H = heads, D = head_dim. Layers run one after another, and inside
+    a layer the attention part and the MLP part do not overlap, so the peak is the largest phase::
 
-        hidden    = 4 T h e                      residual, hidden, normed input, layer output
-        qkv       = T (q + 2kv) e + T (q + kv) e + T q e
-                                                 fused qkv, RoPE'd q and k, attention output
-        gate_up   = 2 T I e + T I e              fused gate_up and act(gate) * up
-        scratch   = max(prefill, decode)         CPU reference attention only (0 on CUDA, where
-                                                 the Triton kernels read the paged cache in place)
-          prefill = 2 L q e + 2 H P L 4          one chunk of P = min(T, L) queries against L keys:
-                                                 K, V gathered and expanded to all heads; fp32
-                                                 scores and softmax
-          decode  = 2 S L q e + 2 S H L 4        S sequences against L keys each
-        logits    = 2 S V 4                      fp32 logits of S rows, x2 for the sampling copy
-        activation = hidden + qkv + gate_up + scratch + logits
+        residual  = 4 T h e                 the layer's inputs (hidden and residual, still held
+                                            by the caller), the residual after attention, one
+                                            normed copy (the add is fused into the norm, 08acb12)
+        mlp       = residual + 3 T I e      fused gate_up [T, 2I] and act(gate) * up [T, I]
+        attention = residual + T (q + 2kv) e + T (q + kv) e + T q e + scratch
+                                            fused qkv, RoPE'd q and k, attention output
+          scratch (CUDA) = S H ceil(L / 512) (D + 2) 4 when L > 1024: split-K partials of decodes
+          scratch (CPU)  = max(2 L q e + 2 H min(T, L) L 4, 2 S L q e + 2 S H L 4): the reference
+                           attention gathers K, V per sequence; fp32 scores and softmax
+        logits    = 2 T h e + S h e + 3 S V 4
+                                            final norm, the S sampled rows, fp32 logits and two
+                                            sampling copies (log_softmax, probabilities)
+        activation = max(mlp, attention, logits) + ACTIVATION_SLACK_BYTES
 
-    Layers run one after another, so one layer's tensors bound all layers'. The terms are never
-    all live at once, so their sum is an upper bound.
+    Measured on CUDA (H200, float16, T = 2048) before the residual add was fused into the norm
+    (three T h e tensors then, not four): TinyLlama 90.1 MiB, Qwen2.5-3B 153.1-154.1 MiB, Yi-6B
+    177.1-178.1 MiB, 0.1-1.1 MiB above that ``mlp`` phase, in two runs. The fourth T h e follows
+    from the fused code (``LlamaModel.forward`` keeps both inputs of the running layer) and is not
+    measured yet.
     """
     e = DTYPE_BYTES[dtype]
     t, s, seq_len = num_tokens, max_num_seqs, max_model_len
     h, q, kv, inter = arch.hidden_size, arch.q_size, arch.kv_size, arch.intermediate_size
-    hidden = 4 * t * h * e
-    qkv = t * (q + 2 * kv) * e + t * (q + kv) * e + t * q * e
-    gate_up = 3 * t * inter * e
-    scratch = 0
+    residual = 4 * t * h * e
+    mlp = residual + 3 * t * inter * e
     if device == "cpu":
         chunk = min(t, seq_len)
         prefill = 2 * seq_len * q * e + 2 * arch.num_heads * chunk * seq_len * 4
         decode = 2 * s * seq_len * q * e + 2 * s * arch.num_heads * seq_len * 4
         scratch = max(prefill, decode)
-    logits = 2 * s * arch.vocab_size * 4
-    return hidden + qkv + gate_up + scratch + logits
+    elif seq_len > DECODE_SPLIT_ABOVE_TOKENS:
+        splits = -(-seq_len // DECODE_PARTITION_TOKENS)
+        scratch = min(s, t) * arch.num_heads * splits * (arch.head_dim + 2) * 4
+    else:
+        scratch = 0
+    attention = residual + t * (q + 2 * kv) * e + t * (q + kv) * e + t * q * e + scratch
+    logits = 2 * t * h * e + s * h * e + 3 * s * arch.vocab_size * 4
+    return max(mlp, attention, logits) + ACTIVATION_SLACK_BYTES
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -85,15 +107,19 @@ def graph_bytes(
     device: str,
     enforce_eager: bool,
 ) -> int:
-    """Estimate of one model's CUDA-graph memory: 0 on CPU or with ``enforce_eager``.
+    """One model's CUDA-graph memory: 0 on CPU or with ``enforce_eager``.
 
-    Graphs of all batch sizes share one memory pool, sized by the largest capture: the decode
-    activation of ``max_num_seqs`` tokens (``activation_bytes`` with T = S) plus
-    ``GRAPH_BYTES_PER_CAPTURE`` per captured batch size. An estimate until measured.
+    Each captured batch size b keeps its static fp32 logits ``[b, V]`` (4 V sum(b)); the largest
+    capture's transients (``activation_bytes`` with T = S; all models share one graph pool, so
+    the sum over models bounds it from above); ``GRAPH_BYTES_PER_CAPTURE`` per captured size.
+    Measured on H200 (module docstring): 186 MiB for the three-model example (graph pool 92 MiB,
+    non-torch growth 94 MiB), planned 194 MiB.
     """
     if device != "cuda" or enforce_eager:
         return 0
-    pool = activation_bytes(
+    sizes = graph_batch_sizes(max_num_seqs)
+    outputs = 4 * arch.vocab_size * sum(sizes)
+    transient = activation_bytes(
         arch,
         dtype,
         num_tokens=max_num_seqs,
@@ -101,9 +127,9 @@ def graph_bytes(
         max_model_len=max_model_len,
         device=device,
     )
-    return pool + GRAPH_BYTES_PER_CAPTURE * len(graph_batch_sizes(max_num_seqs))
+    return outputs + transient + GRAPH_BYTES_PER_CAPTURE * len(sizes)
 
 
 def overhead_bytes(device: str) -> int:
-    """Device memory outside torch tensors: 0 on CPU, ``CUDA_OVERHEAD_BYTES`` on CUDA."""
+    """Device memory outside the other terms: 0 on CPU, ``CUDA_OVERHEAD_BYTES`` on CUDA."""
     return CUDA_OVERHEAD_BYTES if device == "cuda" else 0

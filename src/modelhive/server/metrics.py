@@ -11,6 +11,10 @@ scraping never touches the engine. Latencies are observed by the HTTP layer as d
 
 ``vllm:kv_cache_usage_perc{model_name}`` is the fraction (0..1, as in vLLM) of the whole shared pool
 that the model's sequences hold; summed over models it is the pool's usage.
+
+``modelhive:memory_planned_bytes{model_name,term}`` / ``modelhive:memory_measured_bytes{...}``: the
+memory plan beside what the process measures (``engine/memory_report.py``); hive-wide terms carry
+``model_name=""``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from modelhive.engine.client import AsyncEngine
+from modelhive.engine.memory_report import measure_memory, planned_model_terms, planned_terms
 from modelhive.engine.output import CompletionDelta
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -88,20 +93,12 @@ class _EngineCollector(Collector):
         steps.add_metric([], stats.steps)
         yield steps
         yield from _plan_metrics(plan)
+        yield from _memory_metrics(engine)
 
 
 def _plan_metrics(plan) -> Iterable[Metric]:
-    """The memory plan's terms (bytes, tokens, blocks): what was planned before loading."""
-    terms = GaugeMetricFamily("modelhive:planned_memory_bytes",
-                              "Planned device memory per term (budget = sum of the others)",
-                              labels=["term"])
-    for term, value in (("budget", plan.budget_bytes), ("weights", plan.weights_bytes),
-                        ("activation", plan.activation_bytes), ("graphs", plan.graph_bytes),
-                        ("overhead", plan.overhead_bytes), ("kv_pool", plan.kv_pool_bytes)):
-        terms.add_metric([term], value)
-    yield terms
+    """Per-model plan facts (tokens, blocks) that are not memory terms."""
     spec = {
-        "modelhive:planned_weight_bytes": ("Planned weight bytes", lambda m: m.weight_bytes),
         "modelhive:kv_bytes_per_token": ("KV bytes one token of this model needs",
                                          lambda m: m.kv_bytes_per_token),
         "modelhive:kv_tokens_per_block": ("Tokens of this model one pool block holds",
@@ -116,6 +113,35 @@ def _plan_metrics(plan) -> Iterable[Metric]:
         for m in plan.models:
             family.add_metric([m.name], value_of(m))
         yield family
+
+
+def _memory_metrics(engine) -> Iterable[Metric]:
+    """Memory planned (before loading) and measured (now), per term: hive-wide series have
+    ``model_name=""`` (terms weights, activation, graphs, overhead, kv_pool, process; planned
+    process = the budget), per-model series the model's name (weights, activation, graphs).
+    A measured term that was not measured (graphs before capture, activation where the dry step
+    could not be read) has no series."""
+    plan = engine.plan
+    measured = measure_memory(engine)
+    planned = GaugeMetricFamily("modelhive:memory_planned_bytes",
+                                "Device memory planned before loading, per term (bytes)",
+                                labels=["model_name", "term"])
+    got = GaugeMetricFamily("modelhive:memory_measured_bytes",
+                            "Device memory measured in this process, per term (bytes)",
+                            labels=["model_name", "term"])
+    measured_terms = measured.terms()
+    for term, value in planned_terms(plan).items():
+        planned.add_metric(["", term], value)
+        if measured_terms[term] is not None:
+            got.add_metric(["", term], measured_terms[term])
+    for m in plan.models:
+        per_model = measured.model_terms(m.name)
+        for term, value in planned_model_terms(plan, m.name).items():
+            planned.add_metric([m.name, term], value)
+            if per_model[term] is not None:
+                got.add_metric([m.name, term], per_model[term])
+    yield planned
+    yield got
 
 
 class ServerMetrics:

@@ -12,7 +12,7 @@ def get_state(request: Request) -> ServerState:
 
 
 def routers():
-    from modelhive.server.routes import chat, completions, health, metrics, models, tokenize
+    from modelhive.server.routes import chat, completions, health, metrics, models, ps, tokenize
 
     return [models.router, completions.router, chat.router, tokenize.router, health.router,
-            metrics.router]
+            metrics.router, ps.router]
