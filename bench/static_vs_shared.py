@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import signal
 import socket
@@ -218,6 +219,11 @@ def run_policy(args: argparse.Namespace, policy: str, use_nvml: bool, runtime_rs
         server.wait_healthy()
         budget = planned_budget(server)
         models = asyncio.run(list_models(server.url))
+        if args.warmup_requests:  # first-use costs (Triton JIT, allocator growth) out of the A/B
+            warm = Workload(models=tuple(models), num_requests=args.warmup_requests * len(models),
+                            request_rate=math.inf, prompt_len=tuple(args.prompt_len),
+                            output_len=(4, 8), token_id_range=tuple(args.token_id_range), seed=99)
+            asyncio.run(run_benchmark(server.url, warm, drain_timeout_s=args.drain_timeout))
         for pattern in args.patterns:
             if not server.wait_idle():
                 print(f"warning: {policy} server not idle before {pattern}", file=sys.stderr)
@@ -255,6 +261,11 @@ def _ratio(num: float | None, den: float | None) -> str:
     return f"{num / den:.2f}x"
 
 
+def _size(num_bytes: int) -> str:
+    return (f"{num_bytes / 2**30:.2f} GiB" if num_bytes >= 2**30
+            else f"{num_bytes / 2**20:.1f} MiB")
+
+
 def table(results: dict[str, dict[str, dict]], patterns: list[str]) -> str:
     """The A/B table (markdown): one row per pattern."""
     head = ("| pattern | p99 TTFT static / shared (ms) | TTFT ratio | throughput static / shared "
@@ -265,7 +276,6 @@ def table(results: dict[str, dict[str, dict]], patterns: list[str]) -> str:
     for p in patterns:
         s, h = results["static"][p], results["shared"][p]
         ts, th = s["ttft_ms"]["p99"], h["ttft_ms"]["p99"]
-        gib = 2**30
         lines.append(
             f"| {p} | {ts or 0:.0f} / {th or 0:.0f} | {_ratio(ts, th)} | "
             f"{s['output_throughput_tok_s']:.0f} / {h['output_throughput_tok_s']:.0f} | "
@@ -274,8 +284,8 @@ def table(results: dict[str, dict[str, dict]], patterns: list[str]) -> str:
             f"{s['failed']} / {h['failed']} | {s['preemptions']} / {h['preemptions']} | "
             f"{s['pool']['max_used_blocks']} / {h['pool']['max_used_blocks']} "
             f"(of {h['pool']['total_blocks']}) | "
-            f"{s['memory']['run_peak_bytes'] / gib:.2f} / {h['memory']['run_peak_bytes'] / gib:.2f}"
-            f" GiB vs {h['memory']['budget_bytes'] / gib:.2f} GiB |")
+            f"{_size(s['memory']['run_peak_bytes'])} / {_size(h['memory']['run_peak_bytes'])} "
+            f"vs {_size(h['memory']['budget_bytes'])} |")
     return "\n".join(lines)
 
 
@@ -301,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serve-arg", action="append", default=[],
                         help="extra `modelhive serve` argument for both runs, e.g. "
                         "--serve-arg=--max-num-seqs=128 (repeatable)")
+    parser.add_argument("--warmup-requests", type=int, default=8,
+                        help="requests per model sent (all at once) and discarded before the "
+                        "patterns, so first-use costs such as Triton compilation stay out")
     parser.add_argument("--startup-timeout", type=float, default=600.0)
     parser.add_argument("--out", help="directory for the JSON reports and PNGs")
     args = parser.parse_args(argv)
