@@ -18,7 +18,6 @@ if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
 from modelhive import Hive, ModelSpec, SamplingParams  # noqa: E402
-from modelhive.runner.cuda_graphs import capture_cuda_graphs  # noqa: E402
 
 PRESETS = {"llama": "tiny-llama", "qwen2": "tiny-qwen2", "qwen3": "tiny-qwen3",
            "gemma3": "tiny-gemma3"}
@@ -53,8 +52,6 @@ def test_gpu_greedy_matches_cpu_reference(cpu_results, graphs):
     for name in PRESETS:
         src = cpu_hive.engine.models[name].runner.model.state_dict()
         gpu.engine.models[name].runner.model.load_state_dict(src)
-    if graphs:
-        assert capture_cuda_graphs(gpu.engine) > 0
     got = [r.token_ids for r in gpu.generate_many(workload(), GREEDY, check_integrity=True)]
     mismatched = [i for i, (a, b) in enumerate(zip(got, expected, strict=True)) if a != b]
     assert not mismatched, f"{len(mismatched)} of {len(got)} sequences differ, first {mismatched[:5]}"

@@ -30,7 +30,6 @@ from modelhive.config import ModelSpec
 from modelhive.engine.hive import build_engine
 from modelhive.models.loader import resolve_source
 from modelhive.planner.memory import plan_memory
-from modelhive.runner.cuda_graphs import capture_cuda_graphs
 from modelhive.sampling_params import SamplingParams
 
 DTYPE = "bfloat16"
@@ -64,9 +63,7 @@ def budget_for(specs: list[ModelSpec], kv_tokens: dict[str, int], enforce_eager:
 def make_engine(specs: list[ModelSpec], kv_tokens: dict[str, int], setup: Setup):
     engine = build_engine(specs, device=setup.device, memory=budget_for(specs, kv_tokens,
                                                                         setup.enforce_eager),
-                          enforce_eager=setup.enforce_eager)
-    if not setup.enforce_eager:
-        capture_cuda_graphs(engine)
+                          enforce_eager=setup.enforce_eager)  # captures graphs unless eager
     return engine
 
 

@@ -87,12 +87,15 @@ def build_engine(specs: Sequence[ModelSpec], device: str | torch.device = "auto"
                  memory: str | int | float | None = None, policy: str = "shared",
                  enforce_eager: bool = True,
                  on_model_loaded: Callable[[str], None] | None = None,
-                 max_waiting_total: int = 4096, measure_memory: bool = True) -> Engine:
+                 max_waiting_total: int = 4096, measure_memory: bool = True,
+                 capture_graphs: bool | None = None) -> Engine:
     """Resolve sources, plan memory (refusing to load when it does not fit), load, make the pool.
 
     ``measure_memory``: record what each load took and run one dry step per model at its token
     budget once the pool exists (``engine/memory_report.py``); the result is ``engine.load_memory``,
     read by ``modelhive ps`` and ``/metrics``. False skips the dry steps (parameter bytes only).
+    ``capture_graphs``: capture decode CUDA graphs for every model into one shared graph pool
+    (default: on CUDA unless ``enforce_eager``; the planner reserved their memory).
     """
     if not specs:
         raise ConfigError("no models to serve", key="models")
@@ -134,6 +137,12 @@ def build_engine(specs: Sequence[ModelSpec], device: str | torch.device = "auto"
         loaded[spec.name] = LoadedModel(spec.name, runner, tokenizer, limits, spec.max_queue,
                                         spec.weight)
     engine = Engine(plan, pool, loaded, max_waiting_total)
+    if capture_graphs is None:
+        capture_graphs = dev.type == "cuda" and not enforce_eager
+    if capture_graphs:
+        from modelhive.runner.cuda_graphs import capture_cuda_graphs
+
+        capture_cuda_graphs(engine)
     engine.load_memory = probe.result()  # measured beside the plan: engine/memory_report.py
     return engine
 
