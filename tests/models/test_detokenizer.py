@@ -30,7 +30,7 @@ def test_incremental_decode_matches_full_decode(source, package):
     for ids in cases:
         for skip in (True, False):
             d = Detokenizer(stop=(), include_stop=False)
-            decode = lambda x: tok.decode(x, skip_special_tokens=skip)  # noqa: E731
+            decode = lambda x, skip=skip: tok.decode(x, skip_special_tokens=skip)  # noqa: E731
             emitted = ""
             for n in range(1, len(ids) + 1):
                 text = d.advance(decode, ids[:n], finished=n == len(ids))
