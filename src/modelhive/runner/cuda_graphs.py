@@ -129,16 +129,24 @@ class DecodeGraphs:
         torch.cuda.synchronize(self.device)
         log.info("captured %d decode graphs (batch sizes %s)", len(self.graphs), self.batch_sizes)
 
+    def fits(self, seqs: Sequence[ScheduledSeq]) -> bool:
+        """The sequences fit a captured bucket (count and block-table width)."""
+        return len(seqs) <= self.max_batch and all(
+            len(s.block_table) <= self.max_blocks for s in seqs)
+
     def run(self, seqs: Sequence[ScheduledSeq]) -> torch.Tensor | None:
         """Logits ``[len(seqs), vocab]`` (float32) of a decode-only step by graph replay, or None
         when the step does not fit a graph (not decode-only, too many sequences, a block table
         longer than the captured width). The tensor is the graph's static output: read it before
         the next replay."""
+        if not is_decode_only(seqs) or not self.fits(seqs):
+            return None
+        return self.replay_one_token_each(seqs)
+
+    def replay_one_token_each(self, seqs: Sequence[ScheduledSeq]) -> torch.Tensor:
+        """Replay for sequences feeding exactly one token each at position ``num_cached`` (which
+        may be 0: the first token of a prompt attends to itself only). Caller checks ``fits``."""
         n = len(seqs)
-        if n > self.max_batch or not is_decode_only(seqs):
-            return None
-        if any(len(s.block_table) > self.max_blocks for s in seqs):
-            return None
         bs = next(b for b in self.batch_sizes if b >= n)
         self._stage(seqs, bs)
         graph, logits = self.graphs[bs]
