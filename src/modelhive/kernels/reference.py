@@ -48,6 +48,29 @@ def _attend(
     return torch.matmul(torch.softmax(scores.float(), dim=-1).to(v.dtype), v)
 
 
+def _decode_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                   scale: float, softcap: float | None) -> torch.Tensor:
+    """One query per sequence. q [D, H, Dh], k/v [D, L, KVH, Dh], mask [D, L] -> [D, H, Dh].
+
+    Few sequences: scaled_dot_product_attention. More: two einsums with the query heads grouped
+    by kv head (no K/V repeat) and a float32 softmax, as transformers' eager attention computes
+    it; on this 2-core CPU that is ~5x faster than SDPA with a mask at 64 sequences (and SDPA is
+    faster below 4).
+    """
+    d, h, dh = q.shape
+    kvh = k.shape[2]
+    if d < 4 and softcap is None:
+        return _attend(q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),
+                       mask[:, None, None, :], scale, None).squeeze(2)
+    scores = torch.einsum("dkgh,dlkh->dkgl", q.view(d, kvh, h // kvh, dh), k) * scale
+    scores = scores.float()
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.einsum("dkgl,dlkh->dkgh", probs, v).reshape(d, h, dh)
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -63,13 +86,7 @@ def paged_attention(
         blocks, offsets, key_pos = meta.decode_gather
         k = k_cache[blocks, offsets]  # [D, L, KVH, Dh]
         v = v_cache[blocks, offsets]
-        lens = meta.seq_lens[:d].long().unsqueeze(1)  # [D, 1]
-        mask = key_pos.unsqueeze(0) < lens
-        if sliding_window is not None:
-            mask &= key_pos.unsqueeze(0) > (lens - 1 - sliding_window)
-        o = _attend(q[:d].unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),
-                    mask[:, None, None, :], scale, softcap)
-        out[:d] = o.squeeze(2)
+        out[:d] = _decode_attend(q[:d], k, v, meta.decode_mask(sliding_window), scale, softcap)
     qsl = meta.query_start_loc_host
     T = meta.tokens_per_block
     for s in range(d, meta.num_seqs):
@@ -91,9 +108,11 @@ def paged_attention(
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (xf * (offset + weight.float())).to(x.dtype)
+    """``x / rms(x) * (offset + weight)`` in float32 (torch's fused ``rms_norm``: the same
+    arithmetic as the written-out form, one kernel instead of six on the CPU)."""
+    if offset == 0.0 and weight.dtype == x.dtype:  # the fused op upcasts to float32 inside
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return F.rms_norm(x.float(), (x.shape[-1],), offset + weight.float(), eps).to(x.dtype)
 
 
 def rms_norm_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,

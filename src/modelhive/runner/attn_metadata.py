@@ -61,6 +61,23 @@ class AttentionMetadata:
         offsets = (key_pos % self.tokens_per_block).expand(d, -1)
         return blocks, offsets, key_pos
 
+    @cached_property
+    def _decode_masks(self) -> dict[int | None, torch.Tensor]:
+        return {}
+
+    def decode_mask(self, sliding_window: int | None) -> torch.Tensor:
+        """[D, L] bool: key position visible to each decode (and inside the window, if any).
+        Built once per step and window, shared by all layers."""
+        masks = self._decode_masks
+        if sliding_window not in masks:
+            _, _, key_pos = self.decode_gather
+            lens = self.seq_lens[: self.num_decodes].long().unsqueeze(1)
+            mask = key_pos.unsqueeze(0) < lens
+            if sliding_window is not None:
+                mask &= key_pos.unsqueeze(0) > (lens - 1 - sliding_window)
+            masks[sliding_window] = mask
+        return masks[sliding_window]
+
     def logits_indices(self) -> torch.Tensor:
         """Row of the last token of every sequence (the rows that get logits)."""
         ends = torch.tensor(self.query_start_loc_host[1:], dtype=torch.long) - 1
