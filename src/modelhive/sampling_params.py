@@ -73,13 +73,18 @@ class SamplingParams:
                 raise bad(name, f"must be in [-2, 2], got {getattr(self, name)}")
         if not 0 < finite("repetition_penalty") <= 10:
             raise bad("repetition_penalty", f"must be in (0, 10], got {self.repetition_penalty}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise bad("seed", f"must be an integer, got {self.seed!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not -(2**63) <= self.seed < 2**64):
+            raise bad("seed", f"must be a 64-bit integer, got {self.seed!r}")
+        if self.top_k > 2**31:
+            raise bad("top_k", f"must be at most {2**31} (0 or -1 disables it), got {self.top_k}")
+        if self.max_tokens > 2**31:
+            raise bad("max_tokens", f"must be at most {2**31}, got {self.max_tokens}")
         if self.logprobs is not None and (not isinstance(self.logprobs, int)
                                           or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise bad("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
-            raise bad("min_tokens", f"must be an integer >= 0, got {self.min_tokens!r}")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise bad("min_tokens", f"must be an integer in [0, max_tokens], got {self.min_tokens!r}")
         if len(self.stop) > 16 or any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", "must be at most 16 non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):

@@ -91,8 +91,17 @@ def test_runaway_template_errors_within_limit(template: str, monkeypatch) -> Non
     assert time.monotonic() - start < 3.0
 
 
-@pytest.mark.parametrize("template", ["{{ 'x' * 10**9 }}", "{{ [1] * 100000000 }}",
-                                      "{{ 9 ** 999999999 }}", "{{ range(10**9) | list }}"])
+@pytest.mark.parametrize("template", [
+    "{{ 'x' * 10**9 }}", "{{ [1] * 100000000 }}", "{{ 9 ** 999999999 }}",
+    "{{ range(10**9) | list }}",
+    # doubling through a namespace with ~ and +, and width arguments that allocate
+    "{% set ns = namespace(s='xxxxxxxx') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}"
+    "{% endfor %}{{ ns.s | length }}",
+    "{% set ns = namespace(s='xxxxxxxx') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}"
+    "{% endfor %}{{ ns.s | length }}",
+    "{{ 'x'.center(999999999) }}", "{{ 'x' | center(999999999) }}",
+    "{{ 'x'.zfill(999999999) }}", "{{ 'a\tb'.expandtabs(999999999) }}",
+])
 def test_memory_bombs_are_refused(template: str) -> None:
     with pytest.raises(InvalidRequestError):
         render_chat_template(template, [])

@@ -81,7 +81,8 @@ def test_penalties_change_greedy_choice_as_defined():
     ({"temperature": -1}, "temperature"), ({"temperature": float("nan")}, "temperature"),
     ({"top_k": -2}, "top_k"), ({"min_p": 2}, "min_p"), ({"n": 0}, "n"),
     ({"logprobs": 99}, "logprobs"), ({"repetition_penalty": 0}, "repetition_penalty"),
-    ({"stop": [""]}, "stop"), ({"seed": 1.5}, "seed"),
+    ({"stop": [""]}, "stop"), ({"seed": 1.5}, "seed"), ({"seed": 10**30}, "seed"),
+    ({"top_k": 10**30}, "top_k"), ({"min_tokens": 5, "max_tokens": 4}, "min_tokens"),
 ])
 def test_invalid_sampling_params_name_the_parameter(kwargs, param):
     with pytest.raises(InvalidRequestError) as info:

@@ -89,26 +89,41 @@ class TemplateTimeout(jinja2.exceptions.TemplateError):
 class _LimitedEnvironment(ImmutableSandboxedEnvironment):
     """Immutable sandbox whose hooks check a per-render deadline (set by ``render_chat_template``)."""
 
-    intercepted_binops = frozenset(["*", "**"])
+    intercepted_binops = frozenset(["*", "**", "+"])
 
     def check_deadline(self) -> None:
         if time.monotonic() > _DEADLINE.get():
             raise TemplateTimeout(f"chat template ran longer than {RENDER_TIMEOUT_S} s")
 
+    @staticmethod
+    def check_size(value: Any) -> Any:
+        """Strings and lists a template builds stay under MAX_OUTPUT_CHARS (memory bombs: a
+        value doubled in a loop through a namespace is caught at its next read)."""
+        if isinstance(value, (str, list, tuple)) and len(value) > MAX_OUTPUT_CHARS:
+            raise TemplateTimeout(f"chat template built a value over {MAX_OUTPUT_CHARS} items")
+        return value
+
     def getattr(self, obj: Any, attribute: str) -> Any:
         self.check_deadline()
-        return super().getattr(obj, attribute)
+        return self.check_size(super().getattr(obj, attribute))
 
     def getitem(self, obj: Any, argument: Any) -> Any:
         self.check_deadline()
-        return super().getitem(obj, argument)
+        return self.check_size(super().getitem(obj, argument))
 
     def call(self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N807
         self.check_deadline()
-        return super().call(__context, __obj, *args, **kwargs)
+        # str.center/ljust/zfill/expandtabs(width) and friends allocate their int argument
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, int) and not isinstance(value, bool) and value > MAX_OUTPUT_CHARS:
+                raise jinja2.exceptions.SecurityError("chat template: argument too large")
+        return self.check_size(super().call(__context, __obj, *args, **kwargs))
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         self.check_deadline()
+        if operator == "+" and isinstance(left, (str, list, tuple)) and isinstance(
+                right, (str, list, tuple)) and len(left) + len(right) > MAX_OUTPUT_CHARS:
+            raise TemplateTimeout(f"chat template built a value over {MAX_OUTPUT_CHARS} items")
         if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
             raise jinja2.exceptions.SecurityError("chat template: exponent too large")
         if operator == "*":
@@ -168,9 +183,21 @@ def _make_environment() -> _LimitedEnvironment:
             yield value
 
     env.filters["tojson"] = _tojson
+    for name in ("center", "indent", "wordwrap", "truncate"):  # filters that take a width
+        env.filters[name] = _width_limited(env.filters[name])
     env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now,
                        namespace=_TemplateNamespace, range=limited_range, dict=dict)
     return env
+
+
+def _width_limited(flt):
+    def limited(value, *args, **kwargs):
+        for arg in (*args, *kwargs.values()):
+            if isinstance(arg, int) and not isinstance(arg, bool) and arg > MAX_OUTPUT_CHARS:
+                raise jinja2.exceptions.SecurityError("chat template: width argument too large")
+        return flt(value, *args, **kwargs)
+
+    return limited
 
 
 @lru_cache(maxsize=64)
