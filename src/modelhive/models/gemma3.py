@@ -15,15 +15,14 @@ What differs from Llama, matching transformers' ``Gemma3TextModel``:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 from torch import nn
 
 from modelhive.errors import ConfigError
 from modelhive.models.arch import ArchConfig
-from modelhive.models.base import CausalLM, KVCaches
+from modelhive.models.base import KVCaches
 from modelhive.models.layers import (
+    DecoderLM,
     Embedding,
     GatedMLP,
     Linear,
@@ -31,8 +30,6 @@ from modelhive.models.layers import (
     QKVLinear,
     RMSNorm,
     RotaryEmbedding,
-    final_logits,
-    load_checkpoint,
 )
 from modelhive.runner.attn_metadata import AttentionMetadata
 
@@ -112,9 +109,10 @@ class Gemma3Model(nn.Module):
         return self.norm(h)
 
 
-class Gemma3ForCausalLM(CausalLM):
+class Gemma3ForCausalLM(DecoderLM):
+    model_cls = Gemma3Model
+
     def __init__(self, arch: ArchConfig, dtype: torch.dtype, device: torch.device | str = "cpu"):
-        super().__init__()
         unknown = set(arch.layer_types) - {"sliding_attention", "full_attention"}
         if unknown:
             raise ConfigError(f"Gemma3 layer_types may only hold sliding_attention and "
@@ -123,19 +121,4 @@ class Gemma3ForCausalLM(CausalLM):
             raise ConfigError("Gemma3 has sliding_attention layers but no sliding_window")
         if arch.query_pre_attn_scalar is None or arch.rope_local_base_freq is None:
             raise ConfigError("Gemma3 needs query_pre_attn_scalar and rope_local_base_freq")
-        self.arch = arch
-        with torch.device(device):
-            self.model = Gemma3Model(arch, dtype)
-            self.lm_head = (None if arch.tie_word_embeddings
-                            else Linear(arch.hidden_size, arch.vocab_size, False, dtype))
-
-    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: KVCaches) -> torch.Tensor:
-        return self.model(input_ids, meta, kv_caches)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        head = self.model.embed_tokens if self.lm_head is None else self.lm_head
-        return final_logits(hidden, head.weight, self.arch.final_logit_softcapping)
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return load_checkpoint(self, weights, self.arch.tie_word_embeddings)
+        super().__init__(arch, dtype, device)

@@ -22,6 +22,8 @@ from torch import nn
 
 from modelhive.errors import ConfigError
 from modelhive.kernels import ops, reference
+from modelhive.models.arch import ArchConfig
+from modelhive.models.base import CausalLM, KVCaches
 from modelhive.runner.attn_metadata import AttentionMetadata
 
 
@@ -251,3 +253,29 @@ def load_checkpoint(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]
         shards_seen.setdefault(name, set()).add(shard)
     return {name for name, seen in shards_seen.items()
             if seen == set(getattr(params[name], "shard_ids", (None,)))}
+
+
+class DecoderLM(CausalLM):
+    """The causal-LM shell every architecture shares: ``model_cls`` (embeddings, layers, final
+    norm) plus the LM head (tied to the embeddings when ``arch.tie_word_embeddings``)."""
+
+    model_cls: type[nn.Module]
+
+    def __init__(self, arch: ArchConfig, dtype: torch.dtype, device: torch.device | str = "cpu"):
+        super().__init__()
+        self.arch = arch
+        with torch.device(device):
+            self.model = self.model_cls(arch, dtype)
+            self.lm_head = (None if arch.tie_word_embeddings
+                            else Linear(arch.hidden_size, arch.vocab_size, False, dtype))
+
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: KVCaches) -> torch.Tensor:
+        return self.model(input_ids, meta, kv_caches)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        head = self.model.embed_tokens if self.lm_head is None else self.lm_head
+        return final_logits(hidden, head.weight, self.arch.final_logit_softcapping)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return load_checkpoint(self, weights, self.arch.tie_word_embeddings)

@@ -10,14 +10,13 @@ Shapes: all tokens of a step are flat, ``[N, hidden]``; heads are ``[N, heads, h
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 from torch import nn
 
 from modelhive.models.arch import ArchConfig
-from modelhive.models.base import CausalLM, KVCaches
+from modelhive.models.base import KVCaches
 from modelhive.models.layers import (
+    DecoderLM,
     Embedding,
     GatedMLP,
     Linear,
@@ -25,8 +24,6 @@ from modelhive.models.layers import (
     QKVLinear,
     RMSNorm,
     RotaryEmbedding,
-    final_logits,
-    load_checkpoint,
 )
 from modelhive.runner.attn_metadata import AttentionMetadata
 
@@ -101,24 +98,5 @@ class LlamaModel(nn.Module):
         return self.norm(h, residual)[0]
 
 
-class LlamaForCausalLM(CausalLM):
+class LlamaForCausalLM(DecoderLM):
     model_cls: type[LlamaModel] = LlamaModel
-
-    def __init__(self, arch: ArchConfig, dtype: torch.dtype, device: torch.device | str = "cpu"):
-        super().__init__()
-        self.arch = arch
-        with torch.device(device):
-            self.model = self.model_cls(arch, dtype)
-            self.lm_head = (None if arch.tie_word_embeddings
-                            else Linear(arch.hidden_size, arch.vocab_size, False, dtype))
-
-    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: KVCaches) -> torch.Tensor:
-        return self.model(input_ids, meta, kv_caches)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        head = self.model.embed_tokens if self.lm_head is None else self.lm_head
-        return final_logits(hidden, head.weight, self.arch.final_logit_softcapping)
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return load_checkpoint(self, weights, self.arch.tie_word_embeddings)
