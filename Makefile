@@ -25,6 +25,7 @@ serve: setup
 	$(PY) -m modelhive serve $(CONFIG)
 
 test: setup
+	$(PY) -m ruff check src tests bench
 	$(PY) -m pytest -q tests
 
 # long reliability runs (tests/reliability, marked soak): 10,000 requests, figures in docs/reliability.md
