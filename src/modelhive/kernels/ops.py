@@ -42,12 +42,25 @@ def rms_norm(x, weight, eps, offset=0.0):
     return (_gpu(x) or reference).rms_norm(x, weight, eps, offset)
 
 
-def rms_norm_residual(x, residual, weight, eps, offset=0.0):
-    return (_gpu(x) or reference).rms_norm_residual(x, residual, weight, eps, offset)
+def norm_linear(x, norm_weight, eps, offset, weight, bias=None):
+    return (_gpu(x) or reference).norm_linear(x, norm_weight, eps, offset, weight, bias)
+
+
+def linear_add(x, weight, residual):
+    return (_gpu(x) or reference).linear_add(x, weight, residual)
+
+
+def act_linear_add(x, act, weight, residual):
+    return (_gpu(x) or reference).act_linear_add(x, act, weight, residual)
 
 
 def apply_rope(x, positions, inv_freq, attention_scaling=1.0):
     return (_gpu(x) or reference).apply_rope(x, positions, inv_freq, attention_scaling)
+
+
+def rope_store_kv(q, k, v, positions, inv_freq, k_cache, v_cache, meta, attention_scaling=1.0):
+    return (_gpu(q) or reference).rope_store_kv(q, k, v, positions, inv_freq, k_cache, v_cache,
+                                                meta, attention_scaling)
 
 
 def silu_and_mul(x):

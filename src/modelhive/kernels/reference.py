@@ -8,10 +8,18 @@ Contracts (shared with ``kernels/triton/*``):
   own sequence at positions ``k <= p`` (and ``k > p - sliding_window`` when a window is given), read
   from the pool through the block table. GQA: query head h uses kv head ``h // (heads // kv_heads)``.
 - ``rms_norm(x, weight, eps, offset)``: ``x / rms(x) * (offset + weight)``, computed in float32.
-- ``rms_norm_residual(x, residual, weight, eps, offset)``: ``residual' = x + residual`` (in the model
-  dtype), returns ``(rms_norm(residual'), residual')``: the pre-norm block's add and norm in one op.
 - ``apply_rope(x, positions, inv_freq)``: rotate-half RoPE on ``[N, heads, D]``.
+- ``rope_store_kv(q, k, v, positions, inv_freq, k_cache, v_cache, meta)``: RoPE on q and k, the
+  rotated k and v stored as ``store_kv`` does; returns the rotated q (the GPU kernel rotates ``q``
+  in place and returns it: callers must not reuse the unrotated ``q``).
 - ``silu_and_mul(x)``: ``silu(x[..., :I]) * x[..., I:]`` for the fused gate_up output.
+
+Fused linears (x ``[M, K]``, weight ``[N, K]`` as ``nn.Linear``; the pre-norm decoder's residual
+stream ``h`` is updated by the two ``*_add`` ops, so no separate add or norm runs between them):
+- ``norm_linear(x, norm_weight, eps, offset, weight, bias)``: ``linear(rms_norm(x), weight, bias)``.
+- ``linear_add(x, weight, residual)``: ``residual + x @ weight.T``.
+- ``act_linear_add(x, act, weight, residual)``: ``residual + act_and_mul(x) @ weight.T`` with
+  ``act`` "silu" or "gelu_tanh" (x is the fused gate_up output ``[M, 2K]``).
 """
 
 from __future__ import annotations
@@ -115,16 +123,21 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
     return F.rms_norm(x.float(), (x.shape[-1],), offset + weight.float(), eps).to(x.dtype)
 
 
-def rms_norm_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                      offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    summed = x + residual
-    return rms_norm(summed, weight, eps, offset), summed
-
-
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
                attention_scaling: float = 1.0) -> torch.Tensor:
     """Rotate-half RoPE. x [N, heads, D], positions [N], inv_freq [D/2] (float32)."""
     return rotate_half_rope(x, *rope_cos_sin(positions, inv_freq, x.dtype, attention_scaling))
+
+
+def rope_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                  inv_freq: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  meta: AttentionMetadata, attention_scaling: float = 1.0,
+                  cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """RoPE on q and k, k and v into the pool; returns the rotated q. ``cos_sin``: this step's
+    ``rope_cos_sin`` when the caller computed it once for all layers."""
+    cos, sin = cos_sin or rope_cos_sin(positions, inv_freq, q.dtype, attention_scaling)
+    store_kv(k_cache, v_cache, rotate_half_rope(k, cos, sin), v, meta)
+    return rotate_half_rope(q, cos, sin)
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype,
@@ -149,3 +162,21 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return F.gelu(x[..., :half], approximate="tanh") * x[..., half:]
+
+
+ACT_AND_MUL = {"silu": silu_and_mul, "gelu_tanh": gelu_tanh_and_mul}
+
+
+def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, offset: float,
+                weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return F.linear(rms_norm(x, norm_weight, eps, offset), weight, bias)
+
+
+def linear_add(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``residual + x @ weight.T`` as one GEMM with the add in its epilogue (beta = 1)."""
+    return torch.addmm(residual, x, weight.t())
+
+
+def act_linear_add(x: torch.Tensor, act: str, weight: torch.Tensor,
+                   residual: torch.Tensor) -> torch.Tensor:
+    return torch.addmm(residual, ACT_AND_MUL[act](x), weight.t())

@@ -106,11 +106,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.offset = offset
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """``norm(x)``; with ``residual``: ``(norm(x + residual), x + residual)`` in one fused op."""
-        if residual is None:
-            return ops.rms_norm(x, self.weight, self.eps, self.offset)
-        return ops.rms_norm_residual(x, residual, self.weight, self.eps, self.offset)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps, self.offset)
+
+    def then(self, linear: Linear, x: torch.Tensor) -> torch.Tensor:
+        """``linear(norm(x))`` as one op (on the GPU, small batches normalise inside the GEMM)."""
+        return ops.norm_linear(x, self.weight, self.eps, self.offset, linear.weight, linear.bias)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
@@ -152,12 +153,26 @@ class RotaryEmbedding(nn.Module):
         if q.is_cuda:  # the Triton kernel computes cos/sin inline
             return (ops.apply_rope(q, positions, self.inv_freq),
                     ops.apply_rope(k, positions, self.inv_freq))
-        # CPU: cos/sin once per step for all layers (every layer gets the same positions tensor)
-        if self._cached is None or self._cached[0] is not positions or self._cached[1] != q.dtype:
-            self._cached = (positions, q.dtype, *reference.rope_cos_sin(positions, self.inv_freq,
-                                                                       q.dtype))
-        cos, sin = self._cached[2:]
+        cos, sin = self._cos_sin(positions, q.dtype)
         return reference.rotate_half_rope(q, cos, sin), reference.rotate_half_rope(k, cos, sin)
+
+    def rotate_and_store(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         kv_cache: tuple[torch.Tensor, torch.Tensor],
+                         meta: AttentionMetadata) -> torch.Tensor:
+        """RoPE on q and k, rotated k and v written to this layer's pool views, in one op;
+        returns the rotated q (on the GPU: ``q`` itself, rotated in place)."""
+        k_cache, v_cache = kv_cache
+        if q.is_cuda:
+            return ops.rope_store_kv(q, k, v, meta.positions, self.inv_freq, k_cache, v_cache, meta)
+        return reference.rope_store_kv(q, k, v, meta.positions, self.inv_freq, k_cache, v_cache,
+                                       meta, cos_sin=self._cos_sin(meta.positions, q.dtype))
+
+    def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
+        """cos/sin once per step for all layers (every layer gets the same positions tensor)."""
+        if self._cached is None or self._cached[0] is not positions or self._cached[1] != dtype:
+            self._cached = (positions, dtype, *reference.rope_cos_sin(positions, self.inv_freq,
+                                                                       dtype))
+        return self._cached[2:]
 
 
 class PagedAttention(nn.Module):
@@ -176,16 +191,22 @@ class PagedAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
-        k_cache, v_cache = kv_cache
-        ops.store_kv(k_cache, v_cache, k, v, meta)
-        return ops.paged_attention(q, k_cache, v_cache, meta, self.scale, self.sliding_window,
-                                   self.softcap)
+        ops.store_kv(kv_cache[0], kv_cache[1], k, v, meta)
+        return self.attend(q, kv_cache, meta)
+
+    def attend(self, q: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
+               meta: AttentionMetadata) -> torch.Tensor:
+        """Attention only: this step's keys and values are already in the pool."""
+        return ops.paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale,
+                                   self.sliding_window, self.softcap)
 
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": ops.silu_and_mul,
     "gelu_pytorch_tanh": ops.gelu_tanh_and_mul,
 }
+#: HF ``hidden_act`` -> the ``act`` name of the fused ``ops.act_linear_add``
+ACT_NAMES = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
 class GatedMLP(nn.Module):
@@ -200,9 +221,15 @@ class GatedMLP(nn.Module):
         self.gate_up_proj = MergedLinear(hidden_size, [intermediate_size] * 2, False, dtype)
         self.down_proj = Linear(intermediate_size, hidden_size, False, dtype)
         self.act_and_mul = ACTIVATIONS[hidden_act]
+        self.act = ACT_NAMES[hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
+
+    def add_to(self, h: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+        """``h + mlp(norm(h))``: the norm fused into gate_up, the add into down."""
+        return ops.act_linear_add(norm.then(self.gate_up_proj, h), self.act,
+                                  self.down_proj.weight, h)
 
 
 def final_logits(hidden: torch.Tensor, weight: torch.Tensor,

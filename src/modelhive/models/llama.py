@@ -1,9 +1,13 @@
 """Llama family: Llama 2/3, TinyLlama, Yi, SmolLM2, Mistral (without sliding window).
 
-Pre-norm decoder: ``h += attn(norm(h)); h += mlp(norm(h))`` (each add fused into the next norm);
+Pre-norm decoder written on the residual stream ``h``: ``h += attn(norm(h)); h += mlp(norm(h))``.
+Each norm is fused into the linear after it (``RMSNorm.then``) and each add into the linear
+before it (``ops.linear_add`` / ``ops.act_linear_add``), so a layer is six ops: qkv (+norm),
+RoPE + store-KV, attention, o_proj (+add), gate_up (+norm), down (+SiLU-and-mul, +add).
 GQA attention with RoPE; SwiGLU MLP.
 Qwen2 (qkv bias, set by ``arch.attention_bias``) and Qwen3 (qk-norm) reuse these classes; the
-class attributes ``attention_cls`` / ``layer_cls`` / ``model_cls`` are the only hooks.
+class attributes ``attention_cls`` / ``layer_cls`` / ``model_cls`` and ``split_heads`` are the
+only hooks.
 
 Shapes: all tokens of a step are flat, ``[N, hidden]``; heads are ``[N, heads, head_dim]``.
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from modelhive.kernels import ops
 from modelhive.models.arch import ArchConfig
 from modelhive.models.base import KVCaches
 from modelhive.models.layers import (
@@ -39,19 +44,20 @@ class LlamaAttention(nn.Module):
         self.rotary = rotary
         self.attn = PagedAttention(scale=arch.head_dim ** -0.5)
 
-    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``[N, hidden]`` -> q ``[N, heads, D]``, k and v ``[N, kv_heads, D]`` (before RoPE)."""
-        q, k, v = self.qkv_proj(x).split(self.qkv_proj.sizes, dim=-1)
+    def split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``qkv_proj`` output -> q ``[N, heads, D]``, k and v ``[N, kv_heads, D]`` (before RoPE)."""
+        q, k, v = qkv.split(self.qkv_proj.sizes, dim=-1)
         return (q.view(-1, self.num_heads, self.head_dim),
                 k.view(-1, self.num_kv_heads, self.head_dim),
                 v.view(-1, self.num_kv_heads, self.head_dim))
 
-    def forward(self, x: torch.Tensor, meta: AttentionMetadata,
-                kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        q, k, v = self.project_qkv(x)
-        q, k = self.rotary(meta.positions, q, k)
-        out = self.attn(q, k, v, kv_cache, meta)
-        return self.o_proj(out.flatten(1))
+    def add_to(self, h: torch.Tensor, norm: RMSNorm, meta: AttentionMetadata,
+               kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """``h + o_proj(attention(norm(h)))``."""
+        q, k, v = self.split_heads(norm.then(self.qkv_proj, h))
+        q = self.rotary.rotate_and_store(q, k, v, kv_cache, meta)
+        out = self.attn.attend(q, kv_cache, meta)
+        return ops.linear_add(out.flatten(1), self.o_proj.weight, h)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -64,17 +70,10 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
 
-    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata,
-                kv_cache: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(h, residual) -> (mlp output, residual)``: the residual add is fused into the next
-        norm (``RMSNorm(x, residual)`` returns ``norm(x + residual), x + residual``)."""
-        if residual is None:
-            residual, h = h, self.input_layernorm(h)
-        else:
-            h, residual = self.input_layernorm(h, residual)
-        h = self.self_attn(h, meta, kv_cache)
-        h, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(h), residual
+    def forward(self, h: torch.Tensor, meta: AttentionMetadata,
+                kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        h = self.self_attn.add_to(h, self.input_layernorm, meta, kv_cache)
+        return self.mlp.add_to(h, self.post_attention_layernorm)
 
 
 class LlamaModel(nn.Module):
@@ -92,10 +91,9 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: KVCaches) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
-        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            h, residual = layer(h, residual, meta, kv_cache)
-        return self.norm(h, residual)[0]
+            h = layer(h, meta, kv_cache)
+        return self.norm(h)
 
 
 class LlamaForCausalLM(DecoderLM):

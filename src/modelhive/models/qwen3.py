@@ -18,8 +18,8 @@ class Qwen3Attention(LlamaAttention):
         self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype)
         self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype)
 
-    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v = super().project_qkv(x)
+    def split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = super().split_heads(qkv)
         return self.q_norm(q), self.k_norm(k), v
 
 

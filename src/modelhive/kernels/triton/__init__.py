@@ -8,9 +8,9 @@ shapes and static metadata only, so a decode step can be captured in a CUDA grap
 
 from modelhive.kernels.triton.activation import gelu_tanh_and_mul, silu_and_mul
 from modelhive.kernels.triton.paged_attention import paged_attention
-from modelhive.kernels.triton.rmsnorm import rms_norm, rms_norm_residual
+from modelhive.kernels.triton.rmsnorm import rms_norm
 from modelhive.kernels.triton.rope import apply_rope
 from modelhive.kernels.triton.store_kv import store_kv
 
-__all__ = ["apply_rope", "gelu_tanh_and_mul", "paged_attention", "rms_norm", "rms_norm_residual",
+__all__ = ["apply_rope", "gelu_tanh_and_mul", "paged_attention", "rms_norm",
            "silu_and_mul", "store_kv"]
