@@ -230,3 +230,81 @@ def test_gated_activations(dtype_name, rows, inter, act):
     out = fn(x)
     assert out.shape == ref.shape
     assert rel_err(out, ref) < (1e-6 if dtype == torch.float32 else 5e-3)
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,T", [(32, 4, 64, 19), (16, 2, 128, 16),
+                                                       (8, 1, 256, 7), (3, 3, 24, 5)])
+def test_rope_store_kv(dtype_name, heads, kv_heads, head_dim, T):
+    """q rotated in place inside the fused qkv output; rotated k and v land in the pool."""
+    dtype = DTYPES[dtype_name]
+    needs_gpu_numerics(dtype, libdevice=True)
+    pool, layout = make_pool(2, kv_heads, head_dim, dtype_name, T, num_blocks=40)
+    k_cache, v_cache = pool.layer_views(layout)[1]
+    meta = make_meta([(30, 1), (7, 1), (0, 25), (12, 9)], T, 40, seed=heads)
+    n = int(meta.positions.numel())
+    q_size, kv_size = heads * head_dim, kv_heads * head_dim
+    qkv = torch.randn(n, q_size + 2 * kv_size, dtype=dtype, device=DEVICE)
+    q, k, v = (t.view(n, -1, head_dim) for t in qkv.split([q_size, kv_size, kv_size], dim=-1))
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, device=DEVICE).float() / head_dim))
+    expected = pool.storage.clone()
+    ref_q = reference.rope_store_kv(q, k, v, meta.positions, inv_freq, views_of(expected, k_cache),
+                                    views_of(expected, v_cache), meta)
+    q_out = tk.rope_store_kv(q, k, v, meta.positions, inv_freq, k_cache, v_cache, meta)
+    assert q_out.data_ptr() == q.data_ptr()  # in place
+    assert rel_err(q_out, ref_q) < (1e-5 if dtype == torch.float32 else 8e-3)
+    got, want = views_of(pool.storage, k_cache), views_of(expected, k_cache)
+    assert rel_err(got, want) < (1e-5 if dtype == torch.float32 else 8e-3)
+    assert torch.equal(views_of(pool.storage, v_cache), views_of(expected, v_cache))
+
+
+def test_rope_store_kv_skips_negative_blocks():
+    needs_gpu_numerics(libdevice=True)
+    pool, layout = make_pool(1, 2, 64, "float32", 8, num_blocks=4)
+    k_cache, v_cache = pool.layer_views(layout)[0]
+    meta = make_meta([(3, 1)], 8, 4, seed=0)
+    skip = type(meta)(**{**meta.__dict__, "slot_blocks": torch.full_like(meta.slot_blocks, -1)})
+    before = pool.storage.clone()
+    q, k, v = (torch.randn(1, h, 64, device=DEVICE) for h in (4, 2, 2))
+    tk.rope_store_kv(q, k, v, meta.positions, torch.ones(32, device=DEVICE), k_cache, v_cache,
+                     skip)
+    assert torch.equal(pool.storage, before)
+
+
+LINEAR_SHAPES = [(2560, 2048), (96, 40), (2048, 5632), (200, 72)]
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 40, 64, 65, 150])
+@pytest.mark.parametrize("op", ["norm_linear", "norm_linear_bias", "linear_add", "silu", "gelu_tanh"])
+def test_fused_linears(dtype_name, m, op):
+    """Small M: one fused kernel (norm prologue / act prologue / residual epilogue); large M: the
+    unfused fallback. Both against the reference composition."""
+    dtype = DTYPES[dtype_name]
+    needs_gpu_numerics(dtype, libdevice=op == "gelu_tanh")
+    shapes = LINEAR_SHAPES[1::2] if INTERPRET else LINEAR_SHAPES
+    for n, k in shapes:
+        weight = torch.randn(n, k, dtype=dtype, device=DEVICE) / k ** 0.5
+        if op.startswith("norm_linear"):
+            x = torch.randn(m, k, dtype=dtype, device=DEVICE) * 3
+            norm_w = torch.randn(k, dtype=dtype, device=DEVICE)
+            bias = torch.randn(n, dtype=dtype, device=DEVICE) if op.endswith("bias") else None
+            offset = 1.0 if n == 96 else 0.0
+            args = (x, norm_w, 1e-6, offset, weight, bias)
+            ref = reference.norm_linear(*args)
+            poison_allocator()
+            out = tk.norm_linear(*args)
+        elif op == "linear_add":
+            x = torch.randn(m, k, dtype=dtype, device=DEVICE)
+            res = torch.randn(m, n, dtype=dtype, device=DEVICE)
+            ref = reference.linear_add(x, weight, res)
+            poison_allocator()
+            out = tk.linear_add(x, weight, res)
+        else:
+            x = torch.randn(m, 2 * k, dtype=dtype, device=DEVICE) * 2
+            res = torch.randn(m, n, dtype=dtype, device=DEVICE)
+            ref = reference.act_linear_add(x, op, weight, res)
+            poison_allocator()
+            out = tk.act_linear_add(x, op, weight, res)
+        assert out.shape == (m, n)
+        assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2), (n, k)

@@ -16,21 +16,28 @@ _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 
 
 @triton.jit
+def gated_act(gate, up, dtype: tl.constexpr, GELU_TANH: tl.constexpr):
+    """``act(gate) * up`` rounded as the reference rounds it: act in float32, cast to ``dtype``,
+    the product in float32, cast to ``dtype``. Shared with the fused down projection."""
+    gate = gate.to(tl.float32)
+    if GELU_TANH:
+        inner = _SQRT_2_OVER_PI * (gate + 0.044715 * gate * gate * gate)
+        act = 0.5 * gate * (1.0 + libdevice.tanh(inner))
+    else:
+        act = gate / (1.0 + tl.exp(-gate))
+    return (act.to(dtype).to(tl.float32) * up.to(tl.float32)).to(dtype)
+
+
+@triton.jit
 def _act_and_mul_kernel(x_ptr, out_ptr, stride_xn, inter, GELU_TANH: tl.constexpr,
                         BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
     dtype = out_ptr.dtype.element_ty
-    gate = tl.load(x_ptr + row * stride_xn + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(x_ptr + row * stride_xn + inter + cols, mask=mask, other=0.0).to(tl.float32)
-    if GELU_TANH:
-        inner = _SQRT_2_OVER_PI * (gate + 0.044715 * gate * gate * gate)
-        act = 0.5 * gate * (1.0 + libdevice.tanh(inner))
-    else:
-        act = gate / (1.0 + tl.exp(-gate))
-    out = (act.to(dtype).to(tl.float32) * up).to(dtype)
-    tl.store(out_ptr + row * inter + cols, out, mask=mask)
+    gate = tl.load(x_ptr + row * stride_xn + cols, mask=mask, other=0.0)
+    up = tl.load(x_ptr + row * stride_xn + inter + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + row * inter + cols, gated_act(gate, up, dtype, GELU_TANH), mask=mask)
 
 
 def _act_and_mul(x: torch.Tensor, gelu_tanh: bool) -> torch.Tensor:
