@@ -55,6 +55,18 @@ graphs, runner.decode_graphs = runner.decode_graphs, None
 eager = generate(16)
 print(f"eager decode step median {1e3 * statistics.median(eager):.3f} ms")
 runner.decode_graphs = graphs
+# device time per kernel inside one decode graph replay (CUPTI sees kernels of graph replays)
+graph, _ = graphs.graphs[next(b for b in graphs.batch_sizes if b >= batch)]
+with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as kp:
+    for _ in range(10):
+        graph.replay()
+    torch.cuda.synchronize()
+events = [e for e in kp.key_averages() if e.device_time_total > 0]
+events.sort(key=lambda e: e.device_time_total, reverse=True)
+total = sum(e.device_time_total for e in events) / 10
+print(f"kernels per replay: {sum(e.count for e in events) / 10:.0f}, device time {total:.1f} us")
+for e in events[:14]:
+    print(f"  {e.device_time_total / 10:8.1f} us  x{e.count / 10:5.1f}  {e.key[:90]}")
 prof = cProfile.Profile()
 generate(64, prof)
 pstats.Stats(prof).sort_stats("tottime").print_stats(22)

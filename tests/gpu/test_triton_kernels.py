@@ -278,8 +278,8 @@ LINEAR_SHAPES = [(2560, 2048), (96, 40), (2048, 5632), (200, 72)]
 @pytest.mark.parametrize("m", [1, 3, 16, 17, 40, 64, 65, 150])
 @pytest.mark.parametrize("op", ["norm_linear", "norm_linear_bias", "linear_add", "silu", "gelu_tanh"])
 def test_fused_linears(dtype_name, m, op):
-    """Small M: one fused kernel (norm prologue / act prologue / residual epilogue); large M: the
-    unfused fallback. Both against the reference composition."""
+    """RMSNorm + cuBLAS, act-and-mul + addmm (residual in cuBLAS's epilogue) against the
+    reference composition, at decode and prefill sizes."""
     dtype = DTYPES[dtype_name]
     needs_gpu_numerics(dtype, libdevice=op == "gelu_tanh")
     shapes = LINEAR_SHAPES[1::2] if INTERPRET else LINEAR_SHAPES

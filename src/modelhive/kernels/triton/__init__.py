@@ -7,7 +7,7 @@ shapes and static metadata only, so a decode step can be captured in a CUDA grap
 """
 
 from modelhive.kernels.triton.activation import gelu_tanh_and_mul, silu_and_mul
-from modelhive.kernels.triton.fused_linear import act_linear_add, linear_add, norm_linear
+from modelhive.kernels.triton.linears import act_linear_add, linear_add, norm_linear
 from modelhive.kernels.triton.paged_attention import paged_attention
 from modelhive.kernels.triton.rmsnorm import rms_norm
 from modelhive.kernels.triton.rope import apply_rope, rope_store_kv
