@@ -47,10 +47,13 @@ def norm_linear(x, norm_weight, eps, offset, weight, bias=None):
 
 
 def linear_add(x, weight, residual):
+    """``residual + x @ weight.T``; ``residual`` may be overwritten with the result (the GPU
+    does), so callers pass a residual stream they no longer need."""
     return (_gpu(x) or reference).linear_add(x, weight, residual)
 
 
 def act_linear_add(x, act, weight, residual):
+    """``residual + act_and_mul(x) @ weight.T``; may overwrite ``residual`` like ``linear_add``."""
     return (_gpu(x) or reference).act_linear_add(x, act, weight, residual)
 
 

@@ -92,11 +92,22 @@ def activation_bytes(
     return max(mlp, attention, logits) + ACTIVATION_SLACK_BYTES
 
 
+#: captured graphs take steps of up to this many tokens even when ``max_num_seqs`` is smaller, so
+#: short prompts ("Hello") run as one replay (one graph row per token; ``runner/cuda_graphs.py``)
+MIN_GRAPH_ROWS = 16
+
+
+def graph_max_rows(max_num_seqs: int) -> int:
+    """Rows (tokens) of the largest captured graph."""
+    return max(max_num_seqs, MIN_GRAPH_ROWS)
+
+
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
-    """Decode batch sizes captured as CUDA graphs: 1, 2, 4, multiples of 8, max_num_seqs."""
-    sizes = {b for b in (1, 2, 4) if b <= max_num_seqs}
-    sizes.update(range(8, max_num_seqs + 1, 8))
-    sizes.add(max_num_seqs)
+    """Row counts captured as CUDA graphs: 1, 2, 4, multiples of 8, ``graph_max_rows``."""
+    rows = graph_max_rows(max_num_seqs)
+    sizes = {1, 2, 4}
+    sizes.update(range(8, rows + 1, 8))
+    sizes.add(rows)
     return sorted(sizes)
 
 
@@ -111,9 +122,10 @@ def graph_bytes(
 ) -> int:
     """One model's CUDA-graph memory: 0 on CPU or with ``enforce_eager``.
 
-    Each captured batch size b keeps its static fp32 logits ``[b, V]`` (4 V sum(b)); the largest
-    capture's transients (``activation_bytes`` with T = S; all models share one graph pool, so
-    the sum over models bounds it from above); ``GRAPH_BYTES_PER_CAPTURE`` per captured size.
+    Each captured row count b keeps its static fp32 logits ``[b, V]`` (4 V sum(b)); the largest
+    capture's transients (``activation_bytes`` with T = S = ``graph_max_rows``; all models share
+    one graph pool, so the sum over models bounds it from above); ``GRAPH_BYTES_PER_CAPTURE`` per
+    captured size.
     Measured on H200 (module docstring): 186 MiB for the three-model example (graph pool 92 MiB,
     non-torch growth 94 MiB), planned 194 MiB.
     """
@@ -124,8 +136,8 @@ def graph_bytes(
     transient = activation_bytes(
         arch,
         dtype,
-        num_tokens=max_num_seqs,
-        max_num_seqs=max_num_seqs,
+        num_tokens=graph_max_rows(max_num_seqs),
+        max_num_seqs=graph_max_rows(max_num_seqs),
         max_model_len=max_model_len,
         device=device,
     )

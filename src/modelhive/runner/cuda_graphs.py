@@ -1,8 +1,12 @@
-"""CUDA graphs for decode, per (model, batch-size bucket), and one-copy staging of step inputs.
+"""CUDA graphs per (model, row-count bucket), and one-copy staging of step inputs.
 
-A decode-only step of ``n`` sequences replays the graph of the smallest captured bucket ``>= n``
-(buckets: ``planner.estimates.graph_batch_sizes``: 1, 2, 4, multiples of 8, max_num_seqs). Each
-graph runs the model forward and the logits projection on static buffers:
+A graph row is one token: ``(token id, position, block table)``; it attends to the keys of its
+sequence at positions ``<= position``. A decode is one row; a prompt chunk of n tokens is n rows
+sharing one block table (each layer stores the keys of all rows before any row attends, so row j
+sees rows < j of its chunk: causal prefill). So every step of at most ``graph_max_rows`` tokens
+(decodes, short prompts such as "Hello", or both) replays ONE graph: the smallest captured bucket
+``>= rows`` (``planner.estimates.graph_batch_sizes``: 1, 2, 4, multiples of 8, the max). Longer
+steps run eagerly. Each graph runs the model forward and the logits projection on static buffers:
 
     input_ids [B] | positions [B] | slot_blocks [B] | slot_offsets [B] | seq_lens [B] | tables [B, M]
 
@@ -20,7 +24,7 @@ so the activations of the largest capture are the only graph memory the engine h
 as the engine's graphs (a handle is never reused after its graphs are gone: the allocator forbids
 it). The shared KV pool is outside the graph pool.
 
-``stage_eager_inputs`` does the same one-copy staging for the eager path (prefill, mixed steps):
+``stage_eager_inputs`` does the same one-copy staging for the eager path (long prefills):
 metadata built on the CPU, packed into two pinned tensors (int64, int32), copied non-blocking.
 """
 
@@ -39,14 +43,24 @@ from modelhive.runner.attn_metadata import AttentionMetadata, SeqChunk, build_at
 
 log = logging.getLogger("modelhive.runner")
 
-def is_decode_only(seqs: Sequence[ScheduledSeq]) -> bool:
-    """Every sequence feeds one token after cached ones and samples (a graph-replayable step)."""
-    return bool(seqs) and all(len(s.token_ids) == 1 and s.num_cached > 0 and s.sample
-                              for s in seqs)
+#: one graph row: (token id, position, the sequence's block table)
+GraphRow = tuple[int, int, tuple[int, ...]]
+
+
+def token_rows(seqs: Sequence[ScheduledSeq]) -> tuple[list[GraphRow], list[int]]:
+    """Every token of every sequence's chunk as a graph row, and per sequence the index of the
+    row of its last token (whose logits it samples from)."""
+    rows: list[GraphRow] = []
+    last: list[int] = []
+    for s in seqs:
+        table = s.block_table
+        rows.extend((tok, s.num_cached + j, table) for j, tok in enumerate(s.token_ids))
+        last.append(len(rows) - 1)
+    return rows, last
 
 
 class DecodeGraphs:
-    """Captured decode graphs of one model; ``run`` replays the right bucket or returns None."""
+    """Captured graphs of one model; ``replay(rows)`` runs the smallest bucket that holds them."""
 
     def __init__(self, model: CausalLM, kv_caches: KVCaches, tokens_per_block: int,
                  max_num_seqs: int, max_model_len: int, device: torch.device,
@@ -87,22 +101,26 @@ class DecodeGraphs:
             seq_lens_host=(bound,) * bs,  # an upper bound: graph kernels never read it
         )
 
-    def _stage(self, seqs: Sequence[ScheduledSeq], bs: int) -> None:
-        """Fill the pinned buffer for ``seqs`` padded to ``bs`` rows and copy it once."""
+    def _stage(self, rows: Sequence[GraphRow], bs: int) -> None:
+        """Fill the pinned buffer for ``rows`` padded to ``bs`` rows and copy it once."""
         B, M, T = self.max_batch, self.max_blocks, self.tokens_per_block
         self._copied.synchronize()  # the previous step's copy has read the pinned buffer
         host = self._host_np
-        n = len(seqs)
+        n = len(rows)
         ids, pos, blocks, offs, lens = (host[i * B:i * B + bs] for i in range(5))
         tables = host[5 * B:].reshape(B, M)
-        for i, s in enumerate(seqs):
-            p = s.num_cached
-            ids[i] = s.token_ids[0]
+        prev = None
+        for i, (tok, p, table) in enumerate(rows):
+            ids[i] = tok
             pos[i] = p
-            blocks[i] = s.block_table[p // T]
+            blocks[i] = table[p // T]
             offs[i] = p % T
             lens[i] = p + 1
-            tables[i, :len(s.block_table)] = s.block_table
+            if table is prev:  # rows of one chunk share the table: copy the row once
+                tables[i] = tables[i - 1]
+            else:
+                tables[i, :len(table)] = table
+            prev = table
         ids[n:] = 0
         pos[n:] = 0
         blocks[n:] = -1
@@ -129,26 +147,16 @@ class DecodeGraphs:
         torch.cuda.synchronize(self.device)
         log.info("captured %d decode graphs (batch sizes %s)", len(self.graphs), self.batch_sizes)
 
-    def fits(self, seqs: Sequence[ScheduledSeq]) -> bool:
-        """The sequences fit a captured bucket (count and block-table width)."""
-        return len(seqs) <= self.max_batch and all(
-            len(s.block_table) <= self.max_blocks for s in seqs)
+    def fits(self, rows: Sequence[GraphRow]) -> bool:
+        """The rows fit a captured bucket (count, and block-table width)."""
+        return len(rows) <= self.max_batch and all(len(r[2]) <= self.max_blocks for r in rows)
 
-    def run(self, seqs: Sequence[ScheduledSeq]) -> torch.Tensor | None:
-        """Logits ``[len(seqs), vocab]`` (float32) of a decode-only step by graph replay, or None
-        when the step does not fit a graph (not decode-only, too many sequences, a block table
-        longer than the captured width). The tensor is the graph's static output: read it before
-        the next replay."""
-        if not is_decode_only(seqs) or not self.fits(seqs):
-            return None
-        return self.replay_one_token_each(seqs)
-
-    def replay_one_token_each(self, seqs: Sequence[ScheduledSeq]) -> torch.Tensor:
-        """Replay for sequences feeding exactly one token each at position ``num_cached`` (which
-        may be 0: the first token of a prompt attends to itself only). Caller checks ``fits``."""
-        n = len(seqs)
+    def replay(self, rows: Sequence[GraphRow]) -> torch.Tensor:
+        """Logits ``[len(rows), vocab]`` (float32) of one replay; the caller checked ``fits``.
+        The tensor is the graph's static output: read it before the next replay."""
+        n = len(rows)
         bs = next(b for b in self.batch_sizes if b >= n)
-        self._stage(seqs, bs)
+        self._stage(rows, bs)
         graph, logits = self.graphs[bs]
         graph.replay()
         return logits[:n]

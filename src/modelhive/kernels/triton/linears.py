@@ -2,9 +2,10 @@
 into as few launches as cuBLAS allows.
 
 - ``norm_linear``: the Triton RMSNorm kernel, then ``F.linear``.
-- ``linear_add``: ``torch.addmm(residual, x, weight.T)``: the residual add runs in cuBLAS's epilogue
-  (beta = 1), no separate kernel.
-- ``act_linear_add``: the Triton act-and-mul kernel, then ``addmm`` as above.
+- ``linear_add``: ``residual.addmm_(x, weight.T)``: the residual add runs in cuBLAS's epilogue
+  (beta = 1) and the result overwrites ``residual`` (the residual stream's old value is dead by
+  then); an out-of-place ``addmm`` would first copy ``residual`` with one more kernel.
+- ``act_linear_add``: the Triton act-and-mul kernel, then ``addmm_`` as above.
 
 Measured (H200, bf16, inside CUDA graphs, ``bench/gpu_linear_tune.py`` at commit aa141c3): a
 Triton GEMM that normalised or activated its input in the prologue and added the residual in the
@@ -31,9 +32,9 @@ def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, offset: 
 
 
 def linear_add(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    return torch.addmm(residual, x, weight.t())
+    return residual.addmm_(x, weight.t())
 
 
 def act_linear_add(x: torch.Tensor, act: str, weight: torch.Tensor,
                    residual: torch.Tensor) -> torch.Tensor:
-    return torch.addmm(residual, _ACT_AND_MUL[act](x), weight.t())
+    return residual.addmm_(_ACT_AND_MUL[act](x), weight.t())
