@@ -216,3 +216,19 @@ def test_others_are_served_while_hostile_requests_arrive(hostile_server):
     assert last["choices"][0]["finish_reason"] == "length"
     wait_pool_free(srv.url())
     assert httpx.get(srv.url() + "/health").status_code == 200
+
+
+def test_a_slow_template_does_not_stall_other_requests(hostile_server):
+    """Templates render on a worker thread: while one runs to its time limit, /health and an
+    ordinary completion are answered at once."""
+    srv = hostile_server
+    url = srv.url() + "/v1/chat/completions"
+    slow = threading.Thread(target=lambda: httpx.post(url, json=chat("loop"), timeout=60))
+    slow.start()
+    time.sleep(0.5)  # the render is running now
+    started = time.monotonic()
+    assert httpx.get(srv.url() + "/health", timeout=30).status_code == 200
+    _ordinary_request_works(srv)
+    elapsed = time.monotonic() - started
+    slow.join()
+    assert elapsed < RENDER_TIMEOUT_S / 2, f"other requests waited {elapsed:.2f} s"

@@ -7,6 +7,7 @@ does, so /tokenize with the same messages gives exactly ``usage.prompt_tokens``.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -41,6 +42,19 @@ def render_chat_prompt(tokenizer: Tokenizer, messages: list[dict[str, Any]],
         raise InvalidRequestError(f"{exc}", param="messages") from None
 
 
+async def render_and_encode(tokenizer: Tokenizer, messages: list[dict[str, Any]],
+                            add_generation_prompt: bool, add_special_tokens: bool = False
+                            ) -> list[int]:
+    """Chat template + tokenizer on a worker thread: a template may run up to its time limit
+    (``RENDER_TIMEOUT_S``) and a long prompt takes a while to encode; neither may stall the
+    event loop that streams every other request's tokens."""
+    def work() -> list[int]:
+        text = render_chat_prompt(tokenizer, messages, add_generation_prompt)
+        return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    return await asyncio.to_thread(work)
+
+
 def chat_logprobs(logprobs: list[TokenLogprob] | tuple[TokenLogprob, ...]) -> dict[str, Any]:
     def entry(token: str, logprob: float) -> dict[str, Any]:
         return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
@@ -56,9 +70,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     state.check_healthy()
     model = state.resolve_model(body.model)
     loaded = state.loaded(model)
-    text = render_chat_prompt(loaded.tokenizer, message_dicts(body.messages),
-                              body.add_generation_prompt)
-    ids = loaded.tokenizer.encode(text, add_special_tokens=False)
+    ids = await render_and_encode(loaded.tokenizer, message_dicts(body.messages),
+                                  body.add_generation_prompt)
     params = body.to_sampling_params(len(ids), loaded.limits.max_model_len)
     timer = state.metrics.timer(model)
     request_id = state.new_id("chatcmpl")

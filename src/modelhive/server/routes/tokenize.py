@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request
 from modelhive.errors import InvalidRequestError
 from modelhive.server.protocol import DetokenizeRequest, TokenizeRequest, message_dicts
 from modelhive.server.routes import get_state
-from modelhive.server.routes.chat import render_chat_prompt
+from modelhive.server.routes.chat import render_and_encode
 
 router = APIRouter()
 
@@ -27,9 +27,8 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
     if (body.prompt is None) == (body.messages is None):
         raise InvalidRequestError("give exactly one of prompt or messages", param="prompt")
     if body.messages is not None:
-        text = render_chat_prompt(loaded.tokenizer, message_dicts(body.messages),
-                                  body.add_generation_prompt)
-        ids = loaded.tokenizer.encode(text, add_special_tokens=bool(body.add_special_tokens))
+        ids = await render_and_encode(loaded.tokenizer, message_dicts(body.messages),
+                                      body.add_generation_prompt, bool(body.add_special_tokens))
     else:
         add_special = True if body.add_special_tokens is None else body.add_special_tokens
         ids = loaded.tokenizer.encode(body.prompt, add_special_tokens=add_special)
