@@ -12,6 +12,7 @@ import torch
 
 from modelhive import Hive, SamplingParams
 from modelhive.runner.attn_metadata import SeqChunk, build_attention_metadata
+from modelhive.runner.decode_ahead import DecodeAhead
 from tests.engine.conftest import THREE, budget_for_blocks
 
 
@@ -20,14 +21,15 @@ class EagerRows:
 
     def __init__(self, runner, max_rows: int = 16):
         self.runner = runner
-        self.max_rows = max_rows
+        self.max_rows = self.max_batch = max_rows
+        self.tokens_per_block = runner.layout.tokens_per_block
         self.calls = 0
         self.prompt_rows = 0  # rows that were not decodes (a chunk's tokens)
 
     def fits(self, rows):
         return len(rows) <= self.max_rows
 
-    def replay(self, rows):
+    def replay(self, rows, input_ids=None):
         self.calls += 1
         r = self.runner
         tables = [table for _, _, table in rows]
@@ -36,11 +38,13 @@ class EagerRows:
                                                                   and tables[i + 1] is t))
         chunks = [SeqChunk(p, 1, table) for _, p, table in rows]
         meta = build_attention_metadata(chunks, r.layout.tokens_per_block, "cpu")
-        ids = torch.tensor([tok for tok, _, _ in rows])
+        ids = torch.tensor([tok for tok, _, _ in rows]) if input_ids is None else input_ids
         return r.model.compute_logits(r.model(ids, meta, r.kv_caches))
 
 
 def staggered(hive: Hive, work, params) -> list[list[int]]:
+    if isinstance(params, SamplingParams):
+        params = [params] * len(work)
     """Submit one request per step (so prompt chunks share steps with running decodes)."""
     engine = hive.engine
     pending = list(enumerate(work))
@@ -49,7 +53,7 @@ def staggered(hive: Hive, work, params) -> list[list[int]]:
     while pending or engine.has_work:
         if pending:
             i, (model, prompt) = pending.pop(0)
-            ids[engine.add_request(model, prompt, params)] = i
+            ids[engine.add_request(model, prompt, params[i])] = i
         for delta in engine.step():
             out[ids[delta.request_id]].extend(delta.token_ids)
         engine.check_integrity()
@@ -72,3 +76,34 @@ def test_graph_rows_match_eager_steps():
         stand_ins.append(loaded.runner.decode_graphs)
     assert staggered(hive, work, params) == expected
     assert all(s.calls > 0 and s.prompt_rows > 0 for s in stand_ins)
+
+
+def test_decode_ahead_matches_plain_steps():
+    """Greedy decode steps launched one step ahead (fed the sampled tokens on the device), with
+    everything that must drop them: prompts joining, stop tokens at unpredictable points, seeded
+    sampling in the batch, models going idle, preemptions in a pool this small."""
+    rng = random.Random(11)
+    work, params = [], []
+    for i in range(24):
+        model = ("llama", "qwen2", "gemma3")[i % 3]
+        work.append((model, [rng.randrange(3, 500) for _ in range(rng.randint(1, 12))]))
+        if i % 5 == 4:  # seeded sampling: never run ahead, and must still match
+            params.append(SamplingParams(max_tokens=rng.randint(5, 30), temperature=0.8, seed=i,
+                                         ignore_eos=True))
+        else:
+            params.append(SamplingParams(max_tokens=rng.randint(5, 30), temperature=0.0,
+                                         ignore_eos=True,
+                                         stop_token_ids=[rng.randrange(3, 500) for _ in range(4)]))
+    memory = budget_for_blocks(THREE, 16)
+    expected = staggered(Hive(THREE, device="cpu", memory=memory), work, params)
+    hive = Hive(THREE, device="cpu", memory=memory)
+    hive.engine.scheduler.lookahead = 1
+    aheads = []
+    for loaded in hive.engine.models.values():
+        loaded.runner.decode_graphs = EagerRows(loaded.runner)
+        loaded.runner.ahead = DecodeAhead(loaded.runner.decode_graphs, loaded.limits.max_model_len)
+        aheads.append(loaded.runner.ahead)
+    assert staggered(hive, work, params) == expected
+    assert sum(hive.engine.scheduler.num_preemptions.values()) > 0
+    assert all(a.used > 0 for a in aheads), [(a.launched, a.used) for a in aheads]
+    assert sum(a.launched - a.used for a in aheads) > 0  # some were dropped

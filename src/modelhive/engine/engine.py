@@ -145,6 +145,10 @@ class Engine:
     # ----------------------------------------------------------------------------- step
     def step(self) -> list[CompletionDelta]:
         plan = self.scheduler.schedule()
+        planned = {batch.model for batch in plan.batches}
+        for name, m in self.models.items():
+            if name not in planned:
+                m.runner.skip_step()
         if plan.is_empty:
             return []
         tokens: list[SampledToken] = []

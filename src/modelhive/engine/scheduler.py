@@ -55,6 +55,10 @@ class Scheduler:
         self.step_token_budget = step_token_budget or max(
             lim.max_num_batched_tokens for lim in limits.values())
         self.num_preemptions: dict[str, int] = {name: 0 for name in limits}
+        #: KV slots a decode reserves past its own token: 1 when runners launch the next decode
+        #: step ahead (``runner/decode_ahead.py``), whose token needs a slot before the host
+        #: has seen this step's token
+        self.lookahead = 0
 
     # --------------------------------------------------------------------------- requests
     def add(self, seq: Sequence) -> None:
@@ -177,7 +181,7 @@ class Scheduler:
         for seq in running:
             if seq.status is SeqStatus.RUNNING and seq.num_tokens - seq.num_computed == 1 \
                     and seq.num_computed > 0:
-                if self._reserve(seq, seq.num_tokens, scheduled, preempted):
+                if self._reserve(seq, seq.num_tokens + self.lookahead, scheduled, preempted):
                     decodes.append(self._scheduled(seq, 1))
                     scheduled.add(seq.seq_id)
         budget = min(allowance, lim.max_num_batched_tokens) - len(decodes)

@@ -151,12 +151,17 @@ class DecodeGraphs:
         """The rows fit a captured bucket (count, and block-table width)."""
         return len(rows) <= self.max_batch and all(len(r[2]) <= self.max_blocks for r in rows)
 
-    def replay(self, rows: Sequence[GraphRow]) -> torch.Tensor:
+    def replay(self, rows: Sequence[GraphRow], input_ids: torch.Tensor | None = None
+               ) -> torch.Tensor:
         """Logits ``[len(rows), vocab]`` (float32) of one replay; the caller checked ``fits``.
+        ``input_ids``: the rows' token ids as a device tensor, overriding the rows' own (a step
+        launched before its tokens reached the host: ``runner/decode_ahead.py``).
         The tensor is the graph's static output: read it before the next replay."""
         n = len(rows)
         bs = next(b for b in self.batch_sizes if b >= n)
         self._stage(rows, bs)
+        if input_ids is not None:
+            self.input_ids[:n].copy_(input_ids)
         graph, logits = self.graphs[bs]
         graph.replay()
         return logits[:n]
@@ -198,11 +203,8 @@ def stage_eager_inputs(chunks: list[SeqChunk], token_ids: list[int], tokens_per_
 
 
 def capture_cuda_graphs(engine) -> int:
-    """Capture decode graphs for every model of ``engine`` on CUDA; returns how many graphs.
-
-    ``build_engine(..., enforce_eager=False)`` is the caller that should run this (the planner
-    already reserves the memory); until it does, benchmarks and tests call it after building.
-    """
+    """Capture the graphs of every model of ``engine`` on CUDA (``build_engine`` does, unless
+    ``enforce_eager``; the planner reserved their memory); returns how many graphs."""
     total = 0
     pool = None
     for loaded in engine.models.values():
@@ -212,4 +214,6 @@ def capture_cuda_graphs(engine) -> int:
         pool = pool if pool is not None else torch.cuda.graph_pool_handle()
         runner.enable_cuda_graphs(loaded.limits.max_num_seqs, loaded.limits.max_model_len, pool)
         total += len(runner.decode_graphs.graphs)
+    if total:
+        engine.scheduler.lookahead = 1  # decode-ahead needs the next token's slot reserved
     return total

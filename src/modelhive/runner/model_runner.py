@@ -4,7 +4,8 @@ The only part of the engine that touches tensors. It owns the model and its per-
 the shared pool; it never allocates KV itself (the scheduler's block tables say where to write).
 On CUDA, once ``enable_cuda_graphs`` ran, every step of at most ``graph_max_rows`` tokens (decodes,
 short prompt chunks, or both) replays one captured graph, one row per token
-(``runner/cuda_graphs.py``); longer steps run eagerly, their inputs staged in one copy.
+(``runner/cuda_graphs.py``); longer steps run eagerly, their inputs staged in one copy. Greedy
+decode steps launch the next step before returning (``runner/decode_ahead.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from modelhive.engine.sequence import ModelBatch, SampledToken
 from modelhive.models.base import CausalLM, KVCaches
 from modelhive.runner.attn_metadata import SeqChunk, build_attention_metadata
 from modelhive.runner.cuda_graphs import token_rows
+from modelhive.runner.decode_ahead import DecodeAhead, can_run_ahead
 
 
 class ModelRunner:
@@ -30,6 +32,7 @@ class ModelRunner:
         self.generator = torch.Generator(device=device)
         self.generator.seed()
         self.decode_graphs = None  # runner.cuda_graphs.DecodeGraphs once captured
+        self.ahead = None  # runner.decode_ahead.DecodeAhead over those graphs
 
     def enable_cuda_graphs(self, max_num_seqs: int, max_model_len: int, pool=None) -> None:
         """Capture decode graphs for batch buckets up to ``max_num_seqs`` (CUDA only); ``pool``:
@@ -40,13 +43,25 @@ class ModelRunner:
                               max_num_seqs, max_model_len, self.device, pool=pool)
         graphs.capture()
         self.decode_graphs = graphs
+        self.ahead = DecodeAhead(graphs, max_model_len)
+
+    def skip_step(self) -> None:
+        """This model has no batch in this step: a step launched ahead is stale."""
+        if self.ahead is not None:
+            self.ahead.drop()
 
     @torch.inference_mode()
     def execute(self, batch: ModelBatch) -> list[SampledToken]:
         if self.decode_graphs is not None:
+            ahead = self.ahead
+            if ahead is not None and (tokens := ahead.take(batch.seqs)) is not None:
+                return ahead.finish(batch.seqs, tokens)  # this step was launched ahead
             rows, last = token_rows(batch.seqs)
             if self.decode_graphs.fits(rows):  # one replay (an eager step: ~15 ms of launches)
-                return self._sample_rows(self.decode_graphs.replay(rows), last, batch)
+                logits = self.decode_graphs.replay(rows)
+                if ahead is not None and can_run_ahead(batch.seqs):
+                    return ahead.finish(batch.seqs, torch.argmax(logits, dim=-1))
+                return self._sample_rows(logits, last, batch)
         chunks = [SeqChunk(s.num_cached, len(s.token_ids), s.block_table) for s in batch.seqs]
         flat = [t for s in batch.seqs for t in s.token_ids]
         if self.device.type == "cuda":

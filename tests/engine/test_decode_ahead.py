@@ -1,0 +1,84 @@
+"""DecodeAhead's contract, on a fake graph whose logits pick ``input id + 1``."""
+
+from __future__ import annotations
+
+import torch
+
+from modelhive.engine.sequence import ScheduledSeq
+from modelhive.runner.decode_ahead import DecodeAhead, can_run_ahead
+from modelhive.sampling_params import SamplingParams
+
+VOCAB = 50
+GREEDY = SamplingParams(max_tokens=100, temperature=0.0)
+
+
+class FakeGraphs:
+    max_batch = 8
+    tokens_per_block = 4
+
+    def __init__(self):
+        self.replays: list[list[tuple]] = []
+
+    def fits(self, rows):
+        return len(rows) <= self.max_batch
+
+    def replay(self, rows, input_ids=None):
+        self.replays.append([(int(t), p) for t, (_, p, _) in zip(input_ids, rows, strict=True)])
+        return torch.nn.functional.one_hot((input_ids + 1) % VOCAB, VOCAB).float()
+
+
+def seq(seq_id: str, token: int, pos: int, blocks: int = 4, params=GREEDY, generated: int = 3):
+    return ScheduledSeq(seq_id, (token,), pos, tuple(range(blocks)), True, params, generated)
+
+
+def test_launches_the_next_step_on_device_tokens_and_hands_it_over():
+    graphs = FakeGraphs()
+    ahead = DecodeAhead(graphs, max_model_len=64)
+    step = [seq("a", 7, 5), seq("b", 9, 6)]
+    out = ahead.finish(step, torch.tensor([11, 20]))
+    assert [(t.seq_id, t.token_id) for t in out] == [("a", 11), ("b", 20)]
+    assert graphs.replays == [[(11, 6), (20, 7)]]  # fed the sampled tokens, positions + 1
+    nxt = [seq("a", 11, 6), seq("b", 20, 7)]
+    assert ahead.take(nxt).tolist() == [12, 21]
+    assert ahead.take(nxt) is None  # handed over once
+
+
+def test_anything_but_the_exact_next_step_drops_it():
+    graphs = FakeGraphs()
+    ahead = DecodeAhead(graphs, max_model_len=64)
+    step = [seq("a", 7, 5), seq("b", 9, 6)]
+    for other in ([seq("b", 20, 7), seq("a", 11, 6)],  # order changed
+                  [seq("a", 11, 6)],  # b finished
+                  [seq("a", 11, 6), seq("c", 3, 7)],  # another sequence, same length
+                  [seq("a", 11, 6), seq("b", 20, 2)],  # b preempted and re-decoding elsewhere
+                  [seq("a", 11, 6), seq("b", 20, 7, params=SamplingParams(temperature=1.0))]):
+        ahead.finish(step, torch.tensor([11, 20]))
+        assert ahead.take(other) is None
+        assert ahead.take([seq("a", 11, 6), seq("b", 20, 7)]) is None  # dropped for good
+    ahead.finish(step, torch.tensor([11, 20]))
+    ahead.drop()
+    assert ahead.take([seq("a", 11, 6), seq("b", 20, 7)]) is None
+
+
+def test_nothing_is_launched_for_a_sequence_that_ends_now_or_has_no_slot():
+    graphs = FakeGraphs()
+    ahead = DecodeAhead(graphs, max_model_len=64)
+    last = SamplingParams(max_tokens=4, temperature=0.0)
+    for step in ([seq("a", 7, 5), seq("b", 9, 6, params=last, generated=3)],  # b's 4th token
+                 [seq("a", 7, 62)],  # position 63 is the last of max_model_len 64
+                 [seq("a", 7, 15, blocks=4)]):  # position 16 needs a fifth block of 4
+        ahead.finish(step, torch.tensor([1] * len(step)))
+        assert ahead.take([seq("a", 1, step[0].num_cached + 1)]) is None
+    assert graphs.replays == []
+    assert ahead.launched == 0
+
+
+def test_only_greedy_single_token_steps_run_ahead():
+    assert can_run_ahead([seq("a", 1, 3)])
+    assert not can_run_ahead([])
+    assert not can_run_ahead([seq("a", 1, 3, params=SamplingParams(temperature=0.5))])
+    assert not can_run_ahead([seq("a", 1, 3, params=SamplingParams(temperature=0.0, logprobs=2))])
+    chunk = ScheduledSeq("a", (1, 2), 3, (0,), True, GREEDY, 0)
+    assert not can_run_ahead([chunk])
+    penalised = ScheduledSeq("a", (1,), 3, (0,), True, GREEDY, 0, history=(1, 2, 3, 1))
+    assert not can_run_ahead([penalised])
