@@ -43,6 +43,18 @@ def test_launches_the_next_step_on_device_tokens_and_hands_it_over():
     assert ahead.take(nxt) is None  # handed over once
 
 
+def test_a_prompt_chunk_that_samples_launches_its_first_decode():
+    graphs = FakeGraphs()
+    ahead = DecodeAhead(graphs, max_model_len=64)
+    prompt = ScheduledSeq("p", (4, 5, 6), 2, (0, 1), True, GREEDY, 0)  # positions 2..4
+    out = ahead.finish([seq("a", 7, 5), prompt], torch.tensor([11, 30]))
+    assert [t.token_id for t in out] == [11, 30]
+    assert graphs.replays == [[(11, 6), (30, 5)]]
+    assert ahead.take([seq("a", 11, 6), seq("p", 30, 5)]).tolist() == [12, 31]
+    ahead.finish([ScheduledSeq("p", (4, 5), 2, (0, 1), True, GREEDY, 0)], torch.tensor([9]))
+    assert ahead.take([ScheduledSeq("p", (9, 1), 4, (0, 1), True, GREEDY, 0)]) is None
+
+
 def test_anything_but_the_exact_next_step_drops_it():
     graphs = FakeGraphs()
     ahead = DecodeAhead(graphs, max_model_len=64)
@@ -78,7 +90,7 @@ def test_only_greedy_single_token_steps_run_ahead():
     assert not can_run_ahead([])
     assert not can_run_ahead([seq("a", 1, 3, params=SamplingParams(temperature=0.5))])
     assert not can_run_ahead([seq("a", 1, 3, params=SamplingParams(temperature=0.0, logprobs=2))])
-    chunk = ScheduledSeq("a", (1, 2), 3, (0,), True, GREEDY, 0)
-    assert not can_run_ahead([chunk])
+    assert can_run_ahead([ScheduledSeq("a", (1, 2), 3, (0,), True, GREEDY, 0)])  # last chunk
+    assert not can_run_ahead([ScheduledSeq("a", (1, 2), 3, (0,), False, GREEDY, 0)])
     penalised = ScheduledSeq("a", (1,), 3, (0,), True, GREEDY, 0, history=(1, 2, 3, 1))
     assert not can_run_ahead([penalised])

@@ -1,8 +1,8 @@
 """Decode-ahead: while the host processes step t's tokens, the GPU already runs step t+1.
 
-After a graph step in which every sequence feeds one token and decodes greedily, the runner
-launches the next decode step of the same sequences at once, feeding the tokens it just sampled
-on the device (no host round trip) at positions + 1. Only then does it wait, and only for the
+After a graph step in which every sequence samples greedily (decodes, and prompts whose last
+chunk ran), the runner launches the next decode step of the same sequences at once, feeding the
+tokens it just sampled on the device (no host round trip) at the next positions. Only then does it wait, and only for the
 copy of step t's tokens to the host (queued before the step launched ahead). The engine applies
 step t's tokens and schedules step t+1 as usual; when step t+1 is exactly the step launched ahead
 (same sequences in the same order at the same positions), the runner returns the tokens already
@@ -34,9 +34,10 @@ from modelhive.engine.sequence import SampledToken, ScheduledSeq
 
 
 def can_run_ahead(seqs: Sequence[ScheduledSeq]) -> bool:
-    """Every sequence feeds one token, samples it greedily, and needs nothing but the argmax."""
+    """Every sequence samples this step (a decode, or a prompt's last chunk), greedily, and
+    needs nothing but the argmax: the next step is then one decode per sequence."""
     return bool(seqs) and all(
-        len(s.token_ids) == 1 and s.sample and s.params.temperature == 0.0 and not s.history
+        s.sample and s.params.temperature == 0.0 and not s.history
         and s.params.logprobs is None for s in seqs)
 
 
@@ -65,7 +66,7 @@ class DecodeAhead:
         """The device tokens of the step launched ahead if it is exactly this step, else None
         (and it is dropped either way)."""
         ahead, self._pending = self._pending, None
-        if ahead is None or not can_run_ahead(seqs):
+        if ahead is None or not can_run_ahead(seqs) or any(len(s.token_ids) != 1 for s in seqs):
             return None
         if tuple((s.seq_id, s.num_cached) for s in seqs) != ahead.key:
             return None
@@ -73,8 +74,8 @@ class DecodeAhead:
         return ahead.tokens
 
     def finish(self, seqs: Sequence[ScheduledSeq], tokens: torch.Tensor) -> list[SampledToken]:
-        """Return this step's greedy ``tokens`` (device) as SampledTokens; before waiting for
-        them, launch the next step ahead when it is worth it."""
+        """Return this step's greedy ``tokens`` (device, one per sequence) as SampledTokens;
+        before waiting for them, launch the next step ahead when it is worth it."""
         n = len(seqs)
         if tokens.is_cuda:
             if self._host is None:
@@ -94,15 +95,16 @@ class DecodeAhead:
 
     def _launch(self, seqs: Sequence[ScheduledSeq], tokens: torch.Tensor) -> None:
         T = self.graphs.tokens_per_block
-        for s in seqs:
-            nxt = s.num_cached + 1  # the position of the token sampled this step
+        positions = [s.num_cached + len(s.token_ids) for s in seqs]  # of the tokens sampled now
+        for s, nxt in zip(seqs, positions, strict=True):
             if (s.num_generated + 1 >= s.params.max_tokens or nxt + 1 >= self.max_model_len
                     or nxt >= len(s.block_table) * T):
                 return  # it finishes now for sure, or has no slot for its next token
-        rows = [(0, s.num_cached + 1, s.block_table) for s in seqs]
+        rows = [(0, nxt, s.block_table) for s, nxt in zip(seqs, positions, strict=True)]
         if not self.graphs.fits(rows):
             return
         logits = self.graphs.replay(rows, input_ids=tokens[:len(seqs)])
-        self._pending = _Ahead(tuple((s.seq_id, s.num_cached + 1) for s in seqs),
+        self._pending = _Ahead(tuple((s.seq_id, nxt) for s, nxt in zip(seqs, positions,
+                                                                        strict=True)),
                                torch.argmax(logits, dim=-1))
         self.launched += 1

@@ -60,6 +60,8 @@ class ModelRunner:
             if self.decode_graphs.fits(rows):  # one replay (an eager step: ~15 ms of launches)
                 logits = self.decode_graphs.replay(rows)
                 if ahead is not None and can_run_ahead(batch.seqs):
+                    if len(rows) > len(last):  # prompt chunks: each sequence's last row
+                        logits = logits[torch.tensor(last, device=self.device)]
                     return ahead.finish(batch.seqs, torch.argmax(logits, dim=-1))
                 return self._sample_rows(logits, last, batch)
         chunks = [SeqChunk(s.num_cached, len(s.token_ids), s.block_table) for s in batch.seqs]
