@@ -20,6 +20,11 @@ stream ``h`` is updated by the two ``*_add`` ops, so no separate add or norm run
 - ``linear_add(x, weight, residual)``: ``residual + x @ weight.T``.
 - ``act_linear_add(x, act, weight, residual)``: ``residual + act_and_mul(x) @ weight.T`` with
   ``act`` "silu" or "gelu_tanh" (x is the fused gate_up output ``[M, 2K]``).
+
+CPU only: every weight above may also be a oneDNN-packed tensor from ``pack_linear_weight`` (same
+shape and values, opaque layout; ``weight.is_mkldnn``). The CPU runner packs bfloat16/float16
+linears once at start: a plain bf16 ``F.linear`` re-lays the weight out on every call, which costs
+about as much as the GEMM itself at small batches.
 """
 
 from __future__ import annotations
@@ -56,27 +61,64 @@ def _attend(
     return torch.matmul(torch.softmax(scores.float(), dim=-1).to(v.dtype), v)
 
 
-def _decode_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                   scale: float, softcap: float | None) -> torch.Tensor:
-    """One query per sequence. q [D, H, Dh], k/v [D, L, KVH, Dh], mask [D, L] -> [D, H, Dh].
+def _decode_attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   meta: AttentionMetadata, scale: float, sliding_window: int | None,
+                   softcap: float | None) -> torch.Tensor:
+    """The decodes' attention (one query per sequence): q ``[D, H, Dh]`` -> ``[D, H, Dh]``.
 
-    Few sequences: scaled_dot_product_attention. More: two einsums with the query heads grouped
-    by kv head (no K/V repeat) and a float32 softmax, as transformers' eager attention computes
-    it; on this 2-core CPU that is ~5x faster than SDPA with a mask at 64 sequences (and SDPA is
-    faster below 4).
+    K and V are read as whole blocks (``meta.decode_blocks``: one ``index_select`` each, keys
+    ``[D, nb * T, KVH * Dh]``), past-the-end and out-of-window keys get -inf from
+    ``meta.decode_bias``. GQA without repeating K/V: each query head is laid into a zero row
+    ``[KVH * Dh]`` at its kv head's slot, so one batched GEMM gives every head's scores against
+    its own kv head (the other kv heads' products are exact zeros); the output keeps each head's
+    own slot. Scores are float32 (softmax in float32, probabilities back in the cache dtype, as
+    transformers' eager attention computes them). On this 2-core CPU that is ~5x faster than
+    gathering token by token and attending with grouped einsums at 64 sequences.
     """
     d, h, dh = q.shape
-    kvh = k.shape[2]
-    if d < 4 and softcap is None:
-        return _attend(q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),
-                       mask[:, None, None, :], scale, None).squeeze(2)
-    scores = torch.einsum("dkgh,dlkh->dkgl", q.view(d, kvh, h // kvh, dh), k) * scale
-    scores = scores.float()
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    kvh = k_cache.shape[2]
+    g = h // kvh
+    blocks, nb = meta.decode_blocks
+    length = nb * k_cache.shape[1]
+    k = torch.index_select(k_cache, 0, blocks).view(d, length, kvh * dh)
+    v = torch.index_select(v_cache, 0, blocks).view(d, length, kvh * dh)
+    if kvh == 1:
+        q_wide = q.to(k.dtype)
+    else:
+        q_wide = q.new_zeros(d, kvh, g, kvh, dh, dtype=k.dtype)
+        torch.diagonal(q_wide, dim1=1, dim2=3).copy_(q.view(d, kvh, g, dh).permute(0, 2, 3, 1))
+        q_wide = q_wide.view(d, h, kvh * dh)
+    scores = torch.bmm(q_wide, k.transpose(1, 2))  # [D, H, L]
+    bias = meta.decode_bias(sliding_window)
+    if softcap is None:
+        scores = torch.add(bias, scores, alpha=scale)
+    else:
+        scores = torch.tanh(scores.float() * (scale / softcap)) * softcap + bias
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    return torch.einsum("dkgl,dlkh->dkgh", probs, v).reshape(d, h, dh)
+    out = torch.bmm(probs, v)  # [D, H, KVH * Dh]
+    if kvh == 1:
+        return out
+    out = torch.diagonal(out.view(d, kvh, g, kvh, dh), dim1=1, dim2=3)  # [D, G, Dh, KVH]
+    return out.permute(0, 3, 1, 2).reshape(d, h, dh)
+
+
+def _decode_attend_few(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """One decode without softcap or window: its blocks gathered, the keys cut to its length,
+    SDPA without a mask (faster than the batched path for a single sequence)."""
+    d, h, dh = q.shape
+    blocks, nb = meta.decode_blocks
+    T, kvh = k_cache.shape[1], k_cache.shape[2]
+    out = torch.empty_like(q)
+    for s in range(d):
+        n = meta.seq_lens_host[s]
+        rows = blocks[s * nb: s * nb + -(-n // T)]
+        k = torch.index_select(k_cache, 0, rows).view(-1, kvh, dh)[:n].transpose(0, 1)
+        v = torch.index_select(v_cache, 0, rows).view(-1, kvh, dh)[:n].transpose(0, 1)
+        out[s] = F.scaled_dot_product_attention(
+            q[s].unsqueeze(1).unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), scale=scale,
+            enable_gqa=kvh != h).view(h, dh)
+    return out
 
 
 def paged_attention(
@@ -91,10 +133,11 @@ def paged_attention(
     out = torch.empty_like(q)
     d = meta.num_decodes
     if d:
-        blocks, offsets, key_pos = meta.decode_gather
-        k = k_cache[blocks, offsets]  # [D, L, KVH, Dh]
-        v = v_cache[blocks, offsets]
-        out[:d] = _decode_attend(q[:d], k, v, meta.decode_mask(sliding_window), scale, softcap)
+        if d == 1 and softcap is None and sliding_window is None:
+            out[:d] = _decode_attend_few(q[:d], k_cache, v_cache, meta, scale)
+        else:
+            out[:d] = _decode_attend(q[:d], k_cache, v_cache, meta, scale, sliding_window,
+                                     softcap)
     qsl = meta.query_start_loc_host
     T = meta.tokens_per_block
     for s in range(d, meta.num_seqs):
@@ -132,12 +175,33 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
 def rope_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                   inv_freq: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   meta: AttentionMetadata, attention_scaling: float = 1.0,
-                  cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                  cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  tables: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """RoPE on q and k, k and v into the pool; returns the rotated q. ``cos_sin``: this step's
-    ``rope_cos_sin`` when the caller computed it once for all layers."""
-    cos, sin = cos_sin or rope_cos_sin(positions, inv_freq, q.dtype, attention_scaling)
-    store_kv(k_cache, v_cache, rotate_half_rope(k, cos, sin), v, meta)
-    return rotate_half_rope(q, cos, sin)
+    ``rope_cos_sin``, or ``tables``: its ``rope_tables``, when the caller computed them once for
+    all layers. When k directly follows q in memory (the heads of one fused qkv output), both are
+    rotated as one tensor."""
+    if tables is None:
+        cos, sin = cos_sin or rope_cos_sin(positions, inv_freq, q.dtype, attention_scaling)
+        tables = rope_tables(cos, sin)
+    heads = q.shape[1]
+    if _adjacent_heads(q, k):
+        qk = rotate_rope(q.as_strided((q.shape[0], heads + k.shape[1], q.shape[2]), q.stride()),
+                         tables)
+        store_kv(k_cache, v_cache, qk[:, heads:], v, meta)
+        return qk[:, :heads]
+    store_kv(k_cache, v_cache, rotate_rope(k, tables), v, meta)
+    return rotate_rope(q, tables)
+
+
+def _adjacent_heads(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """k's heads start right after q's in memory, with the same row stride (so ``[q | k]`` is
+    one strided ``[N, heads + kv_heads, D]`` view)."""
+    d = q.shape[-1]
+    return (q.dim() == 3 and k.dim() == 3 and q.dtype == k.dtype and q.shape[0] == k.shape[0]
+            and q.shape[2] == k.shape[2] and q.stride(2) == 1 and q.stride(1) == d
+            and k.stride() == q.stride()
+            and k.data_ptr() == q.data_ptr() + q.shape[1] * d * q.element_size())
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype,
@@ -154,6 +218,20 @@ def rotate_half_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+def rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rope_cos_sin`` ``[N, 1, D/2]`` -> full-width ``(cat(cos, cos), cat(-sin, sin))``
+    ``[N, 1, D]`` for ``rotate_rope``."""
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+
+
+def rotate_rope(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``rotate_half_rope`` in four ops: ``x * cos2 + roll(x, D/2) * sin2`` (``rope_tables``).
+    Bit-identical to it: each half is the same two rounded products, added (the sign of the
+    first half's sine product is exact)."""
+    cos2, sin2 = tables
+    return x * cos2 + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin2
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return F.silu(x[..., :half]) * x[..., half:]
@@ -167,16 +245,35 @@ def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
 ACT_AND_MUL = {"silu": silu_and_mul, "gelu_tanh": gelu_tanh_and_mul}
 
 
+#: dtypes whose CPU linears run on oneDNN-packed weights (``pack_linear_weight``)
+PACKED_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A CPU weight ``[N, K]`` re-laid out once for oneDNN's GEMM (an opaque ``is_mkldnn`` tensor
+    of the same shape and values); ``linear`` and the fused linears below accept it."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T (+ bias)``, the weight plain or packed by ``pack_linear_weight``."""
+    if weight.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
 def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, offset: float,
                 weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    return F.linear(rms_norm(x, norm_weight, eps, offset), weight, bias)
+    return linear(rms_norm(x, norm_weight, eps, offset), weight, bias)
 
 
 def linear_add(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """``residual + x @ weight.T`` as one GEMM with the add in its epilogue (beta = 1)."""
+    if weight.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, None, "add")
     return torch.addmm(residual, x, weight.t())
 
 
 def act_linear_add(x: torch.Tensor, act: str, weight: torch.Tensor,
                    residual: torch.Tensor) -> torch.Tensor:
-    return torch.addmm(residual, ACT_AND_MUL[act](x), weight.t())
+    return linear_add(ACT_AND_MUL[act](x), weight, residual)

@@ -53,7 +53,7 @@ class Linear(nn.Module):
                      if bias else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return reference.linear(x, self.weight, self.bias)  # F.linear, or the CPU-packed weight
 
 
 class MergedLinear(Linear):
@@ -146,7 +146,7 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None = None):
         super().__init__()
         self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta, scaling), persistent=False)
-        self._cached: tuple | None = None  # (positions, dtype, cos, sin) of the current step
+        self._cached: tuple | None = None  # (positions, dtype, cos_sin, tables) of this step
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor,
                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,13 +165,20 @@ class RotaryEmbedding(nn.Module):
         if q.is_cuda:
             return ops.rope_store_kv(q, k, v, meta.positions, self.inv_freq, k_cache, v_cache, meta)
         return reference.rope_store_kv(q, k, v, meta.positions, self.inv_freq, k_cache, v_cache,
-                                       meta, cos_sin=self._cos_sin(meta.positions, q.dtype))
+                                       meta, tables=self._tables(meta.positions, q.dtype))
 
     def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
         """cos/sin once per step for all layers (every layer gets the same positions tensor)."""
+        return self._step_cache(positions, dtype)[0]
+
+    def _tables(self, positions: torch.Tensor, dtype: torch.dtype):
+        """``reference.rope_tables`` once per step for all layers."""
+        return self._step_cache(positions, dtype)[1]
+
+    def _step_cache(self, positions: torch.Tensor, dtype: torch.dtype):
         if self._cached is None or self._cached[0] is not positions or self._cached[1] != dtype:
-            self._cached = (positions, dtype, *reference.rope_cos_sin(positions, self.inv_freq,
-                                                                       dtype))
+            cos_sin = reference.rope_cos_sin(positions, self.inv_freq, dtype)
+            self._cached = (positions, dtype, cos_sin, reference.rope_tables(*cos_sin))
         return self._cached[2:]
 
 
@@ -235,7 +242,7 @@ class GatedMLP(nn.Module):
 def final_logits(hidden: torch.Tensor, weight: torch.Tensor,
                  softcap: float | None = None) -> torch.Tensor:
     """``[M, hidden] -> [M, vocab]`` float32, with optional ``tanh`` soft-capping."""
-    logits = F.linear(hidden, weight).float()
+    logits = reference.linear(hidden, weight).float()
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     return logits
@@ -282,6 +289,31 @@ def load_checkpoint(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]
             if seen == set(getattr(params[name], "shard_ids", (None,)))}
 
 
+def pack_linears_for_cpu(model: nn.Module) -> int:
+    """CPU serving: replace the weight of every bfloat16/float16 ``Linear`` (and a tied LM head)
+    by its oneDNN-packed form (``reference.pack_linear_weight``); returns how many were packed.
+
+    The packed weight stays a parameter of the same shape, dtype and byte count, so memory
+    accounting is unchanged; it is opaque (no strided view), which only the CPU ops read. A tied
+    head cannot share the embedding table (the lookup needs the plain rows), so it gets a packed
+    copy (``packed_tied_head``: one more vocab x hidden matrix).
+    """
+    count = 0
+    for module in model.modules():
+        if isinstance(module, Linear) and not module.weight.is_mkldnn \
+                and module.weight.device.type == "cpu" \
+                and module.weight.dtype in reference.PACKED_DTYPES:
+            module.weight = nn.Parameter(reference.pack_linear_weight(module.weight),
+                                         requires_grad=False)
+            count += 1
+    if isinstance(model, DecoderLM) and model.lm_head is None:
+        table = model.model.embed_tokens.weight
+        if table.device.type == "cpu" and table.dtype in reference.PACKED_DTYPES:
+            model.packed_tied_head = reference.pack_linear_weight(table)
+            count += 1
+    return count
+
+
 class DecoderLM(CausalLM):
     """The causal-LM shell every architecture shares: ``model_cls`` (embeddings, layers, final
     norm) plus the LM head (tied to the embeddings when ``arch.tie_word_embeddings``)."""
@@ -302,7 +334,9 @@ class DecoderLM(CausalLM):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.model.embed_tokens if self.lm_head is None else self.lm_head
-        return final_logits(hidden, head.weight, self.arch.final_logit_softcapping)
+        weight = getattr(self, "packed_tied_head", None)
+        return final_logits(hidden, head.weight if weight is None else weight,
+                            self.arch.final_logit_softcapping)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return load_checkpoint(self, weights, self.arch.tie_word_embeddings)

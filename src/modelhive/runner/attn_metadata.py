@@ -48,35 +48,34 @@ class AttentionMetadata:
         return self.query_start_loc_host[-1]
 
     @cached_property
-    def decode_gather(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(blocks [D, L], offsets [D, L], key positions [L]) covering every decode's context.
-
-        Computed once per step and reused by all layers of the CPU reference path.
-        """
+    def decode_blocks(self) -> tuple[torch.Tensor, int]:
+        """(block ids ``[D * nb]`` int64, ``nb``): the first ``nb = ceil(max decode len / T)``
+        blocks of every decode's table, row after row (padding entries point at block 0 and are
+        masked by ``decode_bias``). Gathering whole blocks with one ``index_select`` per layer is
+        the CPU reference path's K/V read; computed once per step."""
         d = self.num_decodes
-        max_len = max(self.seq_lens_host[:d])
-        key_pos = torch.arange(max_len, device=self.positions.device)
-        tables = self.block_tables[:d].long()
-        blocks = tables.gather(1, (key_pos // self.tokens_per_block).expand(d, -1).clamp_max(tables.shape[1] - 1))
-        offsets = (key_pos % self.tokens_per_block).expand(d, -1)
-        return blocks, offsets, key_pos
+        nb = -(-max(self.seq_lens_host[:d]) // self.tokens_per_block)
+        return self.block_tables[:d, :nb].reshape(-1).long(), nb
 
     @cached_property
-    def _decode_masks(self) -> dict[int | None, torch.Tensor]:
+    def _decode_biases(self) -> dict[int | None, torch.Tensor]:
         return {}
 
-    def decode_mask(self, sliding_window: int | None) -> torch.Tensor:
-        """[D, L] bool: key position visible to each decode (and inside the window, if any).
-        Built once per step and window, shared by all layers."""
-        masks = self._decode_masks
-        if sliding_window not in masks:
-            _, _, key_pos = self.decode_gather
+    def decode_bias(self, sliding_window: int | None) -> torch.Tensor:
+        """``[D, 1, nb * T]`` float32: 0 where a key of the gathered blocks is visible to the
+        decode (position < its length, and inside the window if any), else -inf. Built once per
+        step and window, shared by all layers."""
+        biases = self._decode_biases
+        if sliding_window not in biases:
+            _, nb = self.decode_blocks
+            key_pos = torch.arange(nb * self.tokens_per_block, device=self.positions.device)
             lens = self.seq_lens[: self.num_decodes].long().unsqueeze(1)
-            mask = key_pos.unsqueeze(0) < lens
+            visible = key_pos.unsqueeze(0) < lens
             if sliding_window is not None:
-                mask &= key_pos.unsqueeze(0) > (lens - 1 - sliding_window)
-            masks[sliding_window] = mask
-        return masks[sliding_window]
+                visible &= key_pos.unsqueeze(0) > (lens - 1 - sliding_window)
+            zero = torch.zeros((), dtype=torch.float32, device=key_pos.device)
+            biases[sliding_window] = torch.where(visible, zero, float("-inf")).unsqueeze(1)
+        return biases[sliding_window]
 
     def logits_indices(self) -> torch.Tensor:
         """Row of the last token of every sequence (the rows that get logits)."""

@@ -16,6 +16,7 @@ from modelhive.engine.kv_pool import KVLayout
 from modelhive.engine.sampler import sample
 from modelhive.engine.sequence import ModelBatch, SampledToken
 from modelhive.models.base import CausalLM, KVCaches
+from modelhive.models.layers import pack_linears_for_cpu
 from modelhive.runner.attn_metadata import SeqChunk, build_attention_metadata
 from modelhive.runner.cuda_graphs import token_rows
 from modelhive.runner.decode_ahead import DecodeAhead, can_run_ahead
@@ -33,6 +34,8 @@ class ModelRunner:
         self.generator.seed()
         self.decode_graphs = None  # runner.cuda_graphs.DecodeGraphs once captured
         self.ahead = None  # runner.decode_ahead.DecodeAhead over those graphs
+        if device.type == "cpu":  # bf16/fp16 linears on oneDNN-packed weights (reference.py)
+            pack_linears_for_cpu(model)
 
     def enable_cuda_graphs(self, max_num_seqs: int, max_model_len: int, pool=None) -> None:
         """Capture decode graphs for batch buckets up to ``max_num_seqs`` (CUDA only); ``pool``:
