@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 from modelhive.server.app import create_app
 from tests.reliability.conftest import assert_openai_error, running_engine, tiny_specs
 from tests.server.conftest import free_port, start_server
-from tests.unit.test_sources import _write_gguf
+from tests.unit.test_sources import _write_gguf, _write_hf_dir
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +89,30 @@ def test_skip_failed_models_serves_the_others_and_reports(broken_files, tmp_path
         # the plan and the engine were made without it: no series of it at all
         metrics = httpx.get(srv.url() + "/metrics").text
         assert 'model_name="qwen"' in metrics and 'model_name="broken"' not in metrics
+    finally:
+        assert srv.stop() == 0, srv.log()[-3000:]
+
+
+def test_skip_failed_models_covers_a_broken_tokenizer(tmp_path):
+    """Weights that load but a tokenizer file that does not: skipped like broken weights."""
+    hf = tmp_path / "hf-broken-tokenizer"
+    hf.mkdir()
+    _write_hf_dir(hf, "tiny-qwen2")
+    (hf / "tokenizer.json").write_text("{ this is not json")
+    (hf / "tokenizer_config.json").write_text("{}")
+    srv = start_server(tmp_path, "--model", "preset:tiny-llama", "--model", str(hf),
+                       "--served-model-name", "llama", "--served-model-name", "broken",
+                       "--device", "cpu", "--memory", "64MiB", "--skip-failed-models",
+                       use_config=False)
+    try:
+        health = httpx.get(srv.url() + "/health").json()
+        assert health["status"] == "degraded" and health["models"] == ["llama"]
+        [failed] = health["failed_models"]
+        assert failed["id"] == "broken" and str(hf) not in failed["error"]
+        ok = httpx.post(srv.url() + "/v1/completions", json={"model": "llama", "prompt": "x",
+                                                            "max_tokens": 2, "ignore_eos": True})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+        assert "Traceback" not in srv.log()
     finally:
         assert srv.stop() == 0, srv.log()[-3000:]
 

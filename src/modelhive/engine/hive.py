@@ -124,7 +124,8 @@ def build_engine(specs: Sequence[ModelSpec], device: str | torch.device = "auto"
     for spec in specs:
         mp = plan.model(spec.name)
         src = sources[spec.name]
-        tokenizer = src.load_tokenizer()
+        with _reading(spec.source):  # a corrupt tokenizer file fails like corrupt weights
+            tokenizer = src.load_tokenizer()
         if spec.chat_template:
             tokenizer = tokenizer.with_chat_template(spec.chat_template)
         layout = KVLayout.for_model(src.arch, mp.dtype, plan.block_bytes)
