@@ -63,7 +63,7 @@ def test_anything_but_the_exact_next_step_drops_it():
                   [seq("a", 11, 6)],  # b finished
                   [seq("a", 11, 6), seq("c", 3, 7)],  # another sequence, same length
                   [seq("a", 11, 6), seq("b", 20, 2)],  # b preempted and re-decoding elsewhere
-                  [seq("a", 11, 6), seq("b", 20, 7, params=SamplingParams(temperature=1.0))]):
+                  [seq("a", 11, 6), seq("b", 20, 7, params=SamplingParams(logprobs=1))]):
         ahead.finish(step, torch.tensor([11, 20]))
         assert ahead.take(other) is None
         assert ahead.take([seq("a", 11, 6), seq("b", 20, 7)]) is None  # dropped for good
@@ -85,10 +85,10 @@ def test_nothing_is_launched_for_a_sequence_that_ends_now_or_has_no_slot():
     assert ahead.launched == 0
 
 
-def test_only_greedy_single_token_steps_run_ahead():
+def test_steps_whose_draw_needs_the_host_do_not_run_ahead():
     assert can_run_ahead([seq("a", 1, 3)])
+    assert can_run_ahead([seq("a", 1, 3, params=SamplingParams(temperature=0.5, top_p=0.9))])
     assert not can_run_ahead([])
-    assert not can_run_ahead([seq("a", 1, 3, params=SamplingParams(temperature=0.5))])
     assert not can_run_ahead([seq("a", 1, 3, params=SamplingParams(temperature=0.0, logprobs=2))])
     assert can_run_ahead([ScheduledSeq("a", (1, 2), 3, (0,), True, GREEDY, 0)])  # last chunk
     assert not can_run_ahead([ScheduledSeq("a", (1, 2), 3, (0,), False, GREEDY, 0)])

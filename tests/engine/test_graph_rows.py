@@ -79,15 +79,15 @@ def test_graph_rows_match_eager_steps():
 
 
 def test_decode_ahead_matches_plain_steps():
-    """Greedy decode steps launched one step ahead (fed the sampled tokens on the device), with
-    everything that must drop them: prompts joining, stop tokens at unpredictable points, seeded
-    sampling in the batch, models going idle, preemptions in a pool this small."""
+    """Decode steps launched one step ahead (fed the sampled tokens on the device; greedy and
+    seeded sampling), with everything that must drop them: prompts joining, stop tokens at
+    unpredictable points, models going idle, preemptions in a pool this small."""
     rng = random.Random(11)
     work, params = [], []
     for i in range(24):
         model = ("llama", "qwen2", "gemma3")[i % 3]
         work.append((model, [rng.randrange(3, 500) for _ in range(rng.randint(1, 12))]))
-        if i % 5 == 4:  # seeded sampling: never run ahead, and must still match
+        if i % 5 == 4:  # seeded sampling: drawn on the device ahead too, and must still match
             params.append(SamplingParams(max_tokens=rng.randint(5, 30), temperature=0.8, seed=i,
                                          ignore_eos=True))
         else:
@@ -101,7 +101,8 @@ def test_decode_ahead_matches_plain_steps():
     aheads = []
     for loaded in hive.engine.models.values():
         loaded.runner.decode_graphs = EagerRows(loaded.runner)
-        loaded.runner.ahead = DecodeAhead(loaded.runner.decode_graphs, loaded.limits.max_model_len)
+        loaded.runner.ahead = DecodeAhead(loaded.runner.decode_graphs, loaded.limits.max_model_len,
+                                          loaded.runner.generator)
         aheads.append(loaded.runner.ahead)
     assert staggered(hive, work, params) == expected
     assert sum(hive.engine.scheduler.num_preemptions.values()) > 0

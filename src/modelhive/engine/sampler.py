@@ -55,17 +55,16 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> tor
     return logits
 
 
-def sample(logits: torch.Tensor, items: list[ScheduledSeq],
-           generator: torch.Generator | None = None) -> list[SampledToken]:
-    """Pick one token per row; ``items[i]`` holds the sampling settings of row i."""
+def choose(logits: torch.Tensor, items: list[ScheduledSeq],
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """The token of each row as a tensor on the logits' device (penalties, temperature, filters,
+    the seeded draw) without waiting for the device; ``sample`` reads it and adds logprobs, and
+    ``runner/decode_ahead.py`` feeds it to the next step before the host has seen it."""
     logits = logits.float()
-    want_logprobs = any(it.params.logprobs is not None for it in items)
-    raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
     if any(it.history for it in items):
         logits = logits.clone()
         _apply_penalties(logits, items)
-    greedy_ids = logits.max(dim=-1).indices  # = argmax (first maximum), ~2x faster on the CPU
-    chosen: list[int] = greedy_ids.tolist()
+    chosen = logits.max(dim=-1).indices  # = argmax (first maximum), ~2x faster on the CPU
     for row, item in enumerate(items):
         p = item.params
         if p.temperature == 0.0:
@@ -78,7 +77,17 @@ def sample(logits: torch.Tensor, items: list[ScheduledSeq],
             noise = torch.empty_like(probs).exponential_(generator=g)
         else:
             noise = torch.empty_like(probs).exponential_(generator=generator)
-        chosen[row] = int(torch.argmax(probs / noise))
+        chosen[row] = torch.argmax(probs / noise)
+    return chosen
+
+
+def sample(logits: torch.Tensor, items: list[ScheduledSeq],
+           generator: torch.Generator | None = None) -> list[SampledToken]:
+    """Pick one token per row; ``items[i]`` holds the sampling settings of row i."""
+    logits = logits.float()
+    want_logprobs = any(it.params.logprobs is not None for it in items)
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+    chosen: list[int] = choose(logits, items, generator).tolist()
     out = []
     for row, item in enumerate(items):
         token = chosen[row]

@@ -1,7 +1,8 @@
 """Decode-ahead: while the host processes step t's tokens, the GPU already runs step t+1.
 
-After a graph step in which every sequence samples greedily (decodes, and prompts whose last
-chunk ran), the runner launches the next decode step of the same sequences at once, feeding the
+After a graph step in which every sequence samples (decodes, and prompts whose last chunk ran)
+with a draw the device can make alone (greedy, temperature/top-k/top-p/min-p, seeded or not:
+``sampler.choose``), the runner launches the next decode step of the same sequences at once, feeding the
 tokens it just sampled on the device (no host round trip) at the next positions. Only then does it wait, and only for the
 copy of step t's tokens to the host (queued before the step launched ahead). The engine applies
 step t's tokens and schedules step t+1 as usual; when step t+1 is exactly the step launched ahead
@@ -19,26 +20,29 @@ is launched ahead for a sequence that finishes deterministically (``max_tokens``
 (``ModelRunner.skip_step``): a step launched ahead is only ever used by the very next step.
 
 Needs one more KV slot per decode than the step itself (``Scheduler.lookahead = 1``, set by
-``build_engine`` with CUDA graphs) so that position + 1 always has a slot. Sampling with
-temperature, penalties or logprobs takes the ordinary path (the sampler needs the host).
+``build_engine`` with CUDA graphs) so that position + 1 always has a slot. Penalties and
+logprobs take the ordinary path (they need the host). A step launched ahead and then dropped has
+consumed draws of the runner's generator: unseeded sampling stays a correct sample, and seeded
+rows (keyed by seed and token index) are unaffected.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from modelhive.engine.sampler import choose
 from modelhive.engine.sequence import SampledToken, ScheduledSeq
 
 
 def can_run_ahead(seqs: Sequence[ScheduledSeq]) -> bool:
-    """Every sequence samples this step (a decode, or a prompt's last chunk), greedily, and
-    needs nothing but the argmax: the next step is then one decode per sequence."""
+    """Every sequence samples this step (a decode, or a prompt's last chunk) with a draw the
+    device makes alone (``sampler.choose``: no penalties, which need the token history on the
+    host, and no logprobs): the next step is then one decode per sequence."""
     return bool(seqs) and all(
-        s.sample and s.params.temperature == 0.0 and not s.history
-        and s.params.logprobs is None for s in seqs)
+        s.sample and not s.history and s.params.logprobs is None for s in seqs)
 
 
 @dataclass
@@ -50,9 +54,10 @@ class _Ahead:
 class DecodeAhead:
     """One model's step launched ahead (at most one), over its ``DecodeGraphs``."""
 
-    def __init__(self, graphs, max_model_len: int):
+    def __init__(self, graphs, max_model_len: int, generator: torch.Generator | None = None):
         self.graphs = graphs
         self.max_model_len = max_model_len
+        self.generator = generator  # the runner's, for unseeded draws
         self._pending: _Ahead | None = None
         self._host = None  # pinned int64 [max rows]: this step's tokens, copied before the launch
         self._copied = None
@@ -74,7 +79,7 @@ class DecodeAhead:
         return ahead.tokens
 
     def finish(self, seqs: Sequence[ScheduledSeq], tokens: torch.Tensor) -> list[SampledToken]:
-        """Return this step's greedy ``tokens`` (device, one per sequence) as SampledTokens;
+        """Return this step's ``tokens`` (device, one per sequence) as SampledTokens;
         before waiting for them, launch the next step ahead when it is worth it."""
         n = len(seqs)
         if tokens.is_cuda:
@@ -104,7 +109,9 @@ class DecodeAhead:
         if not self.graphs.fits(rows):
             return
         logits = self.graphs.replay(rows, input_ids=tokens[:len(seqs)])
+        # the sequences one token further: a seeded draw is keyed by its token index
+        nxt_items = [replace(s, num_generated=s.num_generated + 1) for s in seqs]
         self._pending = _Ahead(tuple((s.seq_id, nxt) for s, nxt in zip(seqs, positions,
                                                                         strict=True)),
-                               torch.argmax(logits, dim=-1))
+                               choose(logits, nxt_items, self.generator))
         self.launched += 1

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from modelhive.engine.kv_pool import KVLayout
-from modelhive.engine.sampler import sample
+from modelhive.engine.sampler import choose, sample
 from modelhive.engine.sequence import ModelBatch, SampledToken
 from modelhive.models.base import CausalLM, KVCaches
 from modelhive.models.layers import pack_linears_for_cpu
@@ -46,7 +46,7 @@ class ModelRunner:
                               max_num_seqs, max_model_len, self.device, pool=pool)
         graphs.capture()
         self.decode_graphs = graphs
-        self.ahead = DecodeAhead(graphs, max_model_len)
+        self.ahead = DecodeAhead(graphs, max_model_len, self.generator)
 
     def skip_step(self) -> None:
         """This model has no batch in this step: a step launched ahead is stale."""
@@ -65,7 +65,8 @@ class ModelRunner:
                 if ahead is not None and can_run_ahead(batch.seqs):
                     if len(rows) > len(last):  # prompt chunks: each sequence's last row
                         logits = logits[torch.tensor(last, device=self.device)]
-                    return ahead.finish(batch.seqs, torch.argmax(logits, dim=-1))
+                    return ahead.finish(batch.seqs,
+                                        choose(logits, list(batch.seqs), self.generator))
                 return self._sample_rows(logits, last, batch)
         chunks = [SeqChunk(s.num_cached, len(s.token_ids), s.block_table) for s in batch.seqs]
         flat = [t for s in batch.seqs for t in s.token_ids]
