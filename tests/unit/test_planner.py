@@ -240,3 +240,18 @@ def test_emit_compose_orders_services_by_health(capsys):
 def test_default_example_fits_on_this_machine(capsys):
     assert main(["plan", str(EXAMPLES / "default.yaml"), "--device", "cpu"]) == 0
     assert "fits" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("device,dtype,extra", [("cpu", "bfloat16", True), ("cpu", "float32", False),
+                                                ("cuda", "bfloat16", False)])
+def test_cpu_packed_tied_head_is_planned(device, dtype, extra):
+    """CPU bf16/fp16 with tied embeddings keeps a packed copy of the table for the LM head."""
+    arch = ArchConfig.from_hf_config(SMOLLM2_135M)
+    assert arch.tie_word_embeddings
+    spec = ModelSpec(name="smol", source="preset:smollm2-135m", dtype=dtype, max_model_len=512,
+                     max_num_seqs=4)
+    plan = plan_memory([spec], {"smol": arch}, device=device, budget=8 * GiB,
+                       total_device_bytes=80 * GiB)
+    elem = 2 if dtype == "bfloat16" else 4
+    table = arch.vocab_size * arch.hidden_size * elem
+    assert plan.model("smol").weight_bytes == arch.weight_bytes(dtype) + (table if extra else 0)

@@ -144,6 +144,15 @@ def graph_bytes(
     return outputs + transient + GRAPH_BYTES_PER_CAPTURE * len(sizes)
 
 
+def packed_head_bytes(arch: ArchConfig, dtype: str, device: str) -> int:
+    """CPU, bfloat16/float16, tied embeddings: the LM head's oneDNN-packed copy of the embedding
+    table (``models/layers.py: pack_linears_for_cpu``; the lookup needs the plain table, so both
+    stay resident). Counted with the weights; 0 otherwise."""
+    if device != "cpu" or dtype not in ("bfloat16", "float16") or not arch.tie_word_embeddings:
+        return 0
+    return arch.vocab_size * arch.hidden_size * DTYPE_BYTES[dtype]
+
+
 def overhead_bytes(device: str) -> int:
     """Device memory outside the other terms: 0 on CPU, ``CUDA_OVERHEAD_BYTES`` on CUDA."""
     return CUDA_OVERHEAD_BYTES if device == "cuda" else 0

@@ -144,7 +144,7 @@ def _resolve_model(
         arch=arch,
         dtype=dtype,
         params=arch.num_params(),
-        weight_bytes=arch.weight_bytes(dtype),
+        weight_bytes=arch.weight_bytes(dtype) + estimates.packed_head_bytes(arch, dtype, device),
         kv_bytes_per_token=per_token,
         tokens_per_block=tokens_per_block,
         priority=spec.priority,
