@@ -7,7 +7,10 @@ models by weighted max-min fairness (``fair_share.py``), and decodes always run.
 
 When the pool cannot give a running sequence the block it needs, the scheduler preempts (by
 recompute) the worst running sequence of ANY model: lowest priority first, then latest arrival,
-skipping models at or below their guaranteed minimum (their blocks are theirs). A preempted
+skipping models at or below their guaranteed minimum (their blocks are theirs). Sequences
+reserve in the reverse order (the model holding the most urgent one first, most urgent first
+inside a model), so the most urgent sequence is never preempted for a less urgent one and the
+step always makes progress (no preemption cycles). A preempted
 sequence frees its blocks and goes back to the front of its model's waiting queue with
 ``num_computed = 0``; it later re-prefills prompt + generated tokens and continues.
 """
@@ -15,6 +18,7 @@ sequence frees its blocks and goes back to the front of its model's waiting queu
 from __future__ import annotations
 
 import itertools
+import math
 from collections import deque
 from dataclasses import dataclass
 
@@ -29,6 +33,12 @@ class ModelLimits:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
+
+
+def _urgency(seq: Sequence) -> tuple[float, float]:
+    """Sort key, most urgent first: higher priority, then earlier arrival (``_pick_victim``
+    preempts in the reverse order)."""
+    return (-seq.priority, seq.arrival)
 
 
 class ModelQueues:
@@ -113,11 +123,14 @@ class Scheduler:
             if capped and name != seq.model:
                 continue  # a model at its own cap can only free its own blocks
             floor = self.allocator.quotas[name].min_blocks if name != seq.model else 0
-            used = self.allocator.num_used_blocks(name)
-            # never push another model below its guaranteed minimum
+            if self.allocator.num_used_blocks(name) <= floor:
+                continue  # a model within its guaranteed minimum keeps its sequences
+            # above its minimum, any of its sequences may go: the allocator keeps the minimum
+            # reserved for it (blocks freed below it return to that reservation), and each such
+            # preemption frees at least one block for others. Protecting a whole sequence that
+            # holds more than its model's minimum let two models preempt each other forever.
             candidates.extend(s for s in q.running
-                              if s is not seq and s.seq_id not in scheduled and s.block_table
-                              and used - len(s.block_table) >= floor)
+                              if s is not seq and s.seq_id not in scheduled and s.block_table)
         return min(candidates, key=lambda s: (s.priority, -s.arrival))
 
     def _reserve(self, seq: Sequence, num_tokens: int, scheduled: set[str],
@@ -162,11 +175,19 @@ class Scheduler:
         batches: list[ModelBatch] = []
         scheduled: set[str] = set()
         preempted: list[str] = []
-        for name in demand:
+        # the model holding the most urgent running sequence reserves first, so that sequence
+        # can only ever preempt others, never be preempted by one scheduled before it: the most
+        # urgent sequence always advances (without this, sequences of different models could
+        # preempt each other in a cycle forever in a tight pool)
+        order = sorted(demand, key=lambda name: min(
+            (_urgency(s) for s in self.queues[name].running), default=(math.inf, math.inf)))
+        batches_by_model: dict[str, ModelBatch] = {}
+        for name in order:
             decodes, prefills = self._schedule_model(self.queues[name], allowance[name],
                                                      scheduled, preempted)
             if decodes or prefills:
-                batches.append(ModelBatch(name, tuple(decodes + prefills)))
+                batches_by_model[name] = ModelBatch(name, tuple(decodes + prefills))
+        batches = [batches_by_model[name] for name in demand if name in batches_by_model]
         return StepPlan(tuple(batches), tuple(preempted))
 
     def _schedule_model(self, q: ModelQueues, allowance: int, scheduled: set[str],
@@ -176,8 +197,9 @@ class Scheduler:
         lim = q.limits
         decodes: list[ScheduledSeq] = []
         prefills: list[ScheduledSeq] = []
-        # running sequences in arrival order, so the newest are preempted first
-        running = sorted(q.running, key=lambda s: s.arrival)
+        # most urgent first (priority, then arrival: the victim order reversed), so a sequence
+        # is only ever preempted in favour of a more urgent one
+        running = sorted(q.running, key=_urgency)
         for seq in running:
             if seq.status is SeqStatus.RUNNING and seq.num_tokens - seq.num_computed == 1 \
                     and seq.num_computed > 0:
