@@ -187,7 +187,7 @@ def tight_server(tmp_path_factory):
 
 def test_short_run_reports_every_field_and_accounts_for_every_request(tight_server, tmp_path):
     workload = Workload(models=MODELS, pattern="skewed", num_requests=50, request_rate=math.inf,
-                        prompt_len=(16, 64), output_len=(4, 24), seed=5)
+                        prompt_len=(16, 64), output_len=(16, 48), seed=5)
     run = asyncio.run(run_benchmark(tight_server.url(), workload, time_limit_s=10,
                                     drain_timeout_s=60))
     json_path = tmp_path / "report.json"
