@@ -172,7 +172,6 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         demand = {name: self._demand(name, q) for name, q in self.queues.items() if q.has_work}
         allowance = fair_allowances(demand, self.weights, self.step_token_budget)
-        batches: list[ModelBatch] = []
         scheduled: set[str] = set()
         preempted: list[str] = []
         # the model holding the most urgent running sequence reserves first, so that sequence
@@ -187,8 +186,8 @@ class Scheduler:
                                                      scheduled, preempted)
             if decodes or prefills:
                 batches_by_model[name] = ModelBatch(name, tuple(decodes + prefills))
-        batches = [batches_by_model[name] for name in demand if name in batches_by_model]
-        return StepPlan(tuple(batches), tuple(preempted))
+        return StepPlan(tuple(batches_by_model[name] for name in demand if name in batches_by_model),
+                        tuple(preempted))
 
     def _schedule_model(self, q: ModelQueues, allowance: int, scheduled: set[str],
                         preempted: list[str]) -> tuple[list[ScheduledSeq], list[ScheduledSeq]]:

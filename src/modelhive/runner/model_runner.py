@@ -4,8 +4,9 @@ The only part of the engine that touches tensors. It owns the model and its per-
 the shared pool; it never allocates KV itself (the scheduler's block tables say where to write).
 On CUDA, once ``enable_cuda_graphs`` ran, every step of at most ``graph_max_rows`` tokens (decodes,
 short prompt chunks, or both) replays one captured graph, one row per token
-(``runner/cuda_graphs.py``); longer steps run eagerly, their inputs staged in one copy. Greedy
-decode steps launch the next step before returning (``runner/decode_ahead.py``).
+(``runner/cuda_graphs.py``); longer steps run eagerly, their inputs staged in one copy. Graph
+steps whose draws the device can make alone launch the next decode before returning
+(``runner/decode_ahead.py``).
 """
 
 from __future__ import annotations
