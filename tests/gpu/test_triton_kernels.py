@@ -275,11 +275,11 @@ LINEAR_SHAPES = [(2560, 2048), (96, 40), (2048, 5632), (200, 72)]
 
 
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
-@pytest.mark.parametrize("m", [1, 3, 16, 17, 40, 64, 65, 150])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 16, 17, 40, 64, 65, 150])
 @pytest.mark.parametrize("op", ["norm_linear", "norm_linear_bias", "linear_add", "silu", "gelu_tanh"])
 def test_fused_linears(dtype_name, m, op):
-    """RMSNorm + cuBLAS, act-and-mul + addmm (residual in cuBLAS's epilogue) against the
-    reference composition, at decode and prefill sizes."""
+    """The GEMV with fused prologue/epilogue (up to 4 rows) and RMSNorm + cuBLAS, act-and-mul +
+    addmm (residual in cuBLAS's epilogue) above, against the reference composition."""
     dtype = DTYPES[dtype_name]
     needs_gpu_numerics(dtype, libdevice=op == "gelu_tanh")
     shapes = LINEAR_SHAPES[1::2] if INTERPRET else LINEAR_SHAPES
@@ -308,3 +308,61 @@ def test_fused_linears(dtype_name, m, op):
             out = tk.act_linear_add(x, op, weight, res)
         assert out.shape == (m, n)
         assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2), (n, k)
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_gemv_strided_input_and_float32_logits(dtype_name):
+    """A row-strided input (q of a fused qkv output) and a float32 output buffer (logits: the
+    product rounded to the model dtype first, as ``linear(...).float()`` is)."""
+    from modelhive.kernels.triton.gemv import GEMV_MAX_ROWS, gemv
+
+    dtype = DTYPES[dtype_name]
+    needs_gpu_numerics(dtype)
+    for m in (1, 4):
+        qkv = torch.randn(m, 320, dtype=dtype, device=DEVICE)
+        x = qkv[:, :192]
+        weight = torch.randn(130, 192, dtype=dtype, device=DEVICE) / 192 ** 0.5
+        out = torch.full((m, 130), float("nan"), dtype=torch.float32, device=DEVICE)
+        gemv(x, weight, out=out)
+        ref = reference.linear(x.contiguous(), weight).float()
+        assert rel_err(out, ref) < TOL[dtype]
+    with pytest.raises(ValueError, match="at most"):
+        gemv(torch.zeros(GEMV_MAX_ROWS + 1, 8, dtype=dtype, device=DEVICE),
+             torch.zeros(4, 8, dtype=dtype, device=DEVICE))
+
+
+@pytest.mark.skipif(INTERPRET, reason="CUDA graphs and PDL need the GPU")
+def test_gemv_chain_in_cuda_graph_matches_reference():
+    """Eight layers of dependent GEMVs (norm+qkv, o + residual in place, norm+gate_up, act+down +
+    residual in place) captured in one CUDA graph and replayed: with PDL each kernel starts
+    before the previous one ends, so a missing wait would read stale activations here."""
+    torch.manual_seed(3)
+    dtype, h, inter, layers = torch.bfloat16, 512, 1408, 8
+    mk = lambda *s: torch.randn(*s, dtype=dtype, device=DEVICE) / s[-1] ** 0.5  # noqa: E731
+    W = [(mk(3 * h, h), mk(h, h), mk(2 * inter, h), mk(h, inter),
+          1 + 0.1 * torch.randn(h, dtype=dtype, device=DEVICE)) for _ in range(layers)]
+
+    def run(ops, hs):
+        for qkv_w, o_w, gu_w, down_w, nw in W:
+            qkv = ops.norm_linear(hs, nw, 1e-6, 0.0, qkv_w)
+            hs = ops.linear_add(qkv[:, :h], o_w, hs)
+            gu = ops.norm_linear(hs, nw, 1e-6, 0.0, gu_w)
+            hs = ops.act_linear_add(gu, "silu", down_w, hs)
+        return hs
+
+    start = torch.randn(1, h, dtype=dtype, device=DEVICE)
+    want = run(reference, start.clone())
+    state = start.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        run(tk, state.clone())
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = run(tk, state)
+    for _ in range(3):
+        state.copy_(start)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(got.float(), want.float()) < 2e-2

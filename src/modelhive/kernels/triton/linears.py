@@ -1,5 +1,9 @@
-"""The fused linears of ``reference.py`` on CUDA: cuBLAS GEMMs with the neighbouring ops folded
-into as few launches as cuBLAS allows.
+"""The fused linears of ``reference.py`` on CUDA.
+
+Decode-sized inputs (at most ``gemv.GEMV_MAX_ROWS`` rows: batch-1 decode, short prompts) take the
+Triton GEMV of ``gemv.py``: one kernel per linear with the RMSNorm or act-and-mul in its prologue
+and bias + residual in its epilogue, launched with PDL so the weight stream runs on across kernel
+boundaries. Larger inputs are compute-shaped and take cuBLAS:
 
 - ``norm_linear``: the Triton RMSNorm kernel, then ``F.linear``.
 - ``linear_add``: ``residual.addmm_(x, weight.T)``: the residual add runs in cuBLAS's epilogue
@@ -7,12 +11,10 @@ into as few launches as cuBLAS allows.
   then); an out-of-place ``addmm`` would first copy ``residual`` with one more kernel.
 - ``act_linear_add``: the Triton act-and-mul kernel, then ``addmm_`` as above.
 
-Measured (H200, bf16, inside CUDA graphs, ``bench/gpu_linear_tune.py`` at commit aa141c3): a
-Triton GEMM that normalised or activated its input in the prologue and added the residual in the
-epilogue (one kernel per linear) was 1.1-5x slower than these cuBLAS calls at decode batch sizes
-(1 and 32): cuBLAS's GEMV splits K across CTAs, the Triton kernel streamed long K rows serially
-(e.g. TinyLlama's down projection, K = 5632: 50 us vs 8 us). The small kernels it would have
-saved cost ~7 us per TinyLlama layer in total, so it was removed.
+Measured (H200, bf16, inside CUDA graphs, ``bench/gpu_gemv_tune.py``): the linears of a whole
+TinyLlama decode step at one row take 773 us with the GEMV + PDL against 936 us with these cuBLAS
+composites (yi-6b 3,053 vs 3,433 us). At 32 rows and up cuBLAS stays: it was 1.1-5x faster than
+an earlier Triton GEMM with ``tl.dot`` tiles (removed at commit aa141c3).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from modelhive.kernels.triton.activation import gelu_tanh_and_mul, silu_and_mul
+from modelhive.kernels.triton.gemv import GEMV_MAX_ROWS, gemv
 from modelhive.kernels.triton.rmsnorm import rms_norm
 
 _ACT_AND_MUL = {"silu": silu_and_mul, "gelu_tanh": gelu_tanh_and_mul}
@@ -28,13 +31,20 @@ _ACT_AND_MUL = {"silu": silu_and_mul, "gelu_tanh": gelu_tanh_and_mul}
 
 def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, offset: float,
                 weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if x.shape[0] <= GEMV_MAX_ROWS:
+        return gemv(x, weight, bias, prologue="rmsnorm", norm_weight=norm_weight, eps=eps,
+                    offset=offset)
     return F.linear(rms_norm(x, norm_weight, eps, offset), weight, bias)
 
 
 def linear_add(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    if x.shape[0] <= GEMV_MAX_ROWS and residual.stride(-1) == 1:
+        return gemv(x, weight, residual=residual, out=residual)
     return residual.addmm_(x, weight.t())
 
 
 def act_linear_add(x: torch.Tensor, act: str, weight: torch.Tensor,
                    residual: torch.Tensor) -> torch.Tensor:
+    if x.shape[0] <= GEMV_MAX_ROWS and residual.stride(-1) == 1:
+        return gemv(x, weight, prologue=act, residual=residual, out=residual)
     return residual.addmm_(_ACT_AND_MUL[act](x), weight.t())

@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from modelhive.kernels.triton import pdl
 from modelhive.runner.attn_metadata import AttentionMetadata
 
 #: keys handled by one decode program when the context is split; the split count is
@@ -73,8 +74,11 @@ def _decode_kernel(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, DIRECT: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # before any load: q and this step's keys come from earlier kernels (pdl.py)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -136,8 +140,11 @@ def _decode_kernel(
 @triton.jit
 def _decode_reduce_kernel(
     part_acc_ptr, part_ml_ptr, out_ptr, num_splits, stride_on, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     seq = tl.program_id(0)
     head = tl.program_id(1)
     num_heads = tl.num_programs(1)
@@ -271,6 +278,7 @@ def paged_attention(
             part_ml = torch.empty((num_decodes, num_heads, num_splits, 2),
                                   dtype=torch.float32, device=q.device)
         block_n = 64 if head_dim <= 128 else 32
+        use_pdl = pdl.enabled(q)
         _decode_kernel[(num_decodes, num_kv_heads, num_splits)](
             q, k_cache, v_cache, tables, meta.seq_lens, out, part_acc, part_ml,
             float(scale), cap, window, T, num_splits, partition,
@@ -278,13 +286,14 @@ def paged_attention(
             GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
             BLOCK_D=block_d, BLOCK_N=block_n,
             USE_WINDOW=use_window, USE_SOFTCAP=use_softcap, DIRECT=direct, PRECISION=precision,
-            num_warps=4, num_stages=2,
+            USE_PDL=use_pdl, launch_pdl=use_pdl, num_warps=4, num_stages=2,
         )
         if not direct:
             _decode_reduce_kernel[(num_decodes, num_heads)](
                 part_acc, part_ml, out, num_splits, out.stride(0), out.stride(1),
                 HEAD_DIM=head_dim, BLOCK_D=block_d,
-                BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=4,
+                BLOCK_S=max(2, triton.next_power_of_2(num_splits)), USE_PDL=use_pdl,
+                launch_pdl=use_pdl, num_warps=4,
             )
 
     num_prefills = meta.num_seqs - num_decodes

@@ -2,8 +2,8 @@
 
 Contract (``reference.rms_norm``): ``rms_norm(x, w, eps, offset) = x / rms(x) * (offset + w)`` in
 float32, cast to ``x.dtype``; ``x`` is ``[..., D]`` (2-D hidden states or 3-D ``[N, heads, D]``
-for qk-norm, any row strides). Small batches of the Llama family normalise inside the next GEMM
-instead (``fused_linear.py``).
+for qk-norm, any row strides). Decode-sized batches of the Llama family normalise inside the next
+linear instead (``gemv.py``).
 """
 
 from __future__ import annotations
@@ -12,12 +12,17 @@ import torch
 import triton
 import triton.language as tl
 
+from modelhive.kernels.triton import pdl
+
 
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, w_ptr, out_ptr, rows_per_n, stride_xn, stride_xh, D, eps, offset,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # x comes from the previous kernel (pdl.py)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)
     n = (row // rows_per_n).to(tl.int64)
     h = row % rows_per_n
@@ -52,8 +57,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
         return out
     rows_per_n, sxn, sxh = _rows(x)
     block_d = triton.next_power_of_2(dim)
+    use_pdl = pdl.enabled(x)
     _rms_norm_kernel[(num_rows,)](
         x, weight, out, rows_per_n, sxn, sxh, dim, float(eps), float(offset), BLOCK_D=block_d,
-        num_warps=min(16, max(1, block_d // 256)),
+        USE_PDL=use_pdl, launch_pdl=use_pdl, num_warps=min(16, max(1, block_d // 256)),
     )
     return out

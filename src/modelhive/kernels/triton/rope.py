@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from modelhive.kernels.triton import pdl
 from modelhive.runner.attn_metadata import AttentionMetadata
 
 
@@ -81,7 +82,11 @@ def _rope_store_kv_kernel(
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
     stride_cb, stride_ct, stride_ch, num_heads, num_kv_heads, scaling,
     HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # before any load: q, k, v come from the previous kernel (pdl.py)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     n = tl.program_id(0)
     n64 = n.to(tl.int64)
     dtype = q_ptr.dtype.element_ty
@@ -141,12 +146,13 @@ def rope_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: 
     block_h = min(triton.next_power_of_2(num_heads), ROPE_Q_HEADS_PER_PROGRAM)
     block_half = triton.next_power_of_2(half)
     grid = (num_tokens, 1 + triton.cdiv(num_heads, block_h))  # k/v, then groups of q heads
+    use_pdl = pdl.enabled(q)
     _rope_store_kv_kernel[grid](
         q, k, v, positions, inv_freq, k_cache, v_cache, meta.slot_blocks, meta.slot_offsets,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), num_heads, num_kv_heads,
         float(attention_scaling), HALF=half, BLOCK_H=block_h,
         BLOCK_KV=triton.next_power_of_2(num_kv_heads), BLOCK_HALF=block_half,
-        num_warps=1 if block_h * block_half <= 256 else 4,
+        USE_PDL=use_pdl, launch_pdl=use_pdl, num_warps=1 if block_h * block_half <= 256 else 4,
     )
     return q

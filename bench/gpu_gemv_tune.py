@@ -1,0 +1,220 @@
+"""Decode linears on the GPU: the Triton GEMV (``kernels/triton/gemv.py``) against cuBLAS.
+
+    PYTHONPATH=src python3 bench/gpu_gemv_tune.py [--sweep] [--json OUT.json]
+
+1. Checks the GEMV (every prologue, bias, in-place residual) against ``reference`` in bf16.
+2. ``--sweep``: per weight shape of the three-models presets, times every tile config inside a
+   CUDA graph of back-to-back calls on distinct weight copies (so no call reads another's weights
+   from L2), next to cuBLAS (``F.linear``); prints the best configs.
+3. Times a whole decode layer stack of linears per preset (qkv with RMSNorm, o with the residual
+   add, gate_up with RMSNorm, down with SiLU-and-mul and the add; every layer its own weights) as
+   cuBLAS composites (``linears.py`` today), GEMV without PDL and GEMV with PDL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import torch
+import torch.nn.functional as F
+
+from modelhive.kernels import reference
+from modelhive.kernels.triton import linears
+from modelhive.kernels.triton.gemv import gemv, pick_config
+
+DT = torch.bfloat16
+# (hidden, q_size, kv_size, intermediate, layers, vocab)
+PRESETS = {
+    "tinyllama-1.1b": (2048, 2048, 256, 5632, 22, 32000),
+    "qwen2.5-3b": (2048, 2048, 256, 11008, 36, 151936),
+    "yi-6b": (4096, 4096, 512, 11008, 32, 64000),
+}
+
+
+def copy_bandwidth() -> float:
+    a = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(True), torch.cuda.Event(True)
+    s.record()
+    for _ in range(20):
+        b.copy_(a)
+    e.record()
+    torch.cuda.synchronize()
+    return 2 * a.numel() * 20 / (s.elapsed_time(e) / 1e3)
+
+
+def graph_time(fn, reps: int = 20) -> float:
+    """Seconds per call of ``fn`` replayed in a CUDA graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    for _ in range(3):
+        g.replay()
+    torch.cuda.synchronize()
+    st, en = torch.cuda.Event(True), torch.cuda.Event(True)
+    st.record()
+    for _ in range(reps):
+        g.replay()
+    en.record()
+    torch.cuda.synchronize()
+    return st.elapsed_time(en) / 1e3 / reps
+
+
+def check() -> list[str]:
+    torch.manual_seed(0)
+    bad = []
+    for m, n, k in [(1, 2560, 2048), (2, 2048, 5632), (4, 1000, 1536), (3, 77, 96)]:
+        x = torch.randn(m, k, device="cuda", dtype=DT)
+        x2 = torch.randn(m, 2 * k, device="cuda", dtype=DT)
+        w = torch.randn(n, k, device="cuda", dtype=DT) / k ** 0.5
+        b = torch.randn(n, device="cuda", dtype=DT)
+        nw = torch.randn(k, device="cuda", dtype=DT)
+        res = torch.randn(m, n, device="cuda", dtype=DT)
+        cases = {
+            "plain+bias": (gemv(x, w, b), F.linear(x, w, b)),
+            "rmsnorm": (gemv(x, w, prologue="rmsnorm", norm_weight=nw, eps=1e-6, offset=1.0),
+                        reference.norm_linear(x, nw, 1e-6, 1.0, w)),
+            "silu+res": (gemv(x2, w, prologue="silu", residual=res),
+                         torch.addmm(res, reference.silu_and_mul(x2), w.t())),
+            "gelu+res": (gemv(x2, w, prologue="gelu_tanh", residual=res),
+                         torch.addmm(res, reference.gelu_tanh_and_mul(x2), w.t())),
+        }
+        r2 = res.clone()
+        cases["inplace"] = (gemv(x, w, residual=r2, out=r2), torch.addmm(res, x, w.t()))
+        for name, (got, want) in cases.items():
+            err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+            ok = err < 2e-2
+            print(f"check m={m} n={n} k={k} {name:10s} rel err {err:.2e} {'ok' if ok else 'FAIL'}")
+            if not ok:
+                bad.append(f"{m},{n},{k},{name}")
+    return bad
+
+
+def shapes() -> list[tuple[int, int]]:
+    out = []
+    for h, q, kv, inter, _, vocab in PRESETS.values():
+        for s in [(q + 2 * kv, h), (h, q), (2 * inter, h), (h, inter), (vocab, h)]:
+            if s not in out:
+                out.append(s)
+    return out
+
+
+def sweep(results: dict) -> None:
+    configs = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=1)
+               for bn, bk, nw in itertools.product([2, 4, 8, 16], [256, 512, 1024], [2, 4, 8])]
+    for n, k in shapes():
+        nbytes = n * k * 2
+        copies = max(2, min(32, -(-(256 << 20) // nbytes)))
+        ws = [torch.randn(n, k, device="cuda", dtype=DT) for _ in range(copies)]
+        x = torch.randn(1, k, device="cuda", dtype=DT)
+        outs = torch.empty(1, n, device="cuda", dtype=DT)
+        t_cublas = graph_time(lambda x=x, ws=ws, outs=outs: [torch.mm(x, w.t(), out=outs)
+                                                              for w in ws]) / copies
+        rows = []
+        for cfg in configs:
+            try:
+                t = graph_time(lambda x=x, ws=ws, outs=outs, cfg=cfg: [
+                    gemv(x, w, out=outs, config=cfg) for w in ws]) / copies
+            except Exception as exc:  # a config that does not compile (registers): skip it
+                print(f"  {n}x{k} {cfg}: {type(exc).__name__}")
+                continue
+            rows.append((t, cfg))
+        rows.sort(key=lambda r: r[0])
+        t_pick = graph_time(lambda x=x, ws=ws, outs=outs: [gemv(x, w, out=outs)
+                                                           for w in ws]) / copies
+        line = (f"{n:6d}x{k:5d} {nbytes / 2**20:7.1f} MiB  cuBLAS {t_cublas * 1e6:7.1f} us "
+                f"{nbytes / t_cublas / 1e12:4.2f} TB/s | pick {t_pick * 1e6:7.1f} us "
+                f"{nbytes / t_pick / 1e12:4.2f} TB/s | best {rows[0][0] * 1e6:7.1f} us "
+                f"{nbytes / rows[0][0] / 1e12:4.2f} TB/s {rows[0][1]}")
+        print(line)
+        for t, cfg in rows[1:4]:
+            print(f"{'':22s} next {t * 1e6:7.1f} us {nbytes / t / 1e12:4.2f} TB/s {cfg}")
+        results.setdefault("sweep", []).append({
+            "n": n, "k": k, "cublas_us": t_cublas * 1e6, "pick_us": t_pick * 1e6,
+            "top": [{"us": t * 1e6, **cfg} for t, cfg in rows[:8]]})
+
+
+def layer_stack(name: str, results: dict, bw: float) -> None:
+    h, q, kv, inter, layers, _ = PRESETS[name]
+    torch.manual_seed(1)
+    mk = lambda *s: torch.randn(*s, device="cuda", dtype=DT) / s[-1] ** 0.5  # noqa: E731
+    W = [dict(qkv=mk(q + 2 * kv, h), o=mk(h, q), gu=mk(2 * inter, h), down=mk(h, inter),
+              n1=torch.ones(h, device="cuda", dtype=DT), n2=torch.ones(h, device="cuda", dtype=DT))
+         for _ in range(layers)]
+    nbytes = sum(w[k].numel() * 2 for w in W for k in ("qkv", "o", "gu", "down"))
+    h0 = torch.randn(1, h, device="cuda", dtype=DT)
+    state = h0.clone()
+
+    def cublas():
+        hs = state
+        for w in W:
+            qkv = linears.norm_linear(hs, w["n1"], 1e-6, 0.0, w["qkv"])
+            hs = linears.linear_add(qkv[:, :q], w["o"], hs)
+            gu = linears.norm_linear(hs, w["n2"], 1e-6, 0.0, w["gu"])
+            hs = linears.act_linear_add(gu, "silu", w["down"], hs)
+
+    def fused(use_pdl: bool):
+        def run():
+            hs = state
+            for w in W:
+                qkv = gemv(hs, w["qkv"], prologue="rmsnorm", norm_weight=w["n1"], eps=1e-6,
+                           config={**pick_config(*w["qkv"].shape), "pdl": use_pdl})
+                gemv(qkv[:, :q], w["o"], residual=hs, out=hs,
+                     config={**pick_config(*w["o"].shape), "pdl": use_pdl})
+                gu = gemv(hs, w["gu"], prologue="rmsnorm", norm_weight=w["n2"], eps=1e-6,
+                          config={**pick_config(*w["gu"].shape), "pdl": use_pdl})
+                gemv(gu, w["down"], prologue="silu", residual=hs, out=hs,
+                     config={**pick_config(*w["down"].shape), "pdl": use_pdl})
+        return run
+
+    row = {"model": name, "weights_mb": nbytes / 1e6, "roofline_us": nbytes / bw * 2 * 1e6}
+    for label, fn in [("cublas", cublas), ("gemv", fused(False)), ("gemv+pdl", fused(True))]:
+        state.copy_(h0)
+        t = graph_time(fn, reps=10)
+        row[label + "_us"] = t * 1e6
+    # same result? (one pass each from the same start)
+    outs = {}
+    for label, fn in [("cublas", cublas), ("gemv+pdl", fused(True))]:
+        state.copy_(h0)
+        fn()
+        outs[label] = state.float().clone()
+    row["max_rel_diff"] = ((outs["cublas"] - outs["gemv+pdl"]).abs().max()
+                           / outs["cublas"].abs().max()).item()
+    print(f"{name:15s} linears {nbytes / 1e9:5.2f} GB  roofline {row['roofline_us']:7.0f} us | "
+          + " | ".join(f"{lab} {row[lab + '_us']:7.0f} us ({row['roofline_us'] / row[lab + '_us'] * 100:4.1f} %)"
+                       for lab in ("cublas", "gemv", "gemv+pdl"))
+          + f" | rel diff {row['max_rel_diff']:.1e}")
+    results.setdefault("layers", []).append(row)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    print(torch.cuda.get_device_name(), torch.__version__)
+    bw = copy_bandwidth()
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
+    results: dict = {"device": torch.cuda.get_device_name(), "copy_tbs": bw / 1e12}
+    results["check_failures"] = check()
+    for name in PRESETS:
+        layer_stack(name, results, bw)
+    if args.sweep:
+        sweep(results)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

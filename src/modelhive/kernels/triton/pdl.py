@@ -1,0 +1,56 @@
+"""Programmatic dependent launch (PDL, Hopper and later): let a kernel start while the one before
+it in the stream is still finishing.
+
+A decode step at batch 1 is ~150 small memory-bound kernels; without PDL each one starts only
+after the previous one has fully drained, so every boundary costs the tail of one kernel plus the
+ramp-up of the next (~1-3 us of idle bandwidth). A kernel launched with ``launch_pdl=True`` may
+begin as soon as every program of the previous kernel has called ``gdc_launch_dependents``; it
+must call ``gdc_wait`` (which returns when the previous kernel has completed and its writes are
+visible) before it touches anything an earlier kernel writes or reads. What it may do before the
+wait: load its weights, which no kernel of a step writes. The linears of ``gemv.py`` load their
+first weight tile there, so the weight stream does not stop at kernel boundaries.
+
+Rules every PDL kernel here keeps: ``gdc_wait`` before the first load of activations, KV or
+metadata and before the first store; every program reaches ``gdc_wait`` (so the chain's ordering
+is transitive: kernel C's wait returns after B completed, and B completed after its own wait
+returned after A completed). Both calls are no-ops for a kernel launched without the flag, and a
+kernel launched after a non-PDL kernel (cuBLAS, torch) simply starts when that one completes.
+
+``MODELHIVE_PDL=0`` turns it off (A/B measurements); it is off on GPUs before Hopper and in
+Triton's CPU interpreter.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:
+    from triton.language.extra import cuda as _tl_cuda
+except ImportError:
+    _tl_cuda = None
+
+#: whether this Triton has the grid-dependency calls (kernels call ``tl.extra.cuda.gdc_wait()``
+#: and ``tl.extra.cuda.gdc_launch_dependents()`` under a ``USE_PDL`` constexpr)
+HAS_GDC = hasattr(_tl_cuda, "gdc_wait")
+
+
+@functools.cache
+def _supported(device_index: int) -> bool:
+    if not HAS_GDC or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    if os.environ.get("MODELHIVE_PDL", "1") == "0":
+        return False
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def enabled(t: torch.Tensor) -> bool:
+    """Whether kernels working on ``t`` launch with PDL (pass it as the kernel's ``USE_PDL``
+    constexpr and as the launch's ``launch_pdl``)."""
+    return t.is_cuda and _supported(t.device.index if t.device.index is not None
+                                    else torch.cuda.current_device())
+
+
+__all__ = ["HAS_GDC", "enabled"]
