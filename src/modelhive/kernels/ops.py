@@ -52,6 +52,11 @@ def linear_add(x, weight, residual):
     return (_gpu(x) or reference).linear_add(x, weight, residual)
 
 
+def logits(x, weight):
+    """``x @ weight.T`` rounded to ``x.dtype`` (as a linear in the model dtype is), as float32."""
+    return (_gpu(x) or reference).logits(x, weight)
+
+
 def act_linear_add(x, act, weight, residual):
     """``residual + act_and_mul(x) @ weight.T``; may overwrite ``residual`` like ``linear_add``."""
     return (_gpu(x) or reference).act_linear_add(x, act, weight, residual)

@@ -262,6 +262,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+def logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The LM head: ``linear(x, weight)`` in the model dtype, as float32."""
+    return linear(x, weight).float()
+
+
 def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, offset: float,
                 weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     return linear(rms_norm(x, norm_weight, eps, offset), weight, bias)

@@ -242,7 +242,7 @@ class GatedMLP(nn.Module):
 def final_logits(hidden: torch.Tensor, weight: torch.Tensor,
                  softcap: float | None = None) -> torch.Tensor:
     """``[M, hidden] -> [M, vocab]`` float32, with optional ``tanh`` soft-capping."""
-    logits = reference.linear(hidden, weight).float()
+    logits = ops.logits(hidden, weight)
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     return logits

@@ -48,3 +48,10 @@ def act_linear_add(x: torch.Tensor, act: str, weight: torch.Tensor,
     if x.shape[0] <= GEMV_MAX_ROWS and residual.stride(-1) == 1:
         return gemv(x, weight, prologue=act, residual=residual, out=residual)
     return residual.addmm_(_ACT_AND_MUL[act](x), weight.t())
+
+
+def logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    if x.shape[0] <= GEMV_MAX_ROWS:
+        return gemv(x, weight, out=torch.empty((x.shape[0], weight.shape[0]),
+                                               dtype=torch.float32, device=x.device))
+    return F.linear(x, weight).float()
