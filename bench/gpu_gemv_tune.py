@@ -8,7 +8,9 @@
    from L2), next to cuBLAS (``F.linear``); prints the best configs.
 3. Times a whole decode layer stack of linears per preset (qkv with RMSNorm, o with the residual
    add, gate_up with RMSNorm, down with SiLU-and-mul and the add; every layer its own weights) as
-   cuBLAS composites (``linears.py`` today), GEMV without PDL and GEMV with PDL.
+   cuBLAS composites, GEMV without PDL, GEMV streaming every row in chunks with PDL, and the
+   GEMV as ``pick_config`` sets it up (whole rows loaded before the PDL wait) with PDL.
+   Roofline: the weight bytes over the measured copy bandwidth (read + write bytes per second).
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ import json
 
 import torch
 import torch.nn.functional as F
+import triton
 
 from modelhive.kernels import reference
 from modelhive.kernels.triton import linears
-from modelhive.kernels.triton.gemv import gemv, pick_config
+from modelhive.kernels.triton.gemv import FULL_K_MAX, gemv, pick_config
 
 DT = torch.bfloat16
 # (hidden, q_size, kv_size, intermediate, layers, vocab)
@@ -100,48 +103,66 @@ def check() -> list[str]:
     return bad
 
 
-def shapes() -> list[tuple[int, int]]:
+def roles() -> list[tuple[str, int, int, str | None, bool]]:
+    """(role, N, K, prologue, residual) of every distinct decode linear of the presets."""
     out = []
     for h, q, kv, inter, _, vocab in PRESETS.values():
-        for s in [(q + 2 * kv, h), (h, q), (2 * inter, h), (h, inter), (vocab, h)]:
-            if s not in out:
-                out.append(s)
+        for r in [("qkv", q + 2 * kv, h, "rmsnorm", False), ("o", h, q, None, True),
+                  ("gate_up", 2 * inter, h, "rmsnorm", False), ("down", h, inter, "silu", True),
+                  ("lm_head", vocab, h, None, False)]:
+            if r[1:3] not in [o[1:3] for o in out if o[0] == r[0]]:
+                out.append(r)
     return out
 
 
 def sweep(results: dict) -> None:
-    configs = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=1)
-               for bn, bk, nw in itertools.product([2, 4, 8, 16], [256, 512, 1024], [2, 4, 8])]
-    for n, k in shapes():
+    for role, n, k, prologue, has_res in roles():
+        k_pad = triton.next_power_of_2(k)
+        configs = [dict(BLOCK_N=bn, BLOCK_K=bk, FULL_K=False, num_warps=nw, num_stages=1)
+                   for bn, bk, nw in itertools.product([2, 4, 8, 16], [512, 1024], [4, 8])]
+        if k_pad <= FULL_K_MAX:
+            configs += [dict(BLOCK_N=bn, BLOCK_K=k_pad, FULL_K=True, num_warps=nw, num_stages=1)
+                        for bn, nw in itertools.product([2, 4, 8, 16], [4, 8])]
         nbytes = n * k * 2
         copies = max(2, min(32, -(-(256 << 20) // nbytes)))
         ws = [torch.randn(n, k, device="cuda", dtype=DT) for _ in range(copies)]
-        x = torch.randn(1, k, device="cuda", dtype=DT)
-        outs = torch.empty(1, n, device="cuda", dtype=DT)
-        t_cublas = graph_time(lambda x=x, ws=ws, outs=outs: [torch.mm(x, w.t(), out=outs)
-                                                              for w in ws]) / copies
+        x = torch.randn(1, 2 * k if prologue == "silu" else k, device="cuda", dtype=DT)
+        nw_ = torch.ones(k, device="cuda", dtype=DT)
+        res = torch.randn(1, n, device="cuda", dtype=DT)
+        outs = res if has_res else torch.empty(1, n, device="cuda", dtype=DT)
+        kw = dict(prologue=prologue, norm_weight=nw_ if prologue == "rmsnorm" else None,
+                  eps=1e-6, residual=res if has_res else None, out=outs)
+
+        def cublas(ws=ws, x=x, prologue=prologue, nw_=nw_, res=res, has_res=has_res, outs=outs):
+            for w in ws:
+                if prologue == "rmsnorm":
+                    linears.F.linear(linears.rms_norm(x, nw_, 1e-6, 0.0), w)
+                elif prologue == "silu":
+                    res.addmm_(linears.silu_and_mul(x), w.t())
+                elif has_res:
+                    res.addmm_(x, w.t())
+                else:
+                    torch.mm(x, w.t(), out=outs)
+
+        t_cublas = graph_time(cublas) / copies
         rows = []
         for cfg in configs:
             try:
-                t = graph_time(lambda x=x, ws=ws, outs=outs, cfg=cfg: [
-                    gemv(x, w, out=outs, config=cfg) for w in ws]) / copies
+                t = graph_time(lambda ws=ws, x=x, kw=kw, cfg=cfg: [
+                    gemv(x, w, config=cfg, **kw) for w in ws]) / copies
             except Exception as exc:  # a config that does not compile (registers): skip it
                 print(f"  {n}x{k} {cfg}: {type(exc).__name__}")
                 continue
             rows.append((t, cfg))
         rows.sort(key=lambda r: r[0])
-        t_pick = graph_time(lambda x=x, ws=ws, outs=outs: [gemv(x, w, out=outs)
-                                                           for w in ws]) / copies
-        line = (f"{n:6d}x{k:5d} {nbytes / 2**20:7.1f} MiB  cuBLAS {t_cublas * 1e6:7.1f} us "
-                f"{nbytes / t_cublas / 1e12:4.2f} TB/s | pick {t_pick * 1e6:7.1f} us "
-                f"{nbytes / t_pick / 1e12:4.2f} TB/s | best {rows[0][0] * 1e6:7.1f} us "
-                f"{nbytes / rows[0][0] / 1e12:4.2f} TB/s {rows[0][1]}")
-        print(line)
-        for t, cfg in rows[1:4]:
-            print(f"{'':22s} next {t * 1e6:7.1f} us {nbytes / t / 1e12:4.2f} TB/s {cfg}")
+        t_pick = graph_time(lambda ws=ws, x=x, kw=kw: [gemv(x, w, **kw) for w in ws]) / copies
+        short = lambda c: (c["BLOCK_N"], c["BLOCK_K"], c["num_warps"], "F" if c["FULL_K"] else "L")  # noqa: E731
+        print(f"{role:8s} {n:6d}x{k:5d} {nbytes / 2**20:6.1f} MiB  cuBLAS {t_cublas * 1e6:6.1f} | "
+              f"pick {t_pick * 1e6:6.1f} {short(pick_config(n, k, prologue))} | best "
+              + ", ".join(f"{t * 1e6:.1f} {short(c)}" for t, c in rows[:4]))
         results.setdefault("sweep", []).append({
-            "n": n, "k": k, "cublas_us": t_cublas * 1e6, "pick_us": t_pick * 1e6,
-            "top": [{"us": t * 1e6, **cfg} for t, cfg in rows[:8]]})
+            "role": role, "n": n, "k": k, "cublas_us": t_cublas * 1e6, "pick_us": t_pick * 1e6,
+            "top": [{"us": t * 1e6, **cfg} for t, cfg in rows[:12]]})
 
 
 def layer_stack(name: str, results: dict, bw: float) -> None:
@@ -158,27 +179,34 @@ def layer_stack(name: str, results: dict, bw: float) -> None:
     def cublas():
         hs = state
         for w in W:
-            qkv = linears.norm_linear(hs, w["n1"], 1e-6, 0.0, w["qkv"])
-            hs = linears.linear_add(qkv[:, :q], w["o"], hs)
-            gu = linears.norm_linear(hs, w["n2"], 1e-6, 0.0, w["gu"])
-            hs = linears.act_linear_add(gu, "silu", w["down"], hs)
+            qkv = F.linear(linears.rms_norm(hs, w["n1"], 1e-6, 0.0), w["qkv"])
+            hs = hs.addmm_(qkv[:, :q], w["o"].t())
+            gu = F.linear(linears.rms_norm(hs, w["n2"], 1e-6, 0.0), w["gu"])
+            hs = hs.addmm_(linears.silu_and_mul(gu), w["down"].t())
 
-    def fused(use_pdl: bool):
+    def fused(use_pdl: bool, full_k: bool = True):
+        def cfg(weight, prologue=None):
+            c = {**pick_config(*weight.shape, prologue), "pdl": use_pdl}
+            if not full_k:
+                c.update(BLOCK_N=4, BLOCK_K=1024, FULL_K=False,
+                         num_warps=8 if weight.shape[0] <= 2048 else 4)
+            return c
+
         def run():
             hs = state
             for w in W:
                 qkv = gemv(hs, w["qkv"], prologue="rmsnorm", norm_weight=w["n1"], eps=1e-6,
-                           config={**pick_config(*w["qkv"].shape), "pdl": use_pdl})
-                gemv(qkv[:, :q], w["o"], residual=hs, out=hs,
-                     config={**pick_config(*w["o"].shape), "pdl": use_pdl})
+                           config=cfg(w["qkv"], "rmsnorm"))
+                gemv(qkv[:, :q], w["o"], residual=hs, out=hs, config=cfg(w["o"]))
                 gu = gemv(hs, w["gu"], prologue="rmsnorm", norm_weight=w["n2"], eps=1e-6,
-                          config={**pick_config(*w["gu"].shape), "pdl": use_pdl})
-                gemv(gu, w["down"], prologue="silu", residual=hs, out=hs,
-                     config={**pick_config(*w["down"].shape), "pdl": use_pdl})
+                          config=cfg(w["gu"], "rmsnorm"))
+                gemv(gu, w["down"], prologue="silu", residual=hs, out=hs, config=cfg(w["down"], "silu"))
         return run
 
-    row = {"model": name, "weights_mb": nbytes / 1e6, "roofline_us": nbytes / bw * 2 * 1e6}
-    for label, fn in [("cublas", cublas), ("gemv", fused(False)), ("gemv+pdl", fused(True))]:
+    row = {"model": name, "weights_mb": nbytes / 1e6, "roofline_us": nbytes / bw * 1e6}
+    variants = [("cublas", cublas), ("gemv", fused(False)), ("loop+pdl", fused(True, False)),
+                ("gemv+pdl", fused(True))]
+    for label, fn in variants:
         state.copy_(h0)
         t = graph_time(fn, reps=10)
         row[label + "_us"] = t * 1e6
@@ -191,8 +219,8 @@ def layer_stack(name: str, results: dict, bw: float) -> None:
     row["max_rel_diff"] = ((outs["cublas"] - outs["gemv+pdl"]).abs().max()
                            / outs["cublas"].abs().max()).item()
     print(f"{name:15s} linears {nbytes / 1e9:5.2f} GB  roofline {row['roofline_us']:7.0f} us | "
-          + " | ".join(f"{lab} {row[lab + '_us']:7.0f} us ({row['roofline_us'] / row[lab + '_us'] * 100:4.1f} %)"
-                       for lab in ("cublas", "gemv", "gemv+pdl"))
+          + " | ".join(f"{lab} {row[lab + '_us']:6.0f} us ({row['roofline_us'] / row[lab + '_us'] * 100:4.1f} %)"
+                       for lab, _ in variants)
           + f" | rel diff {row['max_rel_diff']:.1e}")
     results.setdefault("layers", []).append(row)
 

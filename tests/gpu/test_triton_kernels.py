@@ -271,7 +271,7 @@ def test_rope_store_kv_skips_negative_blocks():
     assert torch.equal(pool.storage, before)
 
 
-LINEAR_SHAPES = [(2560, 2048), (96, 40), (2048, 5632), (200, 72)]
+LINEAR_SHAPES = [(2560, 2048), (96, 40), (2048, 5632), (200, 72), (8200, 256)]
 
 
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])

@@ -21,9 +21,11 @@ the previous kernel, so the weight stream runs on across kernel boundaries.
 Layout of the work: program ``j * M + r`` computes output columns ``j*BLOCK_N ..`` of row ``r``
 (a 1-D grid: a 150k-word LM head has more column blocks than a grid's second axis allows); rows
 are the fastest index so the programs of all rows that share a weight tile run side by side and
-all but one read it from L2. Each program streams its ``BLOCK_N`` weight rows in
-``BLOCK_K`` chunks with the next chunk's load issued before the current one is used (a two-deep
-register pipeline), accumulating ``[BLOCK_N, BLOCK_K]`` partial products reduced once at the end.
+all but one read it from L2. A program either loads its weight rows whole (``FULL_K``: rows of
+at most ``FULL_K_MAX``, the tall gate_up and LM-head matrices) before the PDL wait, or streams
+them in ``BLOCK_K`` chunks, the next chunk's load issued before the current one is used (a
+two-deep register pipeline), into ``[BLOCK_N, BLOCK_K]`` partial products reduced once at the
+end. ``pick_config`` chooses per shape and prologue.
 
 (An earlier Triton GEMM for up to 64 rows with ``tl.dot`` tiles, removed at commit aa141c3, was
 1.1-5x slower than cuBLAS: its 16-row dot tiles and serial long rows starved the memory system.)
@@ -40,9 +42,28 @@ from modelhive.kernels.triton.activation import gated_act
 
 #: the most rows a step may have for the GEMV path; larger steps use cuBLAS (``linears.py``)
 GEMV_MAX_ROWS = 4
+#: the longest row (K, padded to a power of two) a program loads whole
+FULL_K_MAX = 4096
 
 _NONE, _RMSNORM, _SILU, _GELU_TANH = 0, 1, 2, 3
 _PROLOGUES = {None: _NONE, "rmsnorm": _RMSNORM, "silu": _SILU, "gelu_tanh": _GELU_TANH}
+
+
+@triton.jit
+def _prologue(x_row, norm_w_ptr, kk, k_mask, rstd, K, offset, dtype: tl.constexpr,
+              PROLOGUE: tl.constexpr):
+    """Columns ``kk`` of the row's linear input, rounded to ``dtype``, as float32."""
+    if PROLOGUE == 0:
+        a = tl.load(x_row + kk, mask=k_mask, other=0.0).to(tl.float32)
+    elif PROLOGUE == 1:
+        xt = tl.load(x_row + kk, mask=k_mask, other=0.0).to(tl.float32)
+        nw = tl.load(norm_w_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
+        a = ((xt * rstd) * (offset + nw)).to(dtype).to(tl.float32)
+    else:
+        gate = tl.load(x_row + kk, mask=k_mask, other=0.0)
+        up = tl.load(x_row + K + kk, mask=k_mask, other=0.0)
+        a = gated_act(gate, up, dtype, PROLOGUE == 3).to(tl.float32)
+    return a
 
 
 @triton.jit
@@ -50,7 +71,7 @@ def _gemv_kernel(
     x_ptr, w_ptr, bias_ptr, norm_w_ptr, res_ptr, out_ptr,
     M, N, K, stride_xm, stride_wn, stride_rm, stride_om, eps, offset,
     PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FULL_K: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     row = pid % M  # the fastest: the rows sharing a weight tile run side by side
@@ -61,37 +82,37 @@ def _gemv_kernel(
     rk = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_wn
     x_row = x_ptr + row.to(tl.int64) * stride_xm
-    # weights are never written during a step: the first tile may load before the wait
+    # Weights are never written during a step, so they may load before the wait: all of this
+    # program's rows (FULL_K: BLOCK_K >= K), or the first chunk of them.
     w_next = tl.load(w_rows + rk[None, :], mask=n_mask[:, None] & (rk < K)[None, :], other=0.0)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    if PROLOGUE == 1:  # RMSNorm: the row's sum of squares first
-        sq = tl.zeros([BLOCK_K], dtype=tl.float32)
+    rstd = 1.0
+    if FULL_K:
+        k_mask = rk < K
+        if PROLOGUE == 1:
+            xt = tl.load(x_row + rk, mask=k_mask, other=0.0).to(tl.float32)
+            rstd = 1.0 / tl.sqrt_rn(tl.sum(xt * xt, 0) / K + eps)
+        a = _prologue(x_row, norm_w_ptr, rk, k_mask, rstd, K, offset, dtype, PROLOGUE)
+        out = tl.sum(w_next.to(tl.float32) * a[None, :], 1)
+    else:
+        if PROLOGUE == 1:  # RMSNorm: the row's sum of squares first
+            sq = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                xt = tl.load(x_row + k0 + rk, mask=(k0 + rk) < K, other=0.0).to(tl.float32)
+                sq += xt * xt
+            rstd = 1.0 / tl.sqrt_rn(tl.sum(sq, 0) / K + eps)
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            xt = tl.load(x_row + k0 + rk, mask=(k0 + rk) < K, other=0.0).to(tl.float32)
-            sq += xt * xt
-        rstd = 1.0 / tl.sqrt_rn(tl.sum(sq, 0) / K + eps)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        w = w_next
-        kn = k0 + BLOCK_K + rk
-        w_next = tl.load(w_rows + kn[None, :], mask=n_mask[:, None] & (kn < K)[None, :],
-                         other=0.0)
-        kk = k0 + rk
-        k_mask = kk < K
-        if PROLOGUE == 0:
-            a = tl.load(x_row + kk, mask=k_mask, other=0.0).to(tl.float32)
-        elif PROLOGUE == 1:
-            xt = tl.load(x_row + kk, mask=k_mask, other=0.0).to(tl.float32)
-            nw = tl.load(norm_w_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
-            a = ((xt * rstd) * (offset + nw)).to(dtype).to(tl.float32)
-        else:
-            gate = tl.load(x_row + kk, mask=k_mask, other=0.0)
-            up = tl.load(x_row + K + kk, mask=k_mask, other=0.0)
-            a = gated_act(gate, up, dtype, PROLOGUE == 3).to(tl.float32)
-        acc += w.to(tl.float32) * a[None, :]
-    out = tl.sum(acc, 1)
+            w = w_next
+            kn = k0 + BLOCK_K + rk
+            w_next = tl.load(w_rows + kn[None, :], mask=n_mask[:, None] & (kn < K)[None, :],
+                             other=0.0)
+            kk = k0 + rk
+            a = _prologue(x_row, norm_w_ptr, kk, kk < K, rstd, K, offset, dtype, PROLOGUE)
+            acc += w.to(tl.float32) * a[None, :]
+        out = tl.sum(acc, 1)
     if HAS_BIAS:
         out += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
     if HAS_RES:
@@ -103,14 +124,35 @@ def _gemv_kernel(
              out.to(dtype).to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
-def pick_config(n: int, k: int) -> dict:
-    """Tile sizes for an ``[N, K]`` weight stream (tuned on H200 with ``bench/gpu_gemv_tune.py``):
-    4 weight rows x 1024 columns (8 KiB of bf16) per program and chunk; narrow matrices (few
-    programs) get 8 warps per program. Measured against cuBLAS at one row, inside CUDA graphs:
-    2048x2048 3.3 vs 6.0 us, 2048x5632 6.9 vs 11.0 us, 11264x2048 13.1 vs 13.6 us, 4096x11008
-    23.2 vs 27.5 us, 151936x2048 140 vs 150 us."""
-    return {"BLOCK_N": 4, "BLOCK_K": min(1024, max(64, triton.next_power_of_2(k))),
-            "num_warps": 8 if n <= 2048 else 4, "num_stages": 1}
+def pick_config(n: int, k: int, prologue: str | None = None) -> dict:
+    """Tile sizes for an ``[N, K]`` weight stream with the given prologue, from
+    ``bench/gpu_gemv_tune.py --sweep`` on H200 (one row; chains of calls on distinct weights
+    inside a CUDA graph, PDL on; each decode linear of the presets with its own prologue and
+    residual). With a prologue, each program re-reads its input row from L2, so programs take
+    more weight rows (4-8) than a plain stream needs. Measured, us (cuBLAS composite in brackets):
+    TinyLlama qkv 3.9 (8.4), o 3.6 (6.0), gate_up 14.2 (16.2), down 8.5 (12.8), LM head 32 (35);
+    Yi-6B qkv 12.4 (16.3), o 10.1 (13.4), gate_up 48.3 (49.2), down 25.3 (29.7), LM head 118 (131).
+    """
+    k_pad = triton.next_power_of_2(k)
+    block_k = min(1024, max(16, k_pad))
+
+    def full(block_n: int, warps: int) -> dict:
+        return {"BLOCK_N": block_n, "BLOCK_K": max(16, k_pad), "FULL_K": True,
+                "num_warps": warps, "num_stages": 1}
+
+    def chunked(block_n: int, chunk: int, warps: int) -> dict:
+        return {"BLOCK_N": block_n, "BLOCK_K": min(chunk, block_k), "FULL_K": False,
+                "num_warps": warps, "num_stages": 1}
+
+    if prologue == "rmsnorm":  # q/k/v and gate_up
+        if k_pad <= 2048:
+            return full(8 if n <= 4096 else 4, 4)
+        return chunked(8 if n <= 8192 else 4, 512, 4)
+    if prologue is None and n >= 8192 and k_pad <= FULL_K_MAX:  # LM heads
+        return full(2, 8)
+    if n <= 2048:  # o and down of a 2048-wide model: few programs, more warps each
+        return chunked(8 if prologue is None else 4, 1024, 8)
+    return chunked(8, 1024, 4)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -144,7 +186,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         raise ValueError(f"out must be a [{m}, {n}] tensor with contiguous rows")
     if m == 0:
         return out
-    cfg = dict(config or pick_config(n, k))
+    cfg = dict(config or pick_config(n, k, prologue))
     use_pdl = cfg.pop("pdl", None)
     use_pdl = pdl.enabled(x) if use_pdl is None else use_pdl
     grid = (m * triton.cdiv(n, cfg["BLOCK_N"]),)
