@@ -4,6 +4,10 @@ measured peak stays under the planned activation bound."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 
 from modelhive import ModelSpec
@@ -34,9 +38,26 @@ def test_weights_measured_equal_plan_exactly(engine):
         assert got.param_bytes == got.weight_bytes == m.weight_bytes
         assert got.load_bytes is not None  # RSS growth across the load, shown beside it
     assert measured.weights_bytes == engine.plan.weights_bytes
-    # smollm2 is 0.54 GB in float32: its RSS growth is within 3 % of the plan
-    smol = measured.model("smol")
-    assert abs(smol.load_bytes - smol.param_bytes) <= 0.03 * smol.param_bytes
+
+
+def test_load_rss_growth_matches_the_plan_in_a_fresh_process():
+    """smollm2 is 0.54 GB in float32: the RSS growth across its load is within 3 % of the plan.
+    Measured in a fresh interpreter: in this one, memory freed by earlier tests is reused without
+    any RSS growth, so the figure would depend on what ran before."""
+    code = (
+        "import json\n"
+        "from modelhive import ModelSpec\n"
+        "from modelhive.engine.hive import build_engine\n"
+        "from modelhive.engine.memory_report import measure_memory\n"
+        "spec = ModelSpec(name='smol', source='preset:smollm2-135m', max_model_len=512,"
+        " max_num_seqs=16, dtype='float32')\n"
+        "m = measure_memory(build_engine([spec], device='cpu', memory='1GiB')).model('smol')\n"
+        "print(json.dumps([m.load_bytes, m.param_bytes]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, check=True)
+    load, params = json.loads(out.stdout.strip().splitlines()[-1])
+    assert abs(load - params) <= 0.03 * params
 
 
 def test_pool_and_process_terms(engine):
