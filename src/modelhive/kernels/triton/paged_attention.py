@@ -76,14 +76,24 @@ def _decode_kernel(
     USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, DIRECT: tl.constexpr,
     PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    if USE_PDL:  # before any load: q and this step's keys come from earlier kernels (pdl.py)
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     num_kv_heads = tl.num_programs(1)
+    # Lengths and block tables are staged before the step starts, so they (and the first key
+    # tile's block ids) load before waiting for the kernels that wrote q and this step's keys
+    # (pdl.py): those loads leave the critical path.
     seq_len = tl.load(seq_lens_ptr + seq)
+    start = split * partition_size
+    end = tl.minimum(start + partition_size, seq_len)
+    if USE_WINDOW:
+        start = tl.maximum(start, seq_len - window)
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    pos = start + tl.arange(0, BLOCK_N)
+    block = tl.load(table + pos // T, mask=pos < end, other=0).to(tl.int64)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
@@ -93,23 +103,19 @@ def _decode_kernel(
     q = tl.load(q_ptr + seq * stride_qn + heads[:, None] * stride_qh + d[None, :],
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)
 
-    start = split * partition_size
-    end = tl.minimum(start + partition_size, seq_len)
-    if USE_WINDOW:
-        start = tl.maximum(start, seq_len - window)
-
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     kv_col = kv_head * stride_ch + d[None, :]
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         p_mask = pos < end
-        block = tl.load(table + pos // T, mask=p_mask, other=0).to(tl.int64)
         row = block * stride_cb + (pos % T).to(tl.int64) * stride_ct
         kv_mask = p_mask[:, None] & d_mask[None, :]
         k = tl.load(k_cache_ptr + row[:, None] + kv_col, mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + row[:, None] + kv_col, mask=kv_mask, other=0.0)
+        nxt = pos + BLOCK_N  # the next tile's block ids, loaded while this tile computes
+        block = tl.load(table + nxt // T, mask=nxt < end, other=0).to(tl.int64)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         if USE_SOFTCAP:
             s = softcap * _tanh(s / softcap)
@@ -119,7 +125,6 @@ def _decode_kernel(
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + row[:, None] + kv_col, mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 

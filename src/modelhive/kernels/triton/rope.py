@@ -28,6 +28,17 @@ def _rotate(x1, x2, cos, sin, dtype: tl.constexpr):
 
 
 @triton.jit
+def _cos_sin(pos_ptr, inv_freq_ptr, n, i, i_mask, scaling, dtype: tl.constexpr):
+    """cos and sin of token ``n``'s angles for frequencies ``i`` (float32 angle, times
+    ``scaling``, rounded to ``dtype`` as the reference's tables are), as float32 ``[1, len(i)]``."""
+    pos = tl.load(pos_ptr + n).to(tl.float32)
+    angle = pos * tl.load(inv_freq_ptr + i, mask=i_mask, other=0.0)
+    cos = (libdevice.cos(angle) * scaling).to(dtype).to(tl.float32)[None, :]
+    sin = (libdevice.sin(angle) * scaling).to(dtype).to(tl.float32)[None, :]
+    return cos, sin
+
+
+@triton.jit
 def _rope_kernel(
     x_ptr, pos_ptr, inv_freq_ptr, out_ptr, stride_xn, stride_xh, num_heads, scaling,
     HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
@@ -36,10 +47,7 @@ def _rope_kernel(
     dtype = out_ptr.dtype.element_ty
     i = tl.arange(0, BLOCK_HALF)
     i_mask = i < HALF
-    pos = tl.load(pos_ptr + n).to(tl.float32)
-    angle = pos * tl.load(inv_freq_ptr + i, mask=i_mask, other=0.0)
-    cos = (libdevice.cos(angle) * scaling).to(dtype).to(tl.float32)[None, :]
-    sin = (libdevice.sin(angle) * scaling).to(dtype).to(tl.float32)[None, :]
+    cos, sin = _cos_sin(pos_ptr, inv_freq_ptr, n, i, i_mask, scaling, dtype)
     h = tl.arange(0, BLOCK_H)[:, None]
     mask = (h < num_heads) & i_mask[None, :]
     src = x_ptr + n.to(tl.int64) * stride_xn + h * stride_xh + i[None, :]
@@ -84,18 +92,19 @@ def _rope_store_kv_kernel(
     HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_HALF: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    if USE_PDL:  # before any load: q, k, v come from the previous kernel (pdl.py)
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     n = tl.program_id(0)
     n64 = n.to(tl.int64)
     dtype = q_ptr.dtype.element_ty
     i = tl.arange(0, BLOCK_HALF)
     i_mask = i < HALF
-    pos = tl.load(pos_ptr + n).to(tl.float32)
-    angle = pos * tl.load(inv_freq_ptr + i, mask=i_mask, other=0.0)
-    cos = (libdevice.cos(angle) * scaling).to(dtype).to(tl.float32)[None, :]
-    sin = (libdevice.sin(angle) * scaling).to(dtype).to(tl.float32)[None, :]
+    # positions and slots are staged before the step starts: read them (and compute cos/sin)
+    # before waiting for the kernel that produced q, k and v (pdl.py)
+    cos, sin = _cos_sin(pos_ptr, inv_freq_ptr, n, i, i_mask, scaling, dtype)
+    block = tl.load(slot_blocks_ptr + n).to(tl.int64)
+    offset = tl.load(slot_offsets_ptr + n).to(tl.int64)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     part = tl.program_id(1)  # 0: k and v; p > 0: query heads [(p - 1) BLOCK_H, p BLOCK_H)
     if part > 0:  # q: rotated in place
         h = (part - 1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
@@ -107,21 +116,19 @@ def _rope_store_kv_kernel(
         tl.store(src, q1, mask=mask)  # makes a name set in both branches an if-result, whose
         tl.store(src + HALF, q2, mask=mask)  # shapes would have to match
     else:  # k rotated, and v, into the pool (a negative block id skips the token: padding)
-        block = tl.load(slot_blocks_ptr + n).to(tl.int64)
-        offset = tl.load(slot_offsets_ptr + n).to(tl.int64)
         g = tl.arange(0, BLOCK_KV)[:, None]
         kv_mask = (g < num_kv_heads) & i_mask[None, :] & (block >= 0)
         k_src = k_ptr + n64 * stride_kn + g * stride_kh + i[None, :]
+        v_src = v_ptr + n64 * stride_vn + g * stride_vh + i[None, :]
         k1 = tl.load(k_src, mask=kv_mask, other=0.0).to(tl.float32)
         k2 = tl.load(k_src + HALF, mask=kv_mask, other=0.0).to(tl.float32)
+        v1 = tl.load(v_src, mask=kv_mask, other=0.0)
+        v2 = tl.load(v_src + HALF, mask=kv_mask, other=0.0)
         o1, o2 = _rotate(k1, k2, cos, sin, dtype)
         dst = block * stride_cb + offset * stride_ct + g * stride_ch + i[None, :]
         cache_dtype = k_cache_ptr.dtype.element_ty
         tl.store(k_cache_ptr + dst, o1.to(cache_dtype), mask=kv_mask)
         tl.store(k_cache_ptr + dst + HALF, o2.to(cache_dtype), mask=kv_mask)
-        v_src = v_ptr + n64 * stride_vn + g * stride_vh + i[None, :]
-        v1 = tl.load(v_src, mask=kv_mask, other=0.0)
-        v2 = tl.load(v_src + HALF, mask=kv_mask, other=0.0)
         tl.store(v_cache_ptr + dst, v1.to(cache_dtype), mask=kv_mask)
         tl.store(v_cache_ptr + dst + HALF, v2.to(cache_dtype), mask=kv_mask)
 
