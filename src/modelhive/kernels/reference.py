@@ -29,6 +29,9 @@ about as much as the GEMM itself at small batches.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -123,6 +126,88 @@ def _decode_attend_one(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     return torch.bmm(probs, v.transpose(0, 1)).view(1, h, dh).to(q.dtype)
 
 
+class _PromptBatch(NamedTuple):
+    """This step's whole prompts (sequences with nothing cached before the step), laid out as one
+    padded batch ``[S, Lmax]`` (``rows``: the token row of each slot, padding repeats a prompt's
+    last token) for one causal SDPA; ``(out_seq, out_pos)`` pick the real slots of its output in
+    token order, ``token_rows`` are those tokens' rows in the step."""
+
+    seqs: tuple[int, ...]
+    others: tuple[int, ...]  # the step's other non-decode sequences (chunks after cached tokens)
+    rows: torch.Tensor  # [S, Lmax] int64
+    slot_blocks: torch.Tensor  # [S, Lmax] int64: pool block of each slot's token
+    slot_offsets: torch.Tensor  # [S, Lmax] int64
+    out_seq: torch.Tensor  # [tokens] int64
+    out_pos: torch.Tensor  # [tokens] int64
+    token_rows: torch.Tensor  # [tokens] int64
+
+
+#: (metadata, {key: value}) of the last step: things derived from a step's metadata once and
+#: shared by all layers (the metadata object is per step; a new one starts a new cache)
+_step_cache: tuple[object, dict] = (None, {})
+
+
+def _per_step(meta: AttentionMetadata, key: str, make):
+    global _step_cache
+    cache = _step_cache
+    if cache[0] is not meta:
+        cache = (meta, {})
+        _step_cache = cache
+    if key not in cache[1]:
+        cache[1][key] = make(meta)
+    return cache[1][key]
+
+
+def _prompt_batch(meta: AttentionMetadata) -> _PromptBatch | None:
+    return _per_step(meta, "prompts", _make_prompt_batch)
+
+
+def _make_prompt_batch(meta: AttentionMetadata) -> _PromptBatch | None:
+    """None unless at least two whole prompts share the step and padding them to the longest at
+    most doubles their tokens (one long prompt with short ones takes the per-sequence path)."""
+    qsl, lens = meta.query_start_loc_host, meta.seq_lens_host
+    seqs = tuple(s for s in range(meta.num_decodes, meta.num_seqs)
+                 if lens[s] == qsl[s + 1] - qsl[s])
+    if len(seqs) < 2:
+        return None
+    longest = max(lens[s] for s in seqs)
+    tokens = sum(lens[s] for s in seqs)
+    if len(seqs) * longest > 2 * tokens:
+        return None
+    rows = [qsl[s] + min(i, lens[s] - 1) for s in seqs for i in range(longest)]
+    out_seq = [j for j, s in enumerate(seqs) for _ in range(lens[s])]
+    out_pos = [i for s in seqs for i in range(lens[s])]
+    token_rows = [t for s in seqs for t in range(qsl[s], qsl[s + 1])]
+    device = meta.positions.device
+    rows_t = torch.tensor(rows, dtype=torch.long, device=device).view(len(seqs), longest)
+    batched = set(seqs)
+    others = tuple(s for s in range(meta.num_decodes, meta.num_seqs) if s not in batched)
+    return _PromptBatch(seqs, others, rows_t, meta.slot_blocks[rows_t], meta.slot_offsets[rows_t],
+                        torch.tensor(out_seq, dtype=torch.long, device=device),
+                        torch.tensor(out_pos, dtype=torch.long, device=device),
+                        torch.tensor(token_rows, dtype=torch.long, device=device))
+
+
+def _attend_prompts(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    prompts: _PromptBatch, scale: float) -> torch.Tensor:
+    """Causal attention of whole prompts as ONE SDPA call over a padded batch: ``q`` rows and
+    the prompts' keys/values (read back from the pool slots this step stored them in) gathered
+    into ``[S, Lmax]``; with ``is_causal`` a real query only sees real keys (padding comes after
+    every real position), and padded queries are dropped. Returns ``[tokens, H, Dh]`` for
+    ``prompts.token_rows``. On this 2-core CPU: one call instead of one mask, two gathers and
+    one SDPA per prompt and layer (~4x less attention time for 64 prompts of ~15 tokens)."""
+    s, longest = prompts.rows.shape
+    _, h, dh = q.shape
+    kvh = k_cache.shape[2]
+    qp = torch.index_select(q, 0, prompts.rows.view(-1)).view(s, longest, h, dh).transpose(1, 2)
+    kp = k_cache[prompts.slot_blocks, prompts.slot_offsets].transpose(1, 2)  # [S, KVH, L, Dh]
+    vp = v_cache[prompts.slot_blocks, prompts.slot_offsets].transpose(1, 2)
+    o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale,
+                                       enable_gqa=kvh != h)  # [S, H, L, Dh]
+    del qp, kp, vp  # the activation peak: only o and the result below
+    return o[prompts.out_seq, :, prompts.out_pos]  # [tokens, H, Dh]
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -141,12 +226,20 @@ def paged_attention(
                                      softcap)
         if d == meta.num_seqs:  # a decode-only step: no output buffer to fill
             return decoded
+    prompts = (_prompt_batch(meta) if softcap is None and sliding_window is None
+               and q.device.type == "cpu" else None)
+    if prompts is not None and not d and len(prompts.seqs) == meta.num_seqs:
+        return _attend_prompts(q, k_cache, v_cache, prompts, scale)  # only whole prompts
     out = torch.empty_like(q)
     if d:
         out[:d] = decoded
+    others: Iterable[int] = range(d, meta.num_seqs)
+    if prompts is not None:
+        out[prompts.token_rows] = _attend_prompts(q, k_cache, v_cache, prompts, scale)
+        others = prompts.others
     qsl = meta.query_start_loc_host
     T = meta.tokens_per_block
-    for s in range(d, meta.num_seqs):
+    for s in others:
         start, end = qsl[s], qsl[s + 1]
         seq_len = meta.seq_lens_host[s]
         q_len = end - start
