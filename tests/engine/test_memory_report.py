@@ -41,9 +41,11 @@ def test_weights_measured_equal_plan_exactly(engine):
 
 
 def test_load_rss_growth_matches_the_plan_in_a_fresh_process():
-    """smollm2 is 0.54 GB in float32: the RSS growth across its load is within 3 % of the plan.
-    Measured in a fresh interpreter: in this one, memory freed by earlier tests is reused without
-    any RSS growth, so the figure would depend on what ran before."""
+    """smollm2 is 0.54 GB in float32: the RSS growth across its load is within 6 % of the plan,
+    so a second copy of the weights, or of the embedding table alone (21 % of them), fails. (The
+    growth reads +1.5 % in most fresh processes, up to +4 % when a thread arena is set up during
+    the load.) Measured in a fresh interpreter: in this one, memory freed by earlier tests is
+    reused without any RSS growth, so the figure would depend on what ran before."""
     code = (
         "import json\n"
         "from modelhive import ModelSpec\n"
@@ -57,7 +59,7 @@ def test_load_rss_growth_matches_the_plan_in_a_fresh_process():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=300, check=True)
     load, params = json.loads(out.stdout.strip().splitlines()[-1])
-    assert abs(load - params) <= 0.03 * params
+    assert abs(load - params) <= 0.06 * params
 
 
 def test_pool_and_process_terms(engine):

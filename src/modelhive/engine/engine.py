@@ -214,7 +214,8 @@ class Engine:
         if reason is not None:
             self.scheduler.finish(seq, reason)
         delta = self._delta(req, seq, detok, (tok.token_id,), new_text, reason, logprobs)
-        self._forget_if_done(req)
+        if reason is not None:  # else this sequence runs on, so its request stays
+            self._forget_if_done(req)
         return delta
 
     def _delta(self, req: _Request, seq: Sequence, detok: Detokenizer, token_ids, text, reason,

@@ -141,6 +141,8 @@ class Scheduler:
         """
         while True:
             need = self._blocks_needed(seq, num_tokens)
+            if need == 0:  # most decode steps: the last block has room
+                return True
             if self.allocator.can_allocate(seq.model, need):
                 seq.block_table.extend(self.allocator.allocate(seq.model, need))
                 return True

@@ -111,10 +111,11 @@ def build_attention_metadata(
         qsl.append(qsl[-1] + c.num_new)
         seq_lens.append(end)
     max_blocks = max(len(c.block_table) for c in chunks)
-    tables = torch.zeros((len(chunks), max_blocks), dtype=torch.int32)
-    for i, c in enumerate(chunks):
-        if c.block_table:
-            tables[i, : len(c.block_table)] = torch.tensor(c.block_table, dtype=torch.int32)
+    flat: list[int] = []  # the tables padded with 0, row by row: one tensor built once
+    for c in chunks:
+        flat.extend(c.block_table)
+        flat.extend([0] * (max_blocks - len(c.block_table)))
+    tables = torch.tensor(flat, dtype=torch.int32).view(len(chunks), max_blocks)
     return AttentionMetadata(
         tokens_per_block=T,
         num_decodes=num_decodes,
