@@ -40,26 +40,47 @@ def test_weights_measured_equal_plan_exactly(engine):
     assert measured.weights_bytes == engine.plan.weights_bytes
 
 
-def test_load_rss_growth_matches_the_plan_in_a_fresh_process():
-    """smollm2 is 0.54 GB in float32: the RSS growth across its load is within 6 % of the plan,
-    so a second copy of the weights, or of the embedding table alone (21 % of them), fails. (The
-    growth reads +1.5 % in most fresh processes, up to +4 % when a thread arena is set up during
-    the load.) Measured in a fresh interpreter: in this one, memory freed by earlier tests is
-    reused without any RSS growth, so the figure would depend on what ran before."""
+@pytest.fixture(scope="module")
+def fresh_reading() -> dict:
+    """``measure_memory`` of the SPECS engine built in a fresh interpreter. RSS readings (the
+    load's growth, the dry step's peak) need one: in this process, memory freed by earlier tests
+    is reused without any RSS growth, so they would depend on what ran before."""
     code = (
         "import json\n"
         "from modelhive import ModelSpec\n"
         "from modelhive.engine.hive import build_engine\n"
         "from modelhive.engine.memory_report import measure_memory\n"
-        "spec = ModelSpec(name='smol', source='preset:smollm2-135m', max_model_len=512,"
-        " max_num_seqs=16, dtype='float32')\n"
-        "m = measure_memory(build_engine([spec], device='cpu', memory='1GiB')).model('smol')\n"
-        "print(json.dumps([m.load_bytes, m.param_bytes]))\n"
+        "specs = [ModelSpec(**kw) for kw in json.loads(input())]\n"
+        "engine = build_engine(specs, device='cpu', memory='1GiB')\n"
+        "got = measure_memory(engine)\n"
+        "smol = got.model('smol')\n"
+        "print(json.dumps({'load': smol.load_bytes, 'params': smol.param_bytes,\n"
+        "                  'act': smol.activation_bytes,\n"
+        "                  'act_plan': engine.plan.model('smol').activation_bytes,\n"
+        "                  'act_all': got.activation_bytes,\n"
+        "                  'act_max': max((m.activation_bytes or 0) for m in got.models)}))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=300, check=True)
-    load, params = json.loads(out.stdout.strip().splitlines()[-1])
+    specs = json.dumps([dict(name=s.name, source=s.source, max_model_len=s.max_model_len,
+                             max_num_seqs=s.max_num_seqs, dtype=s.dtype) for s in SPECS])
+    out = subprocess.run([sys.executable, "-c", code], input=specs, capture_output=True,
+                         text=True, timeout=300, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_load_rss_growth_matches_the_plan(fresh_reading):
+    """smollm2 is 0.54 GB in float32: the RSS growth across its load is within 6 % of the plan,
+    so a second copy of the weights, or of the embedding table alone (21 % of them), fails. (The
+    growth reads +1.5 % in most fresh processes, up to +4 % when a thread arena is set up during
+    the load.)"""
+    load, params = fresh_reading["load"], fresh_reading["params"]
     assert abs(load - params) <= 0.06 * params
+
+
+def test_dry_step_peak_is_measured_and_under_the_plan(fresh_reading):
+    if fresh_reading["act"] is None:
+        pytest.skip("/proc/self/clear_refs is not writable here: no CPU peak reading")
+    assert 0 < fresh_reading["act"] <= fresh_reading["act_plan"]
+    assert fresh_reading["act_all"] == fresh_reading["act_max"]
 
 
 def test_pool_and_process_terms(engine):
@@ -74,15 +95,6 @@ def test_pool_and_process_terms(engine):
     assert measured.process_bytes == measured.rss_bytes > measured.weights_bytes
     assert measured.torch_reserved_bytes is None and measured.nvml_process_bytes is None
     assert abs(measured.rss_bytes - rss_bytes()) < 64 * 2**20
-
-
-def test_dry_step_peak_is_measured_and_under_the_plan(engine):
-    got = measure_memory(engine)
-    smol = got.model("smol")
-    if smol.activation_bytes is None:
-        pytest.skip("/proc/self/clear_refs is not writable here: no CPU peak reading")
-    assert 0 < smol.activation_bytes <= engine.plan.model("smol").activation_bytes
-    assert got.activation_bytes == max(m.activation_bytes for m in got.models)
 
 
 def test_no_measuring_leaves_activation_unmeasured():
