@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modelhive.kernels import reference
+from modelhive.kernels import reference, reference_attention
 from modelhive.runner.attn_metadata import SeqChunk, build_attention_metadata
 
 
@@ -103,7 +103,7 @@ def test_whole_prompt_batch_skips_lopsided_padding():
     per-sequence path (and give the same result)."""
     k_cache, v_cache = _pool(torch.float32, num_blocks=128)
     meta = _meta([(0, 300), (0, 3), (0, 2)], k_cache.shape[1], k_cache.shape[0])
-    assert reference._prompt_batch(meta) is None
+    assert reference_attention._prompt_batch(meta) is None
     q = torch.randn(meta.num_tokens, 6, 16)
     ours = reference.paged_attention(q, k_cache, v_cache, meta, 0.25)
     assert (ours - _per_sequence(q, k_cache, v_cache, meta, 0.25)).abs().max() < 1e-5
