@@ -2,14 +2,16 @@
 
     PYTHONPATH=src python3 bench/gpu_gemv_tune.py [--sweep] [--json OUT.json]
 
-1. Checks the GEMV (every prologue, bias, in-place residual) against ``reference`` in bf16.
+1. Checks the GEMV (every prologue, bias, in-place residual, the gated epilogue, persistent
+   programs) against ``reference`` in bf16.
 2. ``--sweep``: per weight shape of the three-models presets, times every tile config inside a
    CUDA graph of back-to-back calls on distinct weight copies (so no call reads another's weights
    from L2), next to cuBLAS (``F.linear``); prints the best configs.
 3. Times a whole decode layer stack of linears per preset (qkv with RMSNorm, o with the residual
-   add, gate_up with RMSNorm, down with SiLU-and-mul and the add; every layer its own weights) as
-   cuBLAS composites, GEMV without PDL, GEMV streaming every row in chunks with PDL, and the
-   GEMV as ``pick_config`` sets it up (whole rows loaded before the PDL wait) with PDL.
+   add, gate_up with RMSNorm and SiLU-and-mul, down with the add; every layer its own weights) as
+   cuBLAS composites, GEMV without PDL, GEMV streaming every row in chunks with PDL, and the GEMV
+   as ``pick_config`` sets it up (whole rows loaded before the PDL wait, persistent programs for
+   the tall ones) with PDL.
    Roofline: the weight bytes over the measured copy bandwidth (read + write bytes per second).
 """
 
@@ -78,7 +80,6 @@ def check() -> list[str]:
     bad = []
     for m, n, k in [(1, 2560, 2048), (2, 2048, 5632), (4, 1000, 1536), (3, 77, 96)]:
         x = torch.randn(m, k, device="cuda", dtype=DT)
-        x2 = torch.randn(m, 2 * k, device="cuda", dtype=DT)
         w = torch.randn(n, k, device="cuda", dtype=DT) / k ** 0.5
         b = torch.randn(n, device="cuda", dtype=DT)
         nw = torch.randn(k, device="cuda", dtype=DT)
@@ -87,13 +88,16 @@ def check() -> list[str]:
             "plain+bias": (gemv(x, w, b), F.linear(x, w, b)),
             "rmsnorm": (gemv(x, w, prologue="rmsnorm", norm_weight=nw, eps=1e-6, offset=1.0),
                         reference.norm_linear(x, nw, 1e-6, 1.0, w)),
-            "silu+res": (gemv(x2, w, prologue="silu", residual=res),
-                         torch.addmm(res, reference.silu_and_mul(x2), w.t())),
-            "gelu+res": (gemv(x2, w, prologue="gelu_tanh", residual=res),
-                         torch.addmm(res, reference.gelu_tanh_and_mul(x2), w.t())),
         }
         r2 = res.clone()
         cases["inplace"] = (gemv(x, w, residual=r2, out=r2), torch.addmm(res, x, w.t()))
+        if n % 2 == 0:
+            cases["gated"] = (gemv(x, w, prologue="rmsnorm", norm_weight=nw, eps=1e-6, act="silu"),
+                              reference.norm_linear_act(x, nw, 1e-6, 0.0, w, "silu"))
+        if triton.next_power_of_2(k) <= FULL_K_MAX:
+            cfg = dict(BLOCK_N=2, BLOCK_K=triton.next_power_of_2(k), FULL_K=True, num_warps=4,
+                       num_stages=1, PERSIST=1)
+            cases["persist"] = (gemv(x, w, b, config=cfg), F.linear(x, w, b))
         for name, (got, want) in cases.items():
             err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
             ok = err < 2e-2
@@ -103,42 +107,51 @@ def check() -> list[str]:
     return bad
 
 
-def roles() -> list[tuple[str, int, int, str | None, bool]]:
-    """(role, N, K, prologue, residual) of every distinct decode linear of the presets."""
+def roles() -> list[tuple[str, int, int, str | None, bool, str | None]]:
+    """(role, N, K, prologue, residual, act) of every distinct decode linear of the presets: the
+    gate_up with RMSNorm before and the gated activation after, the down a plain stream plus
+    the residual."""
     out = []
     for h, q, kv, inter, _, vocab in PRESETS.values():
-        for r in [("qkv", q + 2 * kv, h, "rmsnorm", False), ("o", h, q, None, True),
-                  ("gate_up", 2 * inter, h, "rmsnorm", False), ("down", h, inter, "silu", True),
-                  ("lm_head", vocab, h, None, False)]:
+        for r in [("qkv", q + 2 * kv, h, "rmsnorm", False, None), ("o", h, q, None, True, None),
+                  ("gate_up", 2 * inter, h, "rmsnorm", False, "silu"),
+                  ("down", h, inter, None, True, None), ("lm_head", vocab, h, None, False, None)]:
             if r[1:3] not in [o[1:3] for o in out if o[0] == r[0]]:
                 out.append(r)
     return out
 
 
-def sweep(results: dict) -> None:
-    for role, n, k, prologue, has_res in roles():
+def sweep(results: dict, only: set[str] | None = None) -> None:
+    for role, n, k, prologue, has_res, act in roles():
+        if only and role not in only:
+            continue
         k_pad = triton.next_power_of_2(k)
         configs = [dict(BLOCK_N=bn, BLOCK_K=bk, FULL_K=False, num_warps=nw, num_stages=1)
                    for bn, bk, nw in itertools.product([2, 4, 8, 16], [512, 1024], [4, 8])]
         if k_pad <= FULL_K_MAX:
-            configs += [dict(BLOCK_N=bn, BLOCK_K=k_pad, FULL_K=True, num_warps=nw, num_stages=1)
-                        for bn, nw in itertools.product([2, 4, 8, 16], [4, 8])]
+            configs += [dict(BLOCK_N=bn, BLOCK_K=k_pad, FULL_K=True, num_warps=nw, num_stages=1,
+                             PERSIST=per)
+                        for bn, nw, per in itertools.product([1, 2, 4, 8, 16], [4, 8], [0, 2, 4, 8])]
+        if act:  # a program reads BLOCK_N gate rows and BLOCK_N up rows
+            configs = [c for c in configs if c["BLOCK_N"] <= 8]
         nbytes = n * k * 2
         copies = max(2, min(32, -(-(256 << 20) // nbytes)))
         ws = [torch.randn(n, k, device="cuda", dtype=DT) for _ in range(copies)]
-        x = torch.randn(1, 2 * k if prologue == "silu" else k, device="cuda", dtype=DT)
+        x = torch.randn(1, k, device="cuda", dtype=DT)
         nw_ = torch.ones(k, device="cuda", dtype=DT)
-        res = torch.randn(1, n, device="cuda", dtype=DT)
-        outs = res if has_res else torch.empty(1, n, device="cuda", dtype=DT)
+        n_out = n // 2 if act else n
+        res = torch.randn(1, n_out, device="cuda", dtype=DT)
+        outs = res if has_res else torch.empty(1, n_out, device="cuda", dtype=DT)
         kw = dict(prologue=prologue, norm_weight=nw_ if prologue == "rmsnorm" else None,
-                  eps=1e-6, residual=res if has_res else None, out=outs)
+                  eps=1e-6, residual=res if has_res else None, out=outs, act=act)
 
-        def cublas(ws=ws, x=x, prologue=prologue, nw_=nw_, res=res, has_res=has_res, outs=outs):
+        def cublas(ws=ws, x=x, prologue=prologue, nw_=nw_, res=res, has_res=has_res, outs=outs,
+                   act=act):
             for w in ws:
                 if prologue == "rmsnorm":
-                    linears.F.linear(linears.rms_norm(x, nw_, 1e-6, 0.0), w)
-                elif prologue == "silu":
-                    res.addmm_(linears.silu_and_mul(x), w.t())
+                    y = linears.F.linear(linears.rms_norm(x, nw_, 1e-6, 0.0), w)
+                    if act:
+                        linears.silu_and_mul(y)
                 elif has_res:
                     res.addmm_(x, w.t())
                 else:
@@ -149,17 +162,19 @@ def sweep(results: dict) -> None:
         for cfg in configs:
             try:
                 t = graph_time(lambda ws=ws, x=x, kw=kw, cfg=cfg: [
-                    gemv(x, w, config=cfg, **kw) for w in ws]) / copies
+                    gemv(x, w, config=dict(cfg), **kw) for w in ws]) / copies
             except Exception as exc:  # a config that does not compile (registers): skip it
                 print(f"  {n}x{k} {cfg}: {type(exc).__name__}")
                 continue
             rows.append((t, cfg))
         rows.sort(key=lambda r: r[0])
         t_pick = graph_time(lambda ws=ws, x=x, kw=kw: [gemv(x, w, **kw) for w in ws]) / copies
-        short = lambda c: (c["BLOCK_N"], c["BLOCK_K"], c["num_warps"], "F" if c["FULL_K"] else "L")  # noqa: E731
+        short = lambda c: (c["BLOCK_N"], c["BLOCK_K"], c["num_warps"],  # noqa: E731
+                           f"F{c.get('PERSIST', 0)}" if c["FULL_K"] else "L")
+        pick = pick_config(n, k, prologue, gated=act is not None)
         print(f"{role:8s} {n:6d}x{k:5d} {nbytes / 2**20:6.1f} MiB  cuBLAS {t_cublas * 1e6:6.1f} | "
-              f"pick {t_pick * 1e6:6.1f} {short(pick_config(n, k, prologue))} | best "
-              + ", ".join(f"{t * 1e6:.1f} {short(c)}" for t, c in rows[:4]))
+              f"pick {t_pick * 1e6:6.1f} {short(pick)} | best "
+              + ", ".join(f"{t * 1e6:.1f} {short(c)}" for t, c in rows[:5]))
         results.setdefault("sweep", []).append({
             "role": role, "n": n, "k": k, "cublas_us": t_cublas * 1e6, "pick_us": t_pick * 1e6,
             "top": [{"us": t * 1e6, **cfg} for t, cfg in rows[:12]]})
@@ -185,10 +200,10 @@ def layer_stack(name: str, results: dict, bw: float) -> None:
             hs = hs.addmm_(linears.silu_and_mul(gu), w["down"].t())
 
     def fused(use_pdl: bool, full_k: bool = True):
-        def cfg(weight, prologue=None):
-            c = {**pick_config(*weight.shape, prologue), "pdl": use_pdl}
+        def cfg(weight, prologue=None, act=None):
+            c = {**pick_config(*weight.shape, prologue, gated=act is not None), "pdl": use_pdl}
             if not full_k:
-                c.update(BLOCK_N=4, BLOCK_K=1024, FULL_K=False,
+                c.update(BLOCK_N=4 if act is None else 2, BLOCK_K=1024, FULL_K=False,
                          num_warps=8 if weight.shape[0] <= 2048 else 4)
             return c
 
@@ -198,9 +213,9 @@ def layer_stack(name: str, results: dict, bw: float) -> None:
                 qkv = gemv(hs, w["qkv"], prologue="rmsnorm", norm_weight=w["n1"], eps=1e-6,
                            config=cfg(w["qkv"], "rmsnorm"))
                 gemv(qkv[:, :q], w["o"], residual=hs, out=hs, config=cfg(w["o"]))
-                gu = gemv(hs, w["gu"], prologue="rmsnorm", norm_weight=w["n2"], eps=1e-6,
-                          config=cfg(w["gu"], "rmsnorm"))
-                gemv(gu, w["down"], prologue="silu", residual=hs, out=hs, config=cfg(w["down"], "silu"))
+                a = gemv(hs, w["gu"], prologue="rmsnorm", norm_weight=w["n2"], eps=1e-6,
+                         act="silu", config=cfg(w["gu"], "rmsnorm", "silu"))
+                gemv(a, w["down"], residual=hs, out=hs, config=cfg(w["down"]))
         return run
 
     row = {"model": name, "weights_mb": nbytes / 1e6, "roofline_us": nbytes / bw * 1e6}
@@ -228,6 +243,7 @@ def layer_stack(name: str, results: dict, bw: float) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--roles", help="comma-separated roles to sweep (default: all)")
     ap.add_argument("--json")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__)
@@ -238,7 +254,7 @@ def main() -> None:
     for name in PRESETS:
         layer_stack(name, results, bw)
     if args.sweep:
-        sweep(results)
+        sweep(results, set(args.roles.split(",")) if args.roles else None)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

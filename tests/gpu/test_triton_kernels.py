@@ -276,16 +276,26 @@ LINEAR_SHAPES = [(2560, 2048), (96, 40), (2048, 5632), (200, 72), (8200, 256)]
 
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 16, 17, 40, 64, 65, 150])
-@pytest.mark.parametrize("op", ["norm_linear", "norm_linear_bias", "linear_add", "silu", "gelu_tanh"])
+@pytest.mark.parametrize("op", ["norm_linear", "norm_linear_bias", "linear_add", "norm_silu",
+                                "norm_gelu_tanh"])
 def test_fused_linears(dtype_name, m, op):
-    """The GEMV with fused prologue/epilogue (up to 4 rows) and RMSNorm + cuBLAS, act-and-mul +
-    addmm (residual in cuBLAS's epilogue) above, against the reference composition."""
+    """The GEMV with fused prologue/epilogue (up to 4 rows) and RMSNorm + cuBLAS (+ act-and-mul),
+    addmm (residual in cuBLAS's epilogue) above, against the reference composition. ``norm_*``:
+    RMSNorm + a fused gate_up ``[2I, K]`` + the gated activation (in the GEMV's epilogue)."""
     dtype = DTYPES[dtype_name]
-    needs_gpu_numerics(dtype, libdevice=op == "gelu_tanh")
+    needs_gpu_numerics(dtype, libdevice=op.endswith("gelu_tanh"))
     shapes = LINEAR_SHAPES[1::2] if INTERPRET else LINEAR_SHAPES
     for n, k in shapes:
         weight = torch.randn(n, k, dtype=dtype, device=DEVICE) / k ** 0.5
-        if op.startswith("norm_linear"):
+        if op.startswith("norm_") and not op.startswith("norm_linear"):
+            x = torch.randn(m, k, dtype=dtype, device=DEVICE) * 3
+            norm_w = torch.randn(k, dtype=dtype, device=DEVICE)
+            args = (x, norm_w, 1e-6, 0.5, weight, op[len("norm_"):])
+            ref = reference.norm_linear_act(*args)
+            poison_allocator()
+            out = tk.norm_linear_act(*args)
+            n //= 2
+        elif op.startswith("norm_linear"):
             x = torch.randn(m, k, dtype=dtype, device=DEVICE) * 3
             norm_w = torch.randn(k, dtype=dtype, device=DEVICE)
             bias = torch.randn(n, dtype=dtype, device=DEVICE) if op.endswith("bias") else None
@@ -294,18 +304,12 @@ def test_fused_linears(dtype_name, m, op):
             ref = reference.norm_linear(*args)
             poison_allocator()
             out = tk.norm_linear(*args)
-        elif op == "linear_add":
+        else:
             x = torch.randn(m, k, dtype=dtype, device=DEVICE)
             res = torch.randn(m, n, dtype=dtype, device=DEVICE)
             ref = reference.linear_add(x, weight, res)
             poison_allocator()
             out = tk.linear_add(x, weight, res)
-        else:
-            x = torch.randn(m, 2 * k, dtype=dtype, device=DEVICE) * 2
-            res = torch.randn(m, n, dtype=dtype, device=DEVICE)
-            ref = reference.act_linear_add(x, op, weight, res)
-            poison_allocator()
-            out = tk.act_linear_add(x, op, weight, res)
         assert out.shape == (m, n)
         assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2), (n, k)
 
@@ -331,10 +335,32 @@ def test_gemv_strided_input_and_float32_logits(dtype_name):
              torch.zeros(4, 8, dtype=dtype, device=DEVICE))
 
 
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_gemv_persistent_programs(dtype_name):
+    """A grid smaller than the tiles (``PERSIST``): every program loops over several tiles of
+    whole rows, its prologue computed once, the next tile loading while one reduces."""
+    from modelhive.kernels.triton.gemv import gemv
+
+    dtype = DTYPES[dtype_name]
+    needs_gpu_numerics(dtype)
+    cfg = dict(BLOCK_N=4, BLOCK_K=256, FULL_K=True, num_warps=4, num_stages=1, PERSIST=1)
+    for m in (1, 3):
+        x = torch.randn(m, 200, dtype=dtype, device=DEVICE)
+        weight = torch.randn(3002, 200, dtype=dtype, device=DEVICE) / 200 ** 0.5
+        norm_w = torch.randn(200, dtype=dtype, device=DEVICE)
+        got = gemv(x, weight, prologue="rmsnorm", norm_weight=norm_w, eps=1e-6, act="silu",
+                   config=dict(cfg))
+        want = reference.norm_linear_act(x, norm_w, 1e-6, 0.0, weight, "silu")
+        assert got.shape == (m, 1501) and rel_err(got, want) < TOL[dtype]
+        res = torch.randn(m, 3002, dtype=dtype, device=DEVICE)
+        got = gemv(x, weight, residual=res.clone(), config=dict(cfg))
+        assert rel_err(got, reference.linear_add(x, weight, res.clone())) < TOL[dtype]
+
+
 @pytest.mark.skipif(INTERPRET, reason="CUDA graphs and PDL need the GPU")
 def test_gemv_chain_in_cuda_graph_matches_reference():
-    """Eight layers of dependent GEMVs (norm+qkv, o + residual in place, norm+gate_up, act+down +
-    residual in place) captured in one CUDA graph and replayed: with PDL each kernel starts
+    """Eight layers of dependent GEMVs (norm+qkv, o + residual in place, norm+gate_up+act,
+    down + residual in place) captured in one CUDA graph and replayed: with PDL each kernel starts
     before the previous one ends, so a missing wait would read stale activations here."""
     torch.manual_seed(3)
     dtype, h, inter, layers = torch.bfloat16, 512, 1408, 8
@@ -346,8 +372,8 @@ def test_gemv_chain_in_cuda_graph_matches_reference():
         for qkv_w, o_w, gu_w, down_w, nw in W:
             qkv = ops.norm_linear(hs, nw, 1e-6, 0.0, qkv_w)
             hs = ops.linear_add(qkv[:, :h], o_w, hs)
-            gu = ops.norm_linear(hs, nw, 1e-6, 0.0, gu_w)
-            hs = ops.act_linear_add(gu, "silu", down_w, hs)
+            act = ops.norm_linear_act(hs, nw, 1e-6, 0.0, gu_w, "silu")
+            hs = ops.linear_add(act, down_w, hs)
         return hs
 
     start = torch.randn(1, h, dtype=dtype, device=DEVICE)

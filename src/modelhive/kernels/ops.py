@@ -46,6 +46,11 @@ def norm_linear(x, norm_weight, eps, offset, weight, bias=None):
     return (_gpu(x) or reference).norm_linear(x, norm_weight, eps, offset, weight, bias)
 
 
+def norm_linear_act(x, norm_weight, eps, offset, weight, act):
+    """``act_and_mul(norm_linear(x))`` with ``weight`` a fused gate_up ``[2I, K]``."""
+    return (_gpu(x) or reference).norm_linear_act(x, norm_weight, eps, offset, weight, act)
+
+
 def linear_add(x, weight, residual):
     """``residual + x @ weight.T``; ``residual`` may be overwritten with the result (the GPU
     does), so callers pass a residual stream they no longer need."""
@@ -55,11 +60,6 @@ def linear_add(x, weight, residual):
 def logits(x, weight):
     """``x @ weight.T`` rounded to ``x.dtype`` (as a linear in the model dtype is), as float32."""
     return (_gpu(x) or reference).logits(x, weight)
-
-
-def act_linear_add(x, act, weight, residual):
-    """``residual + act_and_mul(x) @ weight.T``; may overwrite ``residual`` like ``linear_add``."""
-    return (_gpu(x) or reference).act_linear_add(x, act, weight, residual)
 
 
 def apply_rope(x, positions, inv_freq, attention_scaling=1.0):

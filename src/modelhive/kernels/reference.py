@@ -18,8 +18,9 @@ Fused linears (x ``[M, K]``, weight ``[N, K]`` as ``nn.Linear``; the pre-norm de
 stream ``h`` is updated by the two ``*_add`` ops, so no separate add or norm runs between them):
 - ``norm_linear(x, norm_weight, eps, offset, weight, bias)``: ``linear(rms_norm(x), weight, bias)``.
 - ``linear_add(x, weight, residual)``: ``residual + x @ weight.T``.
-- ``act_linear_add(x, act, weight, residual)``: ``residual + act_and_mul(x) @ weight.T`` with
-  ``act`` "silu" or "gelu_tanh" (x is the fused gate_up output ``[M, 2K]``).
+- ``norm_linear_act(x, norm_weight, eps, offset, weight, act)``: ``act_and_mul(norm_linear(x,
+  ..., weight))`` with ``act`` "silu" or "gelu_tanh" and ``weight`` the fused gate_up ``[2I, K]``:
+  the gated MLP's first half, ``[M, I]``.
 
 ``store_kv`` and ``paged_attention`` live in ``reference_attention.py`` (re-exported here).
 
@@ -97,6 +98,13 @@ def rope_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: 
         return qk[:, :heads]
     store_kv(k_cache, v_cache, rotate_rope(k, tables), v, meta)
     return rotate_rope(q, tables)
+
+
+def norm_linear_act(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, offset: float,
+                    weight: torch.Tensor, act: str) -> torch.Tensor:
+    """``act_and_mul(norm_linear(x, ..., weight))``: the gated MLP's first half, ``weight`` the
+    fused gate_up ``[2I, K]``; returns ``[M, I]``."""
+    return ACT_AND_MUL[act](norm_linear(x, norm_weight, eps, offset, weight))
 
 
 def _adjacent_heads(q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -183,7 +191,3 @@ def linear_add(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) ->
         return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, None, "add")
     return torch.addmm(residual, x, weight.t())
 
-
-def act_linear_add(x: torch.Tensor, act: str, weight: torch.Tensor,
-                   residual: torch.Tensor) -> torch.Tensor:
-    return linear_add(ACT_AND_MUL[act](x), weight, residual)

@@ -113,6 +113,11 @@ class RMSNorm(nn.Module):
         """``linear(norm(x))`` as one op (on the GPU, small batches normalise inside the GEMM)."""
         return ops.norm_linear(x, self.weight, self.eps, self.offset, linear.weight, linear.bias)
 
+    def then_act(self, gate_up: Linear, act: str, x: torch.Tensor) -> torch.Tensor:
+        """``act_and_mul(gate_up(norm(x)))`` as one op (on the GPU, small batches apply the
+        gated activation in the GEMV's epilogue)."""
+        return ops.norm_linear_act(x, self.weight, self.eps, self.offset, gate_up.weight, act)
+
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
     """RoPE inverse frequencies ``[head_dim / 2]`` float32, as transformers computes them.
@@ -212,7 +217,7 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": ops.silu_and_mul,
     "gelu_pytorch_tanh": ops.gelu_tanh_and_mul,
 }
-#: HF ``hidden_act`` -> the ``act`` name of the fused ``ops.act_linear_add``
+#: HF ``hidden_act`` -> the ``act`` name of the fused ``ops.norm_linear_act``
 ACT_NAMES = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
@@ -234,9 +239,10 @@ class GatedMLP(nn.Module):
         return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
 
     def add_to(self, h: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
-        """``h + mlp(norm(h))``: the norm fused into gate_up, the add into down."""
-        return ops.act_linear_add(norm.then(self.gate_up_proj, h), self.act,
-                                  self.down_proj.weight, h)
+        """``h + mlp(norm(h))``: the norm and the gated activation fused into gate_up, the add
+        into down."""
+        return ops.linear_add(norm.then_act(self.gate_up_proj, self.act, h),
+                              self.down_proj.weight, h)
 
 
 def final_logits(hidden: torch.Tensor, weight: torch.Tensor,

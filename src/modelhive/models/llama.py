@@ -1,9 +1,9 @@
 """Llama family: Llama 2/3, TinyLlama, Yi, SmolLM2, Mistral (without sliding window).
 
 Pre-norm decoder written on the residual stream ``h``: ``h += attn(norm(h)); h += mlp(norm(h))``.
-Each norm is fused into the linear after it (``RMSNorm.then``) and each add into the linear
-before it (``ops.linear_add`` / ``ops.act_linear_add``), so a layer is six ops: qkv (+norm),
-RoPE + store-KV, attention, o_proj (+add), gate_up (+norm), down (+SiLU-and-mul, +add).
+Each norm is fused into the linear after it (``RMSNorm.then`` / ``then_act``) and each add into
+the linear before it (``ops.linear_add``), so a layer is six ops: qkv (+norm), RoPE + store-KV,
+attention, o_proj (+add), gate_up (+norm, +SiLU-and-mul), down (+add).
 GQA attention with RoPE; SwiGLU MLP.
 Qwen2 (qkv bias, set by ``arch.attention_bias``) and Qwen3 (qk-norm) reuse these classes; the
 class attributes ``attention_cls`` / ``layer_cls`` / ``model_cls`` and ``split_heads`` are the

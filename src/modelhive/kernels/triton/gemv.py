@@ -1,16 +1,21 @@
 """Linears for decode batches of a few rows: one weight-streaming kernel per linear, with the
 neighbouring ops fused in.
 
-Contracts (``reference.norm_linear`` / ``linear_add`` / ``act_linear_add``; x ``[M, K']``,
+Contracts (``reference.norm_linear`` / ``linear_add`` / ``norm_linear_act``; x ``[M, K]``,
 weight ``[N, K]``, at most ``GEMV_MAX_ROWS`` rows):
 
     out = [residual +] prologue(x) @ weight.T [+ bias]
+    gated: out = act(prologue(x) @ gate.T) * (prologue(x) @ up.T)   (weight = [gate; up])
 
-``prologue``: nothing, RMSNorm (each program sums the squares of its row of x first: x is a few
-KiB, read from L2), or act-and-mul of a fused gate_up output ``[M, 2K]``
-(``activation.gated_act``). The prologue's output is rounded to the model dtype before the
-product, as the unfused ops round their outputs; products accumulate in float32; bias and
-residual are added in float32 and the sum rounded once, as cuBLAS's epilogue does.
+``prologue``: nothing or RMSNorm (each program sums the squares of its row of x first: x is a few
+KiB, read from L2), rounded to the model dtype before the product as the unfused norm rounds its
+output; products accumulate in float32; bias and residual are added in float32 and the sum
+rounded once, as cuBLAS's epilogue does. Gated (the MLP's gate_up): a program reads BLOCK_N gate
+rows and the BLOCK_N up rows N below them, rounds both products to the model dtype (the unfused
+linear's output) and applies ``activation.gated_act``, so the down projection after it is a plain
+stream. (The activation used to sit in the down projection's prologue, where every program
+recomputed it over the whole [M, 2I] input: the step's linears took 642-667 us against 616-643
+for TinyLlama, H200, same runs.)
 
 Why not cuBLAS here: at one row a linear is a pure weight stream, and cuBLAS's GEMV reaches only
 ~1.5-1.8 TB/s on the 8-10 MB q/k/v/o matrices of a 1B model (H200, ~4.2 TB/s copy), plus a
@@ -25,13 +30,19 @@ all but one read it from L2. A program either loads its weight rows whole (``FUL
 at most ``FULL_K_MAX``, the tall gate_up and LM-head matrices) before the PDL wait, or streams
 them in ``BLOCK_K`` chunks, the next chunk's load issued before the current one is used (a
 two-deep register pipeline), into ``[BLOCK_N, BLOCK_K]`` partial products reduced once at the
-end. ``pick_config`` chooses per shape and prologue.
+end. Whole-row configs may be persistent (``PERSIST`` programs per SM, fewer than the tiles):
+each program computes its prologue row once and loops over tiles, the next tile's rows loading
+while the current one reduces; the gate_up and LM-head streams gain 5-20 % from it (the
+RMSNorm'd row is built once per program instead of once per tile). ``pick_config`` chooses per
+shape and prologue.
 
 (An earlier Triton GEMM for up to 64 rows with ``tl.dot`` tiles, removed at commit aa141c3, was
 1.1-5x slower than cuBLAS: its 16-row dot tiles and serial long rows starved the memory system.)
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -45,76 +56,39 @@ GEMV_MAX_ROWS = 4
 #: the longest row (K, padded to a power of two) a program loads whole
 FULL_K_MAX = 4096
 
-_NONE, _RMSNORM, _SILU, _GELU_TANH = 0, 1, 2, 3
-_PROLOGUES = {None: _NONE, "rmsnorm": _RMSNORM, "silu": _SILU, "gelu_tanh": _GELU_TANH}
+_PROLOGUES = {None: 0, "rmsnorm": 1}
+#: ``act`` of a gated GEMV (the epilogue's activation; 0: none)
+_GATED = {None: 0, "silu": 1, "gelu_tanh": 2}
 
 
 @triton.jit
-def _prologue(x_row, norm_w_ptr, kk, k_mask, rstd, K, offset, dtype: tl.constexpr,
+def _prologue(x_row, norm_w_ptr, kk, k_mask, rstd, offset, dtype: tl.constexpr,
               PROLOGUE: tl.constexpr):
-    """Columns ``kk`` of the row's linear input, rounded to ``dtype``, as float32."""
+    """Columns ``kk`` of the row's linear input (RMSNorm'd with ``rstd`` for ``PROLOGUE`` 1),
+    rounded to ``dtype``, as float32."""
     if PROLOGUE == 0:
         a = tl.load(x_row + kk, mask=k_mask, other=0.0).to(tl.float32)
-    elif PROLOGUE == 1:
+    else:
         xt = tl.load(x_row + kk, mask=k_mask, other=0.0).to(tl.float32)
         nw = tl.load(norm_w_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
         a = ((xt * rstd) * (offset + nw)).to(dtype).to(tl.float32)
-    else:
-        gate = tl.load(x_row + kk, mask=k_mask, other=0.0)
-        up = tl.load(x_row + K + kk, mask=k_mask, other=0.0)
-        a = gated_act(gate, up, dtype, PROLOGUE == 3).to(tl.float32)
     return a
 
 
 @triton.jit
-def _gemv_kernel(
-    x_ptr, w_ptr, bias_ptr, norm_w_ptr, res_ptr, out_ptr,
-    M, N, K, stride_xm, stride_wn, stride_rm, stride_om, eps, offset,
-    PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FULL_K: tl.constexpr, USE_PDL: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    row = pid % M  # the fastest: the rows sharing a weight tile run side by side
-    pid_n = pid // M
-    dtype = x_ptr.dtype.element_ty
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = rn < N
-    rk = tl.arange(0, BLOCK_K)
-    w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_wn
-    x_row = x_ptr + row.to(tl.int64) * stride_xm
-    # Weights are never written during a step, so they may load before the wait: all of this
-    # program's rows (FULL_K: BLOCK_K >= K), or the first chunk of them.
-    w_next = tl.load(w_rows + rk[None, :], mask=n_mask[:, None] & (rk < K)[None, :], other=0.0)
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
-    rstd = 1.0
-    if FULL_K:
-        k_mask = rk < K
-        if PROLOGUE == 1:
-            xt = tl.load(x_row + rk, mask=k_mask, other=0.0).to(tl.float32)
-            rstd = 1.0 / tl.sqrt_rn(tl.sum(xt * xt, 0) / K + eps)
-        a = _prologue(x_row, norm_w_ptr, rk, k_mask, rstd, K, offset, dtype, PROLOGUE)
-        out = tl.sum(w_next.to(tl.float32) * a[None, :], 1)
-    else:
-        if PROLOGUE == 1:  # RMSNorm: the row's sum of squares first
-            sq = tl.zeros([BLOCK_K], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                xt = tl.load(x_row + k0 + rk, mask=(k0 + rk) < K, other=0.0).to(tl.float32)
-                sq += xt * xt
-            rstd = 1.0 / tl.sqrt_rn(tl.sum(sq, 0) / K + eps)
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            w = w_next
-            kn = k0 + BLOCK_K + rk
-            w_next = tl.load(w_rows + kn[None, :], mask=n_mask[:, None] & (kn < K)[None, :],
-                             other=0.0)
-            kk = k0 + rk
-            a = _prologue(x_row, norm_w_ptr, kk, kk < K, rstd, K, offset, dtype, PROLOGUE)
-            acc += w.to(tl.float32) * a[None, :]
-        out = tl.sum(acc, 1)
+def _epilogue(out, up, rn, n_mask, row, N, bias_ptr, res_ptr, out_ptr, stride_rm, stride_om,
+              dtype: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+              GATED: tl.constexpr):
+    """Bias, the gated activation (``up``: the up half's products) or the residual, then the
+    store of one tile of output columns ``rn`` of ``row``."""
     if HAS_BIAS:
         out += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+        if GATED > 0:
+            up += tl.load(bias_ptr + N + rn, mask=n_mask, other=0.0).to(tl.float32)
+    if GATED > 0:
+        # gate and up rounded like the unfused linear's output, then act-and-mul as
+        # ``activation.gated_act`` rounds it
+        out = gated_act(out.to(dtype), up.to(dtype), dtype, GATED == 2).to(tl.float32)
     if HAS_RES:
         out += tl.load(res_ptr + row.to(tl.int64) * stride_rm + rn, mask=n_mask,
                        other=0.0).to(tl.float32)
@@ -124,21 +98,135 @@ def _gemv_kernel(
              out.to(dtype).to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
-def pick_config(n: int, k: int, prologue: str | None = None) -> dict:
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, bias_ptr, norm_w_ptr, res_ptr, out_ptr,
+    M, N, K, stride_xm, stride_wn, stride_rm, stride_om, eps, offset,
+    PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+    GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FULL_K: tl.constexpr,
+    LOOP: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    row = pid % M  # the fastest: the rows sharing a weight tile run side by side
+    pid_n = pid // M
+    dtype = x_ptr.dtype.element_ty
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    rk = tl.arange(0, BLOCK_K)
+    w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_wn
+    up_rows = w_rows + N * stride_wn  # GATED: the up half's rows, N below the gate rows
+    x_row = x_ptr + row.to(tl.int64) * stride_xm
+    # Weights are never written during a step, so they may load before the wait: all of this
+    # program's rows (FULL_K: BLOCK_K >= K), or the first chunk of them.
+    first_mask = n_mask[:, None] & (rk < K)[None, :]
+    w_next = tl.load(w_rows + rk[None, :], mask=first_mask, other=0.0)
+    if GATED > 0:
+        u_next = tl.load(up_rows + rk[None, :], mask=first_mask, other=0.0)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    rstd = 1.0
+    if FULL_K:
+        k_mask = rk < K
+        if PROLOGUE == 1:  # one load of the row for both its sum of squares and the product
+            xt = tl.load(x_row + rk, mask=k_mask, other=0.0).to(tl.float32)
+            rstd = 1.0 / tl.sqrt_rn(tl.sum(xt * xt, 0) / K + eps)
+            nw = tl.load(norm_w_ptr + rk, mask=k_mask, other=0.0).to(tl.float32)
+            a = ((xt * rstd) * (offset + nw)).to(dtype).to(tl.float32)
+        else:
+            a = _prologue(x_row, norm_w_ptr, rk, k_mask, rstd, offset, dtype, PROLOGUE)
+        if LOOP:
+            # a grid smaller than the tiles (``PERSIST``): the prologue's row is computed once
+            # for several tiles; the next tile's rows load while this one's products reduce
+            step = tl.num_programs(0) // M
+            for tile in range(pid_n, tl.cdiv(N, BLOCK_N), step):
+                w = w_next
+                rn = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+                n_mask = rn < N
+                rn_next = rn + step * BLOCK_N
+                next_rows = w_ptr + rn_next.to(tl.int64)[:, None] * stride_wn + rk[None, :]
+                next_mask = (rn_next < N)[:, None] & k_mask[None, :]
+                w_next = tl.load(next_rows, mask=next_mask, other=0.0)
+                out = tl.sum(w.to(tl.float32) * a[None, :], 1)
+                if GATED > 0:
+                    u = u_next
+                    u_next = tl.load(next_rows + N * stride_wn, mask=next_mask, other=0.0)
+                    up = tl.sum(u.to(tl.float32) * a[None, :], 1)
+                else:
+                    up = out  # unused
+                _epilogue(out, up, rn, n_mask, row, N, bias_ptr, res_ptr, out_ptr, stride_rm,
+                          stride_om, dtype, HAS_BIAS, HAS_RES, GATED)
+        else:  # one tile, loaded before the wait (no second buffer: half the registers)
+            out = tl.sum(w_next.to(tl.float32) * a[None, :], 1)
+            if GATED > 0:
+                up = tl.sum(u_next.to(tl.float32) * a[None, :], 1)
+            else:
+                up = out  # unused
+            _epilogue(out, up, rn, n_mask, row, N, bias_ptr, res_ptr, out_ptr, stride_rm,
+                      stride_om, dtype, HAS_BIAS, HAS_RES, GATED)
+    else:
+        if PROLOGUE == 1:  # RMSNorm: the row's sum of squares first
+            sq = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                xt = tl.load(x_row + k0 + rk, mask=(k0 + rk) < K, other=0.0).to(tl.float32)
+                sq += xt * xt
+            rstd = 1.0 / tl.sqrt_rn(tl.sum(sq, 0) / K + eps)
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            w = w_next
+            kn = k0 + BLOCK_K + rk
+            next_mask = n_mask[:, None] & (kn < K)[None, :]
+            w_next = tl.load(w_rows + kn[None, :], mask=next_mask, other=0.0)
+            kk = k0 + rk
+            a = _prologue(x_row, norm_w_ptr, kk, kk < K, rstd, offset, dtype, PROLOGUE)
+            acc += w.to(tl.float32) * a[None, :]
+            if GATED > 0:
+                u = u_next
+                u_next = tl.load(up_rows + kn[None, :], mask=next_mask, other=0.0)
+                acc_up += u.to(tl.float32) * a[None, :]
+        out = tl.sum(acc, 1)
+        if GATED > 0:
+            up = tl.sum(acc_up, 1)
+        else:
+            up = out  # unused
+        _epilogue(out, up, rn, n_mask, row, N, bias_ptr, res_ptr, out_ptr, stride_rm,
+                  stride_om, dtype, HAS_BIAS, HAS_RES, GATED)
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # Triton's CPU interpreter
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def pick_config(n: int, k: int, prologue: str | None = None, gated: bool = False) -> dict:
     """Tile sizes for an ``[N, K]`` weight stream with the given prologue, from
     ``bench/gpu_gemv_tune.py --sweep`` on H200 (one row; chains of calls on distinct weights
     inside a CUDA graph, PDL on; each decode linear of the presets with its own prologue and
     residual). With a prologue, each program re-reads its input row from L2, so programs take
-    more weight rows (4-8) than a plain stream needs. Measured, us (cuBLAS composite in brackets):
-    TinyLlama qkv 3.9 (8.4), o 3.6 (6.0), gate_up 14.2 (16.2), down 8.5 (12.8), LM head 32 (35);
-    Yi-6B qkv 12.4 (16.3), o 10.1 (13.4), gate_up 48.3 (49.2), down 25.3 (29.7), LM head 118 (131).
+    more weight rows (4-8) than a plain stream needs, or loop over several tiles (``PERSIST``).
+    ``gated``: ``n`` counts the gate and up rows together, and a program reads ``BLOCK_N`` rows
+    of each (half the plain tile). Measured, us (cuBLAS composite in brackets; gate_up with the
+    gated activation, down a plain stream with the residual):
+    TinyLlama qkv 3.9 (8.4), o 3.6 (6.0), gate_up 13.1 (17.4), down 7.4 (11.1), LM head 31.5 (35);
+    Qwen2.5-3B gate_up 23.7 (29.2), down 12.9 (16.5), LM head 142 (150);
+    Yi-6B qkv 11.7 (16.3), o 10.1 (13.4), gate_up 44.0 (50.9), down 24.0 (28.6), LM head 118.6 (131).
     """
+    cfg = _pick(n, k, prologue)
+    if gated:
+        cfg["BLOCK_N"] = max(1, cfg["BLOCK_N"] // 2)
+    return cfg
+
+
+def _pick(n: int, k: int, prologue: str | None) -> dict:
     k_pad = triton.next_power_of_2(k)
     block_k = min(1024, max(16, k_pad))
 
-    def full(block_n: int, warps: int) -> dict:
+    def full(block_n: int, warps: int, persist: int = 0) -> dict:
         return {"BLOCK_N": block_n, "BLOCK_K": max(16, k_pad), "FULL_K": True,
-                "num_warps": warps, "num_stages": 1}
+                "num_warps": warps, "num_stages": 1, "PERSIST": persist}
 
     def chunked(block_n: int, chunk: int, warps: int) -> dict:
         return {"BLOCK_N": block_n, "BLOCK_K": min(chunk, block_k), "FULL_K": False,
@@ -146,10 +234,12 @@ def pick_config(n: int, k: int, prologue: str | None = None) -> dict:
 
     if prologue == "rmsnorm":  # q/k/v and gate_up
         if k_pad <= 2048:
-            return full(8 if n <= 4096 else 4, 4)
+            return full(8, 4) if n <= 4096 else full(4, 4, persist=8)
+        if k_pad <= FULL_K_MAX:
+            return full(2, 8, persist=4)
         return chunked(8 if n <= 8192 else 4, 512, 4)
     if prologue is None and n >= 8192 and k_pad <= FULL_K_MAX:  # LM heads
-        return full(2, 8)
+        return full(4, 8, persist=4) if k_pad <= 2048 else full(2, 8, persist=4)
     if n <= 2048:  # o and down of a 2048-wide model: few programs, more warps each
         return chunked(8 if prologue is None else 4, 1024, 8)
     return chunked(8, 1024, 4)
@@ -158,20 +248,29 @@ def pick_config(n: int, k: int, prologue: str | None = None) -> dict:
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
          prologue: str | None = None, norm_weight: torch.Tensor | None = None,
          eps: float = 0.0, offset: float = 0.0, residual: torch.Tensor | None = None,
-         out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
-    """``[residual +] prologue(x) @ weight.T [+ bias]`` in one kernel; ``prologue``: None,
-    "rmsnorm" (with ``norm_weight``, ``eps``, ``offset``), "silu" or "gelu_tanh" (x ``[M, 2K]``).
+         act: str | None = None, out: torch.Tensor | None = None,
+         config: dict | None = None) -> torch.Tensor:
+    """``[residual +] prologue(x) @ weight.T [+ bias]`` in one kernel; ``prologue``: None or
+    "rmsnorm" (with ``norm_weight``, ``eps``, ``offset``).
+    ``act`` ("silu" or "gelu_tanh"): ``weight`` is a fused gate_up ``[2N, K]`` (bias ``[2N]``)
+    and the result is ``act(gate) * up`` ``[M, N]`` (no residual).
     ``out`` may be ``residual`` itself (each program reads its residual columns before it writes
     them). ``config`` overrides ``pick_config`` (benchmarks; its ``pdl`` key forces PDL on or
     off)."""
-    n, k = weight.shape
+    rows, k = weight.shape
     m = x.shape[0]
     if m > GEMV_MAX_ROWS:
         raise ValueError(f"gemv takes at most {GEMV_MAX_ROWS} rows, got {m}")
     code = _PROLOGUES.get(prologue)
     if code is None:
         raise ValueError(f"unknown prologue {prologue!r}")
-    if x.shape[1] != (2 * k if code in (_SILU, _GELU_TANH) else k):
+    gated = _GATED.get(act)
+    if gated is None:
+        raise ValueError(f"unknown gated activation {act!r}")
+    if gated and (rows % 2 or residual is not None):
+        raise ValueError("a gated gemv takes a [2N, K] gate_up weight and no residual")
+    n = rows // 2 if gated else rows
+    if x.shape[1] != k:
         raise ValueError(f"x of shape {tuple(x.shape)} does not fit a weight of shape "
                          f"{tuple(weight.shape)} with prologue {prologue!r}")
     if x.stride(-1) != 1:
@@ -186,10 +285,14 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         raise ValueError(f"out must be a [{m}, {n}] tensor with contiguous rows")
     if m == 0:
         return out
-    cfg = dict(config or pick_config(n, k, prologue))
+    cfg = dict(config or pick_config(rows, k, prologue, gated=bool(gated)))
     use_pdl = cfg.pop("pdl", None)
     use_pdl = pdl.enabled(x) if use_pdl is None else use_pdl
-    grid = (m * triton.cdiv(n, cfg["BLOCK_N"]),)
+    programs = triton.cdiv(n, cfg["BLOCK_N"])
+    per_sm = cfg.pop("PERSIST", 0) if cfg["FULL_K"] else 0
+    if per_sm:
+        programs = min(programs, per_sm * _sm_count(x.device))
+    grid = (m * programs,)
     _gemv_kernel[grid](
         x, weight, bias if bias is not None else weight,
         norm_weight if norm_weight is not None else weight,
@@ -197,7 +300,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         m, n, k, x.stride(0), weight.stride(0),
         residual.stride(0) if residual is not None else 0, out.stride(0),
         float(eps), float(offset),
-        PROLOGUE=code, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-        USE_PDL=use_pdl, launch_pdl=use_pdl, **cfg,
+        PROLOGUE=code, HAS_BIAS=bias is not None, HAS_RES=residual is not None, GATED=gated,
+        LOOP=bool(per_sm), USE_PDL=use_pdl, launch_pdl=use_pdl, **cfg,
     )
     return out
