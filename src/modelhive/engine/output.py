@@ -15,9 +15,10 @@ class TokenLogprob:
     top: tuple[tuple[int, str, float], ...]  # (token_id, token text, logprob)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class CompletionDelta:
-    """What one completion produced in one step (the unit streamed to clients)."""
+    """What one completion produced in one step (the unit streamed to clients). A record, never
+    changed once made; not frozen, which would make building one per token ~6x slower."""
 
     request_id: str
     index: int

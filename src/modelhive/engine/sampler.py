@@ -56,10 +56,11 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> tor
 
 
 def choose(logits: torch.Tensor, items: list[ScheduledSeq],
-           generator: torch.Generator | None = None) -> torch.Tensor:
+           generator: torch.Generator | None = None, ahead: int = 0) -> torch.Tensor:
     """The token of each row as a tensor on the logits' device (penalties, temperature, filters,
     the seeded draw) without waiting for the device; ``sample`` reads it and adds logprobs, and
-    ``runner/decode_ahead.py`` feeds it to the next step before the host has seen it."""
+    ``runner/decode_ahead.py`` feeds it to the next step before the host has seen it (``ahead``:
+    the rows are that many tokens past ``items``, which keys their seeded draws)."""
     logits = logits.float()
     if any(it.history for it in items):
         logits = logits.clone()
@@ -73,7 +74,7 @@ def choose(logits: torch.Tensor, items: list[ScheduledSeq],
         probs = torch.softmax(row_logits, dim=-1)
         if p.seed is not None:
             g = torch.Generator(device=logits.device)
-            g.manual_seed((p.seed * _SEED_STRIDE + item.num_generated) % (2**63))
+            g.manual_seed((p.seed * _SEED_STRIDE + item.num_generated + ahead) % (2**63))
             noise = torch.empty_like(probs).exponential_(generator=g)
         else:
             noise = torch.empty_like(probs).exponential_(generator=generator)

@@ -100,7 +100,7 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         if seq.block_table:
             self.allocator.free(seq.model, seq.block_table)
-            seq.block_table = []
+            seq.clear_blocks()
         seq.num_computed = 0
 
     def _blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
@@ -201,10 +201,14 @@ class Scheduler:
         # most urgent first (priority, then arrival: the victim order reversed), so a sequence
         # is only ever preempted in favour of a more urgent one
         running = sorted(q.running, key=_urgency)
+        T = lim.layout.tokens_per_block
         for seq in running:
-            if seq.status is SeqStatus.RUNNING and seq.num_tokens - seq.num_computed == 1 \
+            n = seq.num_tokens
+            if seq.status is SeqStatus.RUNNING and n - seq.num_computed == 1 \
                     and seq.num_computed > 0:
-                if self._reserve(seq, seq.num_tokens + self.lookahead, scheduled, preempted):
+                # most decodes: the table already covers the token (and the lookahead slot)
+                if len(seq.block_table) * T >= n + self.lookahead \
+                        or self._reserve(seq, n + self.lookahead, scheduled, preempted):
                     decodes.append(self._scheduled(seq, 1))
                     scheduled.add(seq.seq_id)
         budget = min(allowance, lim.max_num_batched_tokens) - len(decodes)
@@ -246,7 +250,7 @@ class Scheduler:
             seq_id=seq.seq_id,
             token_ids=seq.tokens(start, start + chunk),
             num_cached=start,
-            block_table=tuple(seq.block_table),
+            block_table=seq.table_tuple(),
             sample=reaches_end,
             params=p,
             num_generated=len(seq.output_token_ids),

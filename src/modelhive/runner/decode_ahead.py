@@ -29,7 +29,7 @@ rows (keyed by seed and token index) are unaffected.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -110,8 +110,7 @@ class DecodeAhead:
             return
         logits = self.graphs.replay(rows, input_ids=tokens[:len(seqs)])
         # the sequences one token further: a seeded draw is keyed by its token index
-        nxt_items = [replace(s, num_generated=s.num_generated + 1) for s in seqs]
         self._pending = _Ahead(tuple((s.seq_id, nxt) for s, nxt in zip(seqs, positions,
                                                                         strict=True)),
-                               choose(logits, nxt_items, self.generator))
+                               choose(logits, seqs, self.generator, ahead=1))
         self.launched += 1

@@ -1,0 +1,99 @@
+"""``DecodeGraphs._stage`` (the one-copy staging of a graph step's inputs) on the CPU: the staged
+buffer matches a plain row-by-row fill over steps whose rows reorder, grow their tables, share a
+table inside a prompt chunk, and shrink back to padding; a table object already staged in a row
+is not written again."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from modelhive.runner.cuda_graphs import DecodeGraphs
+
+
+class _Event:
+    def synchronize(self) -> None:
+        pass
+
+    def record(self) -> None:
+        pass
+
+
+def _graphs(B: int, M: int, T: int) -> DecodeGraphs:
+    g = DecodeGraphs.__new__(DecodeGraphs)  # no CUDA: only the staging state
+    g.max_batch, g.max_blocks, g.tokens_per_block = B, M, T
+    size = 5 * B + B * M
+    g._host = torch.zeros(size, dtype=torch.int32)
+    g._host_np = g._host.numpy()
+    g._dev = torch.zeros(size, dtype=torch.int32)
+    g._copied = _Event()
+    g._row_tables = [None] * B
+    return g
+
+
+def _expected(rows, bs: int, B: int, M: int, T: int, prev_tables: np.ndarray) -> np.ndarray:
+    """A plain fill: scalars of every row, padding past the rows, each row's table written."""
+    host = np.zeros(5 * B + B * M, dtype=np.int32)
+    tables = host[5 * B:].reshape(B, M)
+    tables[:] = prev_tables  # rows past the step keep what they held
+    for i, (tok, p, table) in enumerate(rows):
+        host[i], host[B + i], host[2 * B + i] = tok, p, table[p // T]
+        host[3 * B + i], host[4 * B + i] = p % T, p + 1
+        tables[i, :len(table)] = table
+    n = len(rows)
+    host[2 * B + n:2 * B + bs] = -1
+    return host
+
+
+def test_stage_matches_a_plain_fill_over_changing_steps():
+    rng = random.Random(0)
+    B, M, T = 16, 12, 4
+    g = _graphs(B, M, T)
+    seqs = {}  # seq -> (table tuple, position)
+    for step in range(60):
+        # grow some sequences (new block -> new tuple), add and drop others
+        for s in list(seqs):
+            table, p = seqs[s]
+            p += 1
+            if p >= len(table) * T:
+                table = table + (rng.randrange(100, 999),)
+            if p >= (M - 1) * T or rng.random() < 0.05:
+                del seqs[s]
+            else:
+                seqs[s] = (table, p)
+        while len(seqs) < rng.randint(1, 9):
+            s = rng.randrange(10**6)
+            seqs[s] = (tuple(rng.randrange(100, 999) for _ in range(rng.randint(1, 3))), 0)
+        order = list(seqs)
+        rng.shuffle(order)
+        rows = [(rng.randrange(50), seqs[s][1], seqs[s][0]) for s in order]
+        if step % 7 == 3:  # a prompt chunk: several rows sharing one table
+            table = tuple(rng.randrange(100, 999) for _ in range(3))
+            rows += [(rng.randrange(50), p, table) for p in range(5)]
+        rows = rows[:B]
+        bs = next(b for b in (1, 2, 4, 8, 16) if b >= len(rows))
+        prev = g._host_np[5 * B:].reshape(B, M).copy()
+        want = _expected(rows, bs, B, M, T, prev)
+        g._stage(rows, bs)
+        got = g._host_np
+        for region in range(5):
+            lo = region * B
+            assert np.array_equal(got[lo:lo + bs], want[lo:lo + bs]), (step, region)
+        for i, (_, _, table) in enumerate(rows):  # the part of each table the kernels read
+            assert np.array_equal(got[5 * B:].reshape(B, M)[i, :len(table)], table), (step, i)
+        assert torch.equal(g._dev, g._host)
+
+
+def test_stage_skips_a_table_already_in_its_row():
+    B, M, T = 4, 6, 4
+    g = _graphs(B, M, T)
+    table = (7, 8, 9)
+    g._stage([(1, 5, table)], 1)
+    tables = g._host_np[5 * B:].reshape(B, M)
+    tables[0, 0] = -5  # a write the next stage must not repeat if it skips the row
+    g._stage([(2, 6, table)], 1)
+    assert tables[0, 0] == -5 and g._host_np[0] == 2 and g._host_np[B] == 6
+    g._stage([(2, 6, tuple([7, 8, 9]))], 1)  # an equal but new tuple: written again
+    assert tables[0, 0] == 7
