@@ -248,7 +248,7 @@ class Scheduler:
         reaches_end = start + chunk == seq.num_tokens
         return ScheduledSeq(
             seq_id=seq.seq_id,
-            token_ids=seq.tokens(start, start + chunk),
+            token_ids=(seq.token_at(start),) if chunk == 1 else seq.tokens(start, start + chunk),
             num_cached=start,
             block_table=seq.table_tuple(),
             sample=reaches_end,

@@ -162,6 +162,7 @@ class ByteTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         out: list[str] = []
         pending = bytearray()
+        first_plain = 256 + len(self.SPECIALS)
         for token_id in ids:
             if 0 <= token_id < 256:
                 pending.append(token_id)
@@ -169,7 +170,9 @@ class ByteTokenizer(Tokenizer):
             if pending:
                 out.append(pending.decode("utf-8", errors="replace"))
                 pending.clear()
-            if not (skip_special_tokens and 256 <= token_id < 256 + len(self.SPECIALS)):
+            if first_plain <= token_id < self.vocab_size:  # the common case, inlined
+                out.append(f"<|t{token_id}|>")
+            elif not (skip_special_tokens and 256 <= token_id < first_plain):
                 out.append(self.id_to_token(token_id))
         if pending:
             out.append(pending.decode("utf-8", errors="replace"))
