@@ -30,10 +30,9 @@ def test_incremental_decode_matches_full_decode(source, package):
     for ids in cases:
         for skip in (True, False):
             d = Detokenizer(stop=(), include_stop=False)
-            decode = lambda x, skip=skip: tok.decode(x, skip_special_tokens=skip)  # noqa: E731
             emitted = ""
             for n in range(1, len(ids) + 1):
-                text = d.advance(decode, ids[:n], finished=n == len(ids))
+                text = d.advance(tok.decode, skip, ids[:n], finished=n == len(ids))
                 new, _ = d.update(text, finished=n == len(ids))
                 emitted += new
-            assert emitted == decode(ids)
+            assert emitted == tok.decode(ids, skip_special_tokens=skip)

@@ -200,9 +200,8 @@ class Engine:
         out_ids = seq.output_token_ids
         if reason == "stop" and not seq.params.include_stop_str_in_output:
             out_ids = out_ids[:-1]  # the stop/eos token is in token_ids, not in the text
-        skip = seq.params.skip_special_tokens
-        text = detok.advance(lambda ids: m.tokenizer.decode(ids, skip_special_tokens=skip),
-                             out_ids, finished=reason is not None)
+        text = detok.advance(m.tokenizer.decode, seq.params.skip_special_tokens, out_ids,
+                             finished=reason is not None)
         new_text, hit_stop = detok.update(text, finished=reason is not None)
         if hit_stop:
             reason = "stop"

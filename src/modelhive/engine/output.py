@@ -55,10 +55,11 @@ class Detokenizer:
     def __post_init__(self) -> None:
         self.max_stop_len = max((len(s) for s in self.stop), default=0)
 
-    def advance(self, decode, ids: list[int], finished: bool) -> str:
-        """Text of ``ids`` so far, decoding only the new tail. ``decode(ids) -> str``."""
-        prefix_text = decode(ids[self.prefix_offset:self.read_offset])
-        new_text = decode(ids[self.prefix_offset:])
+    def advance(self, decode, skip_special_tokens: bool, ids: list[int], finished: bool) -> str:
+        """Text of ``ids`` so far, decoding only the new tail.
+        ``decode(ids, skip_special_tokens) -> str`` (``Tokenizer.decode``)."""
+        prefix_text = decode(ids[self.prefix_offset:self.read_offset], skip_special_tokens)
+        new_text = decode(ids[self.prefix_offset:], skip_special_tokens)
         if len(new_text) > len(prefix_text) and (finished or not new_text.endswith("\ufffd")):
             self.decoded += new_text[len(prefix_text):]
             self.prefix_offset, self.read_offset = self.read_offset, len(ids)

@@ -245,17 +245,14 @@ class Scheduler:
         p = seq.params
         needs_history = (p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
                          or p.frequency_penalty != 0.0)
-        reaches_end = start + chunk == seq.num_tokens
-        return ScheduledSeq(
-            seq_id=seq.seq_id,
-            token_ids=(seq.token_at(start),) if chunk == 1 else seq.tokens(start, start + chunk),
-            num_cached=start,
-            block_table=seq.table_tuple(),
-            sample=reaches_end,
-            params=p,
-            num_generated=len(seq.output_token_ids),
-            history=seq.tokens(0, seq.num_tokens) if needs_history and reaches_end else (),
-            num_prompt_tokens=len(seq.prompt_token_ids),
+        num_tokens = seq.num_tokens
+        reaches_end = start + chunk == num_tokens
+        return ScheduledSeq(  # positional (one per sequence per step): seq_id, token_ids,
+            seq.seq_id,  # num_cached, block_table, sample, params, num_generated, history,
+            (seq.token_at(start),) if chunk == 1 else seq.tokens(start, start + chunk),
+            start, seq.table_tuple(), reaches_end, p, len(seq.output_token_ids),  # num_prompt
+            seq.tokens(0, num_tokens) if needs_history and reaches_end else (),
+            len(seq.prompt_token_ids),
         )
 
     def after_step(self, plan: StepPlan) -> None:

@@ -1,0 +1,78 @@
+"""The engine's host work per step at many sequences, without a forward (CPU, no GPU needed).
+
+    PYTHONPATH=src python3 bench/host_overhead.py [--seqs 32 128 256] [--profile]
+
+Builds an engine on the CPU with the tiny ``preset:tiny-llama``, admits ``seqs`` greedy requests
+(prompts of 100-250 random tokens, ignore_eos), prefills them, then replaces the runner's
+``execute`` with a stand-in that returns one fixed token per sampling sequence: what remains of
+``engine.step()`` is the host's own work (scheduling, applying tokens, incremental
+detokenization, stop checks, deltas), the part of a large decode step that the GPU cannot hide.
+The graph runner's staging (``DecodeGraphs._stage``) and decode-ahead bookkeeping are not in it.
+Prints the median step and microseconds per sequence per step; ``--profile`` adds the top host
+functions (cProfile). Compare only runs on the same machine, one after the other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import random
+import statistics
+import time
+
+import torch
+
+from modelhive import ModelSpec, SamplingParams
+from modelhive.engine.hive import build_engine
+from modelhive.engine.sequence import SampledToken
+
+
+def measure(num_seqs: int, steps: int = 100, profile: bool = False) -> float:
+    spec = ModelSpec(name="m", source="preset:tiny-llama", dtype="float32", max_model_len=512,
+                     max_num_seqs=max(num_seqs, 1), max_num_batched_tokens=8192,
+                     max_queue=num_seqs + 8)
+    engine = build_engine([spec], device="cpu", memory="3GiB", enforce_eager=True,
+                          measure_memory=False)
+    rng = random.Random(0)
+    for _ in range(num_seqs):
+        engine.add_request("m", [rng.randrange(300, 500) for _ in range(rng.randint(100, 250))],
+                           SamplingParams(max_tokens=2 * steps + 40, temperature=0.0,
+                                          ignore_eos=True))
+    while any(not s.output_token_ids for s in engine.scheduler.queues["m"].running) \
+            or engine.scheduler.num_waiting("m"):
+        engine.step()  # prefill with the real forward
+    runner = engine.models["m"].runner
+    runner.execute = lambda batch: [SampledToken(s.seq_id, 300 + i % 100)
+                                    for i, s in enumerate(batch.seqs) if s.sample]
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t)
+    median = statistics.median(times)
+    print(f"{num_seqs:4d} sequences: {1e3 * median:.3f} ms per step, "
+          f"{1e6 * median / num_seqs:.2f} us per sequence")
+    if profile:
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(steps):
+            engine.step()
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(15)
+    return median
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seqs", type=int, nargs="+", default=[32, 128, 256])
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    for n in args.seqs:
+        measure(n, args.steps, args.profile)
+
+
+if __name__ == "__main__":
+    main()
