@@ -181,14 +181,18 @@ def throughput(source: str, setup: Setup, num_requests: int = 256, min_len: int 
     kv_tokens = sum(p + o for p, o in zip(prompt_lens, output_lens, strict=True))
     engine = make_engine([spec], {name: min(kv_tokens, max_num_seqs * model_len)}, setup)
     runner = engine.models[name].runner
-    ideal = {"bytes": 0, "steps": 0}
+    ideal = {"bytes": 0, "steps": 0, "prompt_steps": 0, "execute_s": 0.0}
     inner = runner.execute
 
     def counting_execute(batch):
         ctx = [s.num_cached + len(s.token_ids) for s in batch.seqs]
         ideal["bytes"] += decode_step_bytes(arch, DTYPE, ctx)
         ideal["steps"] += 1
-        return inner(batch)
+        ideal["prompt_steps"] += any(len(s.token_ids) > 1 for s in batch.seqs)
+        t = time.perf_counter()
+        out = inner(batch)
+        ideal["execute_s"] += time.perf_counter() - t
+        return out
 
     runner.execute = counting_execute
     prompts = _random_prompts(arch.vocab_size, prompt_lens, seed=seed + 1)
@@ -208,7 +212,9 @@ def throughput(source: str, setup: Setup, num_requests: int = 256, min_len: int 
     # does not; on a machine with a cold kernel cache those compiles would land in the timed
     # run (measured: 13,175 vs 26,302 tok/s for the same code, H200). The second pass is timed.
     run_workload(engine)
-    ideal.update(bytes=0, steps=0)
+    ideal.update(bytes=0, steps=0, prompt_steps=0, execute_s=0.0)
+    ahead = runner.ahead
+    used0 = ahead.used if ahead is not None else 0
     generated, seconds = run_workload(engine)
     assert generated == sum(output_lens)
     ideal_s = ideal["bytes"] / setup.bandwidth
@@ -219,6 +225,12 @@ def throughput(source: str, setup: Setup, num_requests: int = 256, min_len: int 
         "steps": ideal["steps"], "ms_per_step": 1e3 * seconds / max(1, ideal["steps"]),
         "bytes_read": ideal["bytes"], "achieved_GB_s": ideal["bytes"] / seconds / 1e9,
         "ceiling_s": ideal_s, "pct_roofline": 100 * ideal_s / seconds,
+        # where the steps went: steps with a prompt chunk; decode steps that were already
+        # launched ahead (their host work overlapped the GPU); seconds inside the runner
+        # (launches + waiting for the GPU) vs the engine's own host work around it
+        "prompt_steps": ideal["prompt_steps"],
+        "ahead_steps": (ahead.used - used0) if ahead is not None else 0,
+        "runner_s": ideal["execute_s"],
     }
     del engine, runner
     gc.collect()
