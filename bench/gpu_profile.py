@@ -1,6 +1,6 @@
 """Where a decode step's time goes on the GPU machine: graph replay (device time) vs host time.
 
-    PYTHONPATH=src python3 bench/gpu_profile.py [preset] [batch]
+    PYTHONPATH=src python3 bench/gpu_profile.py [preset] [batch] [prompt_len]
 
 Prints the median engine step, the graph replay time (CUDA events), an eager decode step, and
 the top host functions by own time (cProfile) over a generation.
@@ -22,18 +22,22 @@ from modelhive.bench.offline import Setup, _graph_replay_ms, make_engine
 
 preset = sys.argv[1] if len(sys.argv) > 1 else "tinyllama-1.1b"
 batch = int(sys.argv[2]) if len(sys.argv) > 2 else 1
-spec = ModelSpec(name="m", source=f"preset:{preset}", dtype="bfloat16", max_model_len=400,
-                 max_num_seqs=batch, max_num_batched_tokens=max(2048, 128 * batch))
-engine = make_engine([spec], {"m": batch * 400}, Setup(enforce_eager=False, bandwidth=1.0))
+prompt_len = int(sys.argv[3]) if len(sys.argv) > 3 else 128
+model_len = prompt_len + 272
+spec = ModelSpec(name="m", source=f"preset:{preset}", dtype="bfloat16", max_model_len=model_len,
+                 max_num_seqs=batch, max_num_batched_tokens=max(2048, min(8192, prompt_len * batch)))
+engine = make_engine([spec], {"m": batch * model_len}, Setup(enforce_eager=False, bandwidth=1.0))
 rng = random.Random(0)
 vocab = engine.models["m"].runner.model.arch.vocab_size
 
 
 def generate(new_tokens: int, profile: cProfile.Profile | None = None) -> list[float]:
     for _ in range(batch):
-        engine.add_request("m", [rng.randrange(300, vocab) for _ in range(128)],
+        engine.add_request("m", [rng.randrange(300, vocab) for _ in range(prompt_len)],
                            SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True))
-    engine.step()  # prefill
+    while any(not s.output_token_ids for s in engine.scheduler.queues["m"].running) \
+            or engine.scheduler.num_waiting("m"):
+        engine.step()  # prefill (chunked)
     times = []
     if profile:
         profile.enable()

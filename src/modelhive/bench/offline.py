@@ -263,17 +263,22 @@ def three_models(sources: list[str], setup: Setup, new_tokens: int = 10, rounds:
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     ids = {n: engine.tokenize(n, "Hello") for n in names}
     times: dict[str, list[float]] = {n: [] for n in names}
+    firsts: dict[str, list[float]] = {n: [] for n in names}  # to the first token (prompt step)
     for r in range(rounds + 1):
         for n in names:
             start = time.perf_counter()
             engine.add_request(n, ids[n], params)
             got = 0
+            first = None
             while engine.has_work:
                 got += sum(len(d.token_ids) for d in engine.step())
+                if got and first is None:
+                    first = time.perf_counter() - start
             elapsed = time.perf_counter() - start
             assert got == new_tokens
             if r:  # round 0 warms up
                 times[n].append(elapsed)
+                firsts[n].append(first)
     result = {"bench": "three-models", "models": sources, "new_tokens": new_tokens,
               "rounds": rounds, "enforce_eager": setup.enforce_eager, "per_model": {}}
     for n, s in zip(names, sources, strict=True):
@@ -282,6 +287,8 @@ def three_models(sources: list[str], setup: Setup, new_tokens: int = 10, rounds:
         step_bytes = decode_step_bytes(arch, DTYPE, [len(ids[n]) + new_tokens // 2])
         floor_ms = 1e3 * new_tokens * step_bytes / setup.bandwidth
         result["per_model"][s] = {"ms_per_reply": ms, "ms_per_token": ms / new_tokens,
+                                  "prompt_tokens": len(ids[n]),
+                                  "ms_first_token": 1e3 * statistics.median(firsts[n]),
                                   "roofline_ms_per_reply": floor_ms,
                                   "pct_roofline": 100 * floor_ms / ms}
     del engine

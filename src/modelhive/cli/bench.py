@@ -76,7 +76,8 @@ def _print(results: list[dict], bandwidth: float, device_name: str) -> None:
                 hf = (f"  hf {e['hf_ms_per_reply']:.1f} ms  x{e['speedup_vs_hf']:.1f}"
                       if "hf_ms_per_reply" in e else "")
                 print(f"three-models {m} {graphs}: {e['ms_per_reply']:.2f} ms per "
-                      f"{r['new_tokens']}-token reply ({e['ms_per_token']:.2f} ms/token), "
+                      f"{r['new_tokens']}-token reply ({e['ms_per_token']:.2f} ms/token; first "
+                      f"token {e['ms_first_token']:.2f} ms, {e['prompt_tokens']} prompt tokens), "
                       f"{e['pct_roofline']:.1f}% of roofline{hf}")
 
 
