@@ -181,17 +181,20 @@ def throughput(source: str, setup: Setup, num_requests: int = 256, min_len: int 
     kv_tokens = sum(p + o for p, o in zip(prompt_lens, output_lens, strict=True))
     engine = make_engine([spec], {name: min(kv_tokens, max_num_seqs * model_len)}, setup)
     runner = engine.models[name].runner
-    ideal = {"bytes": 0, "steps": 0, "prompt_steps": 0, "execute_s": 0.0}
+    ideal = {"bytes": 0, "steps": 0, "prompt_steps": 0, "execute_s": 0.0, "prompt_s": 0.0}
     inner = runner.execute
 
     def counting_execute(batch):
         ctx = [s.num_cached + len(s.token_ids) for s in batch.seqs]
         ideal["bytes"] += decode_step_bytes(arch, DTYPE, ctx)
         ideal["steps"] += 1
-        ideal["prompt_steps"] += any(len(s.token_ids) > 1 for s in batch.seqs)
+        prompt = any(len(s.token_ids) > 1 for s in batch.seqs)
         t = time.perf_counter()
         out = inner(batch)
-        ideal["execute_s"] += time.perf_counter() - t
+        t = time.perf_counter() - t
+        ideal["execute_s"] += t
+        ideal["prompt_steps"] += prompt
+        ideal["prompt_s"] += t if prompt else 0.0
         return out
 
     runner.execute = counting_execute
@@ -214,7 +217,7 @@ def throughput(source: str, setup: Setup, num_requests: int = 256, min_len: int 
     run_workload(engine)
     gc.collect()
     gc.freeze()  # as `modelhive serve` does once the engine is built (cli/serve.py)
-    ideal.update(bytes=0, steps=0, prompt_steps=0, execute_s=0.0)
+    ideal.update(bytes=0, steps=0, prompt_steps=0, execute_s=0.0, prompt_s=0.0)
     ahead = runner.ahead
     used0 = ahead.used if ahead is not None else 0
     generated, seconds = run_workload(engine)
@@ -233,7 +236,7 @@ def throughput(source: str, setup: Setup, num_requests: int = 256, min_len: int 
         # (launches + waiting for the GPU) vs the engine's own host work around it
         "prompt_steps": ideal["prompt_steps"],
         "ahead_steps": (ahead.used - used0) if ahead is not None else 0,
-        "runner_s": ideal["execute_s"],
+        "runner_s": ideal["execute_s"], "runner_prompt_s": ideal["prompt_s"],
     }
     del engine, runner
     gc.collect()

@@ -69,7 +69,8 @@ def _print(results: list[dict], bandwidth: float, device_name: str) -> None:
                   f"{r['ms_per_step']:.2f} ms/step), {r['achieved_GB_s']:.0f} GB/s, "
                   f"{r['pct_roofline']:.1f}% of the workload's roofline{hf}")
             print(f"  steps: {r['prompt_steps']} with prompt chunks, {r['ahead_steps']} launched "
-                  f"ahead; {r['runner_s']:.2f} s in the runner, "
+                  f"ahead; {r['runner_s']:.2f} s in the runner ({r['runner_prompt_s']:.2f} s of it "
+                  f"in steps with prompt chunks), "
                   f"{r['seconds'] - r['runner_s']:.2f} s of engine host work around it")
         else:
             for m, e in r["per_model"].items():
