@@ -55,14 +55,17 @@ def test_a_prompt_chunk_that_samples_launches_its_first_decode():
     assert ahead.take([ScheduledSeq("p", (9, 1), 4, (0, 1), True, GREEDY, 0)]) is None
 
 
-def test_anything_but_the_exact_next_step_drops_it():
+def test_anything_but_that_step_or_part_of_it_drops_it():
     graphs = FakeGraphs()
     ahead = DecodeAhead(graphs, max_model_len=64)
     step = [seq("a", 7, 5), seq("b", 9, 6)]
     for other in ([seq("b", 20, 7), seq("a", 11, 6)],  # order changed
-                  [seq("a", 11, 6)],  # b finished
+                  [seq("b", 20, 7), seq("a", 11, 6), seq("c", 3, 7)],  # ... and extended
                   [seq("a", 11, 6), seq("c", 3, 7)],  # another sequence, same length
+                  [seq("a", 11, 6), seq("b", 20, 7), seq("c", 3, 7)],  # a new sequence after
+                  [seq("c", 3, 7), seq("a", 11, 6), seq("b", 20, 7)],  # ... or before
                   [seq("a", 11, 6), seq("b", 20, 2)],  # b preempted and re-decoding elsewhere
+                  [seq("b", 20, 2)],  # ... and a finished
                   [seq("a", 11, 6), seq("b", 20, 7, params=SamplingParams(logprobs=1))]):
         ahead.finish(step, torch.tensor([11, 20]))
         assert ahead.take(other) is None
@@ -70,19 +73,61 @@ def test_anything_but_the_exact_next_step_drops_it():
     ahead.finish(step, torch.tensor([11, 20]))
     ahead.drop()
     assert ahead.take([seq("a", 11, 6), seq("b", 20, 7)]) is None
+    assert ahead.used == 0
 
 
-def test_nothing_is_launched_for_a_sequence_that_ends_now_or_has_no_slot():
+def test_a_sequence_that_ends_now_is_launched_with_the_others_unless_all_end():
     graphs = FakeGraphs()
     ahead = DecodeAhead(graphs, max_model_len=64)
     last = SamplingParams(max_tokens=4, temperature=0.0)
     for step in ([seq("a", 7, 5), seq("b", 9, 6, params=last, generated=3)],  # b's 4th token
-                 [seq("a", 7, 62)],  # position 63 is the last of max_model_len 64
-                 [seq("a", 7, 15, blocks=4)]):  # position 16 needs a fifth block of 4
+                 [seq("b", 9, 6, params=last, generated=3), seq("a", 7, 5)],  # b first
+                 [seq("a", 7, 5), seq("b", 9, 62, blocks=16)]):  # b at 63: the last of max_model_len
+        ahead.finish(step, torch.tensor([1, 2]))
+        assert graphs.replays[-1] == [(1, step[0].num_cached + 1), (2, step[1].num_cached + 1)]
+        i = [s.seq_id for s in step].index("a")  # a continues (fed token i + 1)
+        assert ahead.take([seq("a", i + 1, 6)]).tolist() == [i + 2]
+    assert ahead.launched == 3
+    for step in ([seq("b", 9, 6, params=last, generated=3)],
+                 [seq("b", 9, 6, params=last, generated=3), seq("a", 7, 62, blocks=16)],  # all end
+                 [seq("a", 7, 5), seq("b", 9, 15, blocks=4)],  # 16 needs a fifth block of 4
+                 [seq("a", 7, 5), seq("b", 9, 15, params=last, blocks=4)],  # b ends, no slot
+                 [seq("a", 7, 5), seq("b", 9, 63, blocks=17)]):  # a slot, but past max_model_len
+        graphs.replays.clear()
         ahead.finish(step, torch.tensor([1] * len(step)))
-        assert ahead.take([seq("a", 1, step[0].num_cached + 1)]) is None
-    assert graphs.replays == []
-    assert ahead.launched == 0
+        assert ahead.take([seq("a", 1, 6)]) is None
+        assert graphs.replays == []
+    assert ahead.launched == 3
+
+
+def test_a_step_less_some_rows_takes_the_rows_it_keeps():
+    graphs = FakeGraphs()
+    ahead = DecodeAhead(graphs, max_model_len=64)
+    last = SamplingParams(max_tokens=4, temperature=0.0)
+    step = [seq("a", 7, 5), seq("b", 9, 6, params=last, generated=3), seq("c", 3, 8)]
+    out = ahead.finish(step, torch.tensor([11, 20, 30]))
+    assert [t.token_id for t in out] == [11, 20, 30]
+    assert graphs.replays == [[(11, 6), (20, 7), (30, 9)]]
+    nxt = [seq("a", 11, 6), seq("c", 30, 9)]  # b finished (max_tokens)
+    assert ahead.take(nxt).tolist() == [12, 31]
+    assert ahead.used == 1
+    for kept, expected in (([seq("c", 30, 9)], [31]),  # a finished too (EOS)
+                           ([seq("a", 11, 6)], [12]),
+                           ([seq("a", 11, 6), seq("b", 20, 7), seq("c", 30, 9)], [12, 21, 31])):
+        ahead.finish(step, torch.tensor([11, 20, 30]))
+        assert ahead.take(kept).tolist() == expected
+    assert ahead.used == 4
+    for other in ([seq("c", 30, 9), seq("a", 11, 6)],  # reordered
+                  [seq("a", 11, 6), seq("c", 30, 9), seq("d", 4, 2)],  # extended
+                  [seq("d", 4, 2), seq("a", 11, 6), seq("c", 30, 9)],
+                  [seq("a", 11, 6), seq("d", 4, 2), seq("c", 30, 9)],
+                  [seq("a", 11, 6), seq("c", 30, 3)],  # c at another position
+                  [seq("a", 11, 6), ScheduledSeq("c", (30, 1), 9, (0, 1, 2, 3), True,
+                                                 GREEDY, 4)]):  # not a decode
+        ahead.finish(step, torch.tensor([11, 20, 30]))
+        assert ahead.take(other) is None
+        assert ahead.take(nxt) is None  # dropped for good
+    assert ahead.used == 4
 
 
 def test_steps_whose_draw_needs_the_host_do_not_run_ahead():

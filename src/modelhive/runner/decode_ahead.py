@@ -5,25 +5,27 @@ with a draw the device can make alone (greedy, temperature/top-k/top-p/min-p, se
 ``sampler.choose``), the runner launches the next decode step of the same sequences at once, feeding the
 tokens it just sampled on the device (no host round trip) at the next positions. Only then does it wait, and only for the
 copy of step t's tokens to the host (queued before the step launched ahead). The engine applies
-step t's tokens and schedules step t+1 as usual; when step t+1 is exactly the step launched ahead
-(same sequences in the same order at the same positions), the runner returns the tokens already
-computed and launches step t+2. So the host's per-step work (scheduling, detokenizing, stop
+step t's tokens and schedules step t+1 as usual; when step t+1 is the step launched ahead, or
+that step less some of its sequences (those that finished or were preempted; the others in the
+same order at the same positions), the runner returns the tokens already computed (of the rows
+kept) and launches step t+2. So the host's per-step work (scheduling, detokenizing, stop
 checks) overlaps the GPU's, instead of leaving the GPU idle between replays.
 
-Anything else (a sequence finished on EOS or a stop string, a new prompt, a preemption, another
-model's step in between) drops the step launched ahead. Its only side effect, K/V written one
-position ahead into blocks its sequences held at launch, is harmless: every later step runs after
-it on the same stream, so a block that changed hands is overwritten by its new owner, and a
-continuing sequence rewrites the same values. A dropped step costs one wasted replay, so nothing
-is launched ahead for a sequence that finishes deterministically (``max_tokens``,
-``max_model_len``). The engine drops the step of a model that has no batch in a step
+Anything else (a new prompt, a reordering, another model's step in between) drops the step
+launched ahead. The only side effect of a dropped step, or of a row whose sequence is gone, is
+K/V written one position ahead into blocks its sequences held at launch; it is harmless: every
+later step runs after it on the same stream, so a block that changed hands is overwritten by its
+new owner, and a continuing sequence rewrites the same values. A sequence that finishes
+deterministically (``max_tokens``, ``max_model_len``) is launched ahead with the others (its row
+is wasted work), so that it does not stall the rest; only when every row finishes now is nothing
+launched. The engine drops the step of a model that has no batch in a step
 (``ModelRunner.skip_step``): a step launched ahead is only ever used by the very next step.
 
 Needs one more KV slot per decode than the step itself (``Scheduler.lookahead = 1``, set by
 ``build_engine`` with CUDA graphs) so that position + 1 always has a slot. Penalties and
-logprobs take the ordinary path (they need the host). A step launched ahead and then dropped has
-consumed draws of the runner's generator: unseeded sampling stays a correct sample, and seeded
-rows (keyed by seed and token index) are unaffected.
+logprobs take the ordinary path (they need the host). A step launched ahead and then dropped
+(or a row of it) has consumed draws of the runner's generator: unseeded sampling stays a correct
+sample, and seeded rows (keyed by seed and token index) are unaffected.
 """
 
 from __future__ import annotations
@@ -51,6 +53,21 @@ class _Ahead:
     tokens: torch.Tensor  # [rows] int64, on the device
 
 
+def _kept_rows(key: tuple, ahead_key: tuple) -> list[int] | None:
+    """The rows of ``ahead_key`` that ``key`` keeps, if ``key`` is ``ahead_key`` less some rows
+    (the rest in order), else None; one walk over both."""
+    idx: list[int] = []
+    i, n = 0, len(ahead_key)
+    for k in key:
+        while i < n and ahead_key[i] != k:
+            i += 1
+        if i == n:
+            return None
+        idx.append(i)
+        i += 1
+    return idx
+
+
 class DecodeAhead:
     """One model's step launched ahead (at most one), over its ``DecodeGraphs``."""
 
@@ -68,15 +85,26 @@ class DecodeAhead:
         self._pending = None
 
     def take(self, seqs: Sequence[ScheduledSeq]) -> torch.Tensor | None:
-        """The device tokens of the step launched ahead if it is exactly this step, else None
-        (and it is dropped either way)."""
+        """The device tokens of the step launched ahead if this step is that step, or that step
+        less some of its rows (the rest in the same order at the same positions): then the kept
+        rows' tokens; else None. It is dropped either way."""
         ahead, self._pending = self._pending, None
         if ahead is None or not can_run_ahead(seqs) or any(len(s.token_ids) != 1 for s in seqs):
             return None
-        if tuple((s.seq_id, s.num_cached) for s in seqs) != ahead.key:
+        key = tuple((s.seq_id, s.num_cached) for s in seqs)
+        if key == ahead.key:
+            self.used += 1
+            return ahead.tokens
+        idx = _kept_rows(key, ahead.key)
+        if idx is None:
             return None
         self.used += 1
-        return ahead.tokens
+        tokens = ahead.tokens
+        if tokens.is_cuda:  # torch.tensor(..., device="cuda") would wait for the step ahead
+            index = torch.tensor(idx, pin_memory=True).to(tokens.device, non_blocking=True)
+        else:
+            index = torch.tensor(idx, device=tokens.device)
+        return tokens[index]
 
     def finish(self, seqs: Sequence[ScheduledSeq], tokens: torch.Tensor) -> list[SampledToken]:
         """Return this step's ``tokens`` (device, one per sequence) as SampledTokens;
@@ -101,10 +129,15 @@ class DecodeAhead:
     def _launch(self, seqs: Sequence[ScheduledSeq], tokens: torch.Tensor) -> None:
         T = self.graphs.tokens_per_block
         positions = [s.num_cached + len(s.token_ids) for s in seqs]  # of the tokens sampled now
+        continues = False  # some row does not finish now for sure (else the replay is wasted)
         for s, nxt in zip(seqs, positions, strict=True):
-            if (s.num_generated + 1 >= s.params.max_tokens or nxt + 1 >= self.max_model_len
-                    or nxt >= len(s.block_table) * T):
-                return  # it finishes now for sure, or has no slot for its next token
+            if nxt >= len(s.block_table) * T or nxt >= self.max_model_len:
+                return  # no slot for its next token (none at max_model_len or past it)
+            if not continues:
+                continues = (s.num_generated + 1 < s.params.max_tokens
+                             and nxt + 1 < self.max_model_len)
+        if not continues:
+            return
         rows = [(0, nxt, s.block_table) for s, nxt in zip(seqs, positions, strict=True)]
         if not self.graphs.fits(rows):
             return
