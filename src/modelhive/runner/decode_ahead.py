@@ -53,6 +53,15 @@ class _Ahead:
     tokens: torch.Tensor  # [rows] int64, on the device
 
 
+def device_index(idx: list[int], device: torch.device) -> torch.Tensor:
+    """``idx`` as an int64 tensor on ``device`` without waiting for the device: on CUDA,
+    ``torch.tensor(idx, device=...)`` copies from pageable memory and so waits for every kernel
+    queued before it (the step in flight); a pinned copy is queued behind them instead."""
+    if device.type == "cuda":
+        return torch.tensor(idx, pin_memory=True).to(device, non_blocking=True)
+    return torch.tensor(idx, device=device)
+
+
 def _kept_rows(key: tuple, ahead_key: tuple) -> list[int] | None:
     """The rows of ``ahead_key`` that ``key`` keeps, if ``key`` is ``ahead_key`` less some rows
     (the rest in order), else None; one walk over both."""
@@ -99,12 +108,7 @@ class DecodeAhead:
         if idx is None:
             return None
         self.used += 1
-        tokens = ahead.tokens
-        if tokens.is_cuda:  # torch.tensor(..., device="cuda") would wait for the step ahead
-            index = torch.tensor(idx, pin_memory=True).to(tokens.device, non_blocking=True)
-        else:
-            index = torch.tensor(idx, device=tokens.device)
-        return tokens[index]
+        return ahead.tokens[device_index(idx, ahead.tokens.device)]
 
     def finish(self, seqs: Sequence[ScheduledSeq], tokens: torch.Tensor) -> list[SampledToken]:
         """Return this step's ``tokens`` (device, one per sequence) as SampledTokens;

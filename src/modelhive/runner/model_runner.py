@@ -20,7 +20,7 @@ from modelhive.models.base import CausalLM, KVCaches
 from modelhive.models.layers import pack_linears_for_cpu
 from modelhive.runner.attn_metadata import SeqChunk, build_attention_metadata
 from modelhive.runner.cuda_graphs import token_rows
-from modelhive.runner.decode_ahead import DecodeAhead, can_run_ahead
+from modelhive.runner.decode_ahead import DecodeAhead, can_run_ahead, device_index
 
 
 class ModelRunner:
@@ -65,7 +65,7 @@ class ModelRunner:
                 logits = self.decode_graphs.replay(rows)
                 if ahead is not None and can_run_ahead(batch.seqs):
                     if len(rows) > len(last):  # prompt chunks: each sequence's last row
-                        logits = logits[torch.tensor(last, device=self.device)]
+                        logits = logits[device_index(last, self.device)]
                     return ahead.finish(batch.seqs,
                                         choose(logits, list(batch.seqs), self.generator))
                 return self._sample_rows(logits, last, batch)
@@ -83,7 +83,7 @@ class ModelRunner:
         rows = [i for i, s in enumerate(batch.seqs) if s.sample]
         if not rows:
             return []
-        last = meta.logits_indices()[torch.tensor(rows, device=self.device)]
+        last = meta.logits_indices()[device_index(rows, self.device)]
         logits = self.model.compute_logits(hidden[last])
         return sample(logits, [batch.seqs[i] for i in rows], self.generator)
 
@@ -94,6 +94,6 @@ class ModelRunner:
         if not picked:
             return []
         if len(picked) < logits.shape[0]:
-            index = torch.tensor([r for _, r in picked], device=self.device)
+            index = device_index([r for _, r in picked], self.device)
             logits = logits[index]
         return sample(logits, [batch.seqs[i] for i, _ in picked], self.generator)
