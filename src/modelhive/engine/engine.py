@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from modelhive.engine.kv_pool import BlockAllocator, KVLayout, KVPool
-from modelhive.engine.output import CompletionDelta, Detokenizer, TokenLogprob, check_stop_token
+from modelhive.engine.output import CompletionDelta, Detokenizer, TokenLogprob
 from modelhive.engine.scheduler import ModelLimits, Scheduler
-from modelhive.engine.sequence import SampledToken, SeqStatus, Sequence, StepResult
+from modelhive.engine.sequence import SampledToken, SeqStatus, Sequence
 from modelhive.errors import CapacityError, InvalidRequestError, ModelNotFoundError
 from modelhive.models.tokenizer import Tokenizer
 from modelhive.planner.memory import MemoryPlan
@@ -46,9 +46,24 @@ class _Request:
     request_id: str
     model: str
     seqs: list[Sequence]
-    detoks: list[Detokenizer]
     arrival_time: float
     first_token_time: float | None = None
+
+
+@dataclass(slots=True, eq=False)
+class _Live:
+    """A sequence of a live request, with what applying its tokens needs (fixed at admission)."""
+
+    seq: Sequence
+    req: _Request
+    detok: Detokenizer
+    tokenizer: Tokenizer
+    #: ids that end it once ``min_tokens`` are out: the eos ids (unless ignore_eos), stop_token_ids
+    stop_ids: frozenset[int]
+    min_tokens: int
+    #: "length" once this many tokens are out: max_tokens, or what max_model_len leaves the prompt
+    max_output: int
+    num_prompt_tokens: int
 
 
 class Engine:
@@ -65,7 +80,7 @@ class Engine:
         self.scheduler = Scheduler(self.allocator, {m.name: m.limits for m in models.values()},
                                    weights={m.name: m.weight for m in models.values()})
         self._requests: dict[str, _Request] = {}
-        self._seqs: dict[str, Sequence] = {}
+        self._live: dict[str, _Live] = {}  # seq_id -> its sequence, until its request is done
         self._arrivals = itertools.count()
         self._ids = itertools.count()
         self.num_steps = 0
@@ -113,17 +128,22 @@ class Engine:
         if request_id in self._requests:
             raise InvalidRequestError(f"request id {request_id} is already running", param="request_id")
         prio = self.plan.model(model).priority if priority is None else priority
-        seqs, detoks = [], []
+        seqs: list[Sequence] = []
+        req = _Request(request_id, model, seqs, time.monotonic())
+        stop_ids = frozenset(params.stop_token_ids) | frozenset(
+            () if params.ignore_eos else m.tokenizer.eos_token_ids)
+        max_output = min(params.max_tokens, m.limits.max_model_len - len(ids))
         for i in range(params.n):
             seq = Sequence(seq_id=f"{request_id}#{i}", request_id=request_id, index=i, model=model,
                            prompt_token_ids=ids, params=params, arrival=next(self._arrivals),
                            priority=prio)
             seqs.append(seq)
-            detoks.append(Detokenizer(params.stop, params.include_stop_str_in_output))
-            self._seqs[seq.seq_id] = seq
+            detok = Detokenizer(params.stop, params.include_stop_str_in_output)
+            self._live[seq.seq_id] = _Live(seq, req, detok, m.tokenizer, stop_ids,
+                                           params.min_tokens, max_output, len(ids))
             self.scheduler.add(seq)
         self.prompt_tokens_total[model] += len(ids)
-        self._requests[request_id] = _Request(request_id, model, seqs, detoks, time.monotonic())
+        self._requests[request_id] = req
         return request_id
 
     def abort(self, request_id: str) -> list[CompletionDelta]:
@@ -131,10 +151,10 @@ class Engine:
         if req is None:
             return []
         deltas = []
-        for seq, detok in zip(req.seqs, req.detoks, strict=True):
+        for seq in req.seqs:
             if not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
-                deltas.append(self._delta(req, seq, detok, (), "", None))
+                deltas.append(self._delta(req, seq, (), "", None))
         self._forget_if_done(req)
         return deltas
 
@@ -151,73 +171,100 @@ class Engine:
                 m.runner.skip_step()
         if plan.is_empty:
             return []
-        tokens: list[SampledToken] = []
-        failed: list[tuple[str, str]] = []
+        outputs: list[tuple[str, list[SampledToken]]] = []  # (model, its sampled tokens)
+        failed: dict[str, str] = {}  # model -> error message, for each model whose forward raised
         for batch in plan.batches:
             m = self.models[batch.model]
             try:
-                tokens.extend(m.runner.execute(batch))
+                outputs.append((batch.model, m.runner.execute(batch)))
                 m.consecutive_failures = 0
             except Exception as exc:  # one model failing must not take the others down
                 log.exception("model %s failed in forward", batch.model)
-                failed.append((batch.model, f"{type(exc).__name__}: {exc}"))
+                failed[batch.model] = f"{type(exc).__name__}: {exc}"
                 m.consecutive_failures += 1
                 if m.consecutive_failures >= 3:
                     m.healthy = False
         self.scheduler.after_step(plan)
         self.num_steps += 1
-        return self._apply(StepResult(tuple(tokens), tuple(failed)), plan)
+        return self._apply(plan, outputs, failed)
 
-    def _apply(self, result: StepResult, plan) -> list[CompletionDelta]:
+    def _apply(self, plan, outputs: list[tuple[str, list[SampledToken]]],
+               failed: dict[str, str]) -> list[CompletionDelta]:
         deltas: list[CompletionDelta] = []
-        failed_models = dict(result.failed_models)
         for batch in plan.batches:
-            if batch.model in failed_models:
+            if batch.model in failed:
                 for item in batch.seqs:
-                    seq = self._seqs.get(item.seq_id)
-                    if seq is not None and not seq.is_finished:
-                        self.scheduler.finish(seq, "error")
-                        req = self._requests[seq.request_id]
-                        deltas.append(self._delta(req, seq, req.detoks[seq.index], (), "", None,
-                                                  error=failed_models[batch.model]))
-                        self._forget_if_done(req)
+                    live = self._live.get(item.seq_id)
+                    if live is not None and not live.seq.is_finished:
+                        self.scheduler.finish(live.seq, "error")
+                        deltas.append(self._delta(live.req, live.seq, (), "", None,
+                                                  error=failed[batch.model]))
+                        self._forget_if_done(live.req)
         now = time.monotonic()
-        for tok in result.tokens:
-            seq = self._seqs.get(tok.seq_id)
-            if seq is None or seq.status is not SeqStatus.RUNNING:
-                continue
-            req = self._requests[seq.request_id]
-            req.first_token_time = req.first_token_time or now
-            deltas.append(self._append_token(req, seq, tok))
+        running = SeqStatus.RUNNING
+        for model, tokens in outputs:
+            applied = 0
+            for tok in tokens:
+                live = self._live.get(tok.seq_id)
+                if live is None or live.seq.status is not running:
+                    continue
+                if live.req.first_token_time is None:
+                    live.req.first_token_time = now
+                deltas.append(self._append_token(live, tok))
+                applied += 1
+            if applied:
+                self.generation_tokens_total[model] += applied
         return deltas
 
-    def _append_token(self, req: _Request, seq: Sequence, tok: SampledToken) -> CompletionDelta:
-        m = self.models[seq.model]
-        seq.output_token_ids.append(tok.token_id)
-        self.generation_tokens_total[seq.model] += 1
-        reason = check_stop_token(seq, tok.token_id, m.tokenizer.eos_token_ids, m.limits.max_model_len)
-        detok = req.detoks[seq.index]
-        out_ids = seq.output_token_ids
-        if reason == "stop" and not seq.params.include_stop_str_in_output:
-            out_ids = out_ids[:-1]  # the stop/eos token is in token_ids, not in the text
-        text = detok.advance(m.tokenizer.decode, seq.params.skip_special_tokens, out_ids,
-                             finished=reason is not None)
-        new_text, hit_stop = detok.update(text, finished=reason is not None)
+    def _append_token(self, live: _Live, tok: SampledToken) -> CompletionDelta:
+        seq = live.seq
+        token_id = tok.token_id
+        out = seq.output_token_ids
+        out.append(token_id)
+        n_out = len(out)
+        # token-level stop rules: eos / stop_token_ids once min_tokens are out, then max_tokens or
+        # max_model_len (prompt + output), both folded into max_output at admission
+        if token_id in live.stop_ids and n_out >= live.min_tokens:
+            reason = "stop"
+        elif n_out >= live.max_output:
+            reason = "length"
+        else:
+            reason = None
+        detok = live.detok
+        finished = reason is not None
+        if reason == "stop" and not detok.include_stop:
+            # the stop/eos token is in token_ids, not in the text
+            text = detok.advance(live.tokenizer.decode, seq.params.skip_special_tokens, out[:-1],
+                                 True, live.tokenizer.decode_token)
+            new_text, hit_stop = detok.update(text, finished)
+        elif detok.read_offset == n_out - 1 \
+                and (piece := live.tokenizer.appended_text(token_id)) is not None:
+            # most tokens: the tokenizer knows the text this one adds, so no decode; and
+            # without stop strings, nothing to hold back (``emit`` = ``advance_by`` + ``update``)
+            if detok.stop:
+                new_text, hit_stop = detok.update(detok.advance_by(piece, n_out), finished)
+            else:
+                new_text, hit_stop = detok.emit(piece, n_out), False
+        else:
+            text = detok.advance(live.tokenizer.decode, seq.params.skip_special_tokens, out,
+                                 finished, live.tokenizer.decode_token)
+            new_text, hit_stop = detok.update(text, finished)
         if hit_stop:
             reason = "stop"
         logprobs = None
         if tok.logprob is not None:
-            tk = m.tokenizer
+            tk = live.tokenizer
             top = tuple((i, tk.id_to_token(i), lp) for i, lp in (tok.top_logprobs or ()))
-            logprobs = (TokenLogprob(tok.token_id, tk.id_to_token(tok.token_id), tok.logprob, top),)
-        if reason is not None:
-            self.scheduler.finish(seq, reason)
-        delta = self._delta(req, seq, detok, (tok.token_id,), new_text, reason, logprobs)
+            logprobs = (TokenLogprob(token_id, tk.id_to_token(token_id), tok.logprob, top),)
+        # positional, in field order (one per token: keywords cost more)
+        delta = CompletionDelta(live.req.request_id, seq.index, (token_id,), new_text, reason,
+                                logprobs, live.num_prompt_tokens, n_out, None)
         if reason is not None:  # else this sequence runs on, so its request stays
-            self._forget_if_done(req)
+            self.scheduler.finish(seq, reason)
+            self._forget_if_done(live.req)
         return delta
 
-    def _delta(self, req: _Request, seq: Sequence, detok: Detokenizer, token_ids, text, reason,
+    def _delta(self, req: _Request, seq: Sequence, token_ids, text, reason,
                logprobs=None, error: str | None = None) -> CompletionDelta:
         return CompletionDelta(req.request_id, seq.index, tuple(token_ids), text,
                                reason if reason is not None else seq.finish_reason, logprobs,
@@ -227,7 +274,7 @@ class Engine:
         if all(s.is_finished for s in req.seqs):
             self._requests.pop(req.request_id, None)
             for s in req.seqs:
-                self._seqs.pop(s.seq_id, None)
+                self._live.pop(s.seq_id, None)
 
     # ---------------------------------------------------------------------------- state
     def check_integrity(self) -> None:

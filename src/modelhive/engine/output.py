@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from modelhive.engine.sequence import Sequence
-
 
 @dataclass(frozen=True)
 class TokenLogprob:
@@ -55,31 +53,61 @@ class Detokenizer:
     def __post_init__(self) -> None:
         self.max_stop_len = max((len(s) for s in self.stop), default=0)
 
-    def advance(self, decode, skip_special_tokens: bool, ids: list[int], finished: bool) -> str:
+    def advance(self, decode, skip_special_tokens: bool, ids: list[int], finished: bool,
+                decode_token=None) -> str:
         """Text of ``ids`` so far, decoding only the new tail.
-        ``decode(ids, skip_special_tokens) -> str`` (``Tokenizer.decode``)."""
-        prefix_text = decode(ids[self.prefix_offset:self.read_offset], skip_special_tokens)
-        new_text = decode(ids[self.prefix_offset:], skip_special_tokens)
+        ``decode(ids, skip_special_tokens) -> str`` (``Tokenizer.decode``). ``decode_token(id,
+        skip_special_tokens)`` (``Tokenizer.decode_token``, memoized), if given, decodes the chunk
+        before when it is one token (the usual case: one token came since the last emission)."""
+        p, r = self.prefix_offset, self.read_offset
+        if decode_token is not None and r - p == 1:
+            prefix_text = decode_token(ids[p], skip_special_tokens)
+        else:
+            prefix_text = decode(ids[p:r], skip_special_tokens)
+        new_text = decode(ids[p:], skip_special_tokens)
         if len(new_text) > len(prefix_text) and (finished or not new_text.endswith("\ufffd")):
             self.decoded += new_text[len(prefix_text):]
             self.prefix_offset, self.read_offset = self.read_offset, len(ids)
         return self.decoded
 
+    def advance_by(self, piece: str, num_ids: int) -> str:
+        """``advance`` without decoding, when the only id not read yet (``read_offset ==
+        num_ids - 1``) adds ``piece`` to any decode (``Tokenizer.appended_text``): ``advance``'s
+        two decodes would give some text and that text + ``piece``, so it would emit ``piece``."""
+        self.decoded += piece
+        self.prefix_offset, self.read_offset = self.read_offset, num_ids
+        return self.decoded
+
+    def emit(self, piece: str, num_ids: int) -> str:
+        """``advance_by`` then ``update`` (finished or not: the same) without stop strings; returns
+        the new text: all of it, as ``piece`` does not end in U+FFFD."""
+        self.decoded += piece
+        self.prefix_offset, self.read_offset = self.read_offset, num_ids
+        self.text = text = self.decoded
+        new = text[self.emitted:]
+        self.emitted = len(text)
+        return new
+
     def update(self, text: str, finished: bool) -> tuple[str, bool]:
         """Take the full decoded text; return (new text to emit, hit a stop string)."""
+        if not self.stop:  # the general case below with max_stop_len 0, without its searches
+            self.text = text
+            end = len(text) - (not finished and text.endswith("\ufffd"))
+            new = text[self.emitted:end]
+            self.emitted = max(self.emitted, end)
+            return new, False
         self.text = text
         hit = False
-        if self.stop:
-            search_from = max(0, self.emitted - self.max_stop_len)
-            best = None
-            for s in self.stop:
-                pos = text.find(s, search_from)
-                if pos != -1 and (best is None or pos < best[0]):
-                    best = (pos, s)
-            if best is not None:
-                pos, s = best
-                self.text = text[: pos + len(s)] if self.include_stop else text[:pos]
-                hit = True
+        search_from = max(0, self.emitted - self.max_stop_len)
+        best = None
+        for s in self.stop:
+            pos = text.find(s, search_from)
+            if pos != -1 and (best is None or pos < best[0]):
+                best = (pos, s)
+        if best is not None:
+            pos, s = best
+            self.text = text[: pos + len(s)] if self.include_stop else text[:pos]
+            hit = True
         if hit or finished:
             end = len(self.text)
         else:
@@ -91,17 +119,3 @@ class Detokenizer:
         self.emitted = max(self.emitted, end)
         return new, hit
 
-
-def check_stop_token(seq: Sequence, token_id: int, eos_token_ids: tuple[int, ...],
-                     max_model_len: int) -> str | None:
-    """Finish reason after appending ``token_id`` (token-level rules), or None to continue."""
-    p = seq.params
-    n_out = len(seq.output_token_ids)
-    if n_out >= p.min_tokens:
-        if not p.ignore_eos and token_id in eos_token_ids:
-            return "stop"
-        if token_id in p.stop_token_ids:
-            return "stop"
-    if n_out >= p.max_tokens or seq.num_tokens >= max_model_len:
-        return "length"
-    return None

@@ -17,6 +17,7 @@ sequence frees its blocks and goes back to the front of its model's waiting queu
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 from collections import deque
@@ -47,6 +48,8 @@ class ModelQueues:
     def __init__(self, limits: ModelLimits):
         self.limits = limits
         self.waiting: deque[Sequence] = deque()
+        #: most urgent first (``_urgency``), so a step need not sort it (sequences enter through
+        #: ``bisect.insort``; removals keep the order)
         self.running: list[Sequence] = []
 
     @property
@@ -180,8 +183,8 @@ class Scheduler:
         # can only ever preempt others, never be preempted by one scheduled before it: the most
         # urgent sequence always advances (without this, sequences of different models could
         # preempt each other in a cycle forever in a tight pool)
-        order = sorted(demand, key=lambda name: min(
-            (_urgency(s) for s in self.queues[name].running), default=(math.inf, math.inf)))
+        order = sorted(demand, key=lambda name: _urgency(self.queues[name].running[0])
+                       if self.queues[name].running else (math.inf, math.inf))
         batches_by_model: dict[str, ModelBatch] = {}
         for name in order:
             decodes, prefills = self._schedule_model(self.queues[name], allowance[name],
@@ -199,19 +202,26 @@ class Scheduler:
         decodes: list[ScheduledSeq] = []
         prefills: list[ScheduledSeq] = []
         # most urgent first (priority, then arrival: the victim order reversed), so a sequence
-        # is only ever preempted in favour of a more urgent one
-        running = sorted(q.running, key=_urgency)
+        # is only ever preempted in favour of a more urgent one. A copy: preemption changes it.
+        running = q.running.copy()
         T = lim.layout.tokens_per_block
+        lookahead = self.lookahead
         for seq in running:
-            n = seq.num_tokens
-            if seq.status is SeqStatus.RUNNING and n - seq.num_computed == 1 \
-                    and seq.num_computed > 0:
+            out = seq.output_token_ids
+            n = len(seq.prompt_token_ids) + len(out)
+            start = seq.num_computed
+            if n - start == 1 and start > 0 and seq.status is SeqStatus.RUNNING:
                 # most decodes: the table already covers the token and the lookahead slot, which
                 # is ``_reserve``'s first check, made here without its call and lookups
                 # (~0.3 us per sequence per step, bench/host_overhead.py)
-                if len(seq.block_table) * T >= n + self.lookahead \
-                        or self._reserve(seq, n + self.lookahead, scheduled, preempted):
-                    decodes.append(self._scheduled(seq, 1))
+                if len(seq.block_table) * T >= n + lookahead \
+                        or self._reserve(seq, n + lookahead, scheduled, preempted):
+                    # ``_scheduled(seq, 1)`` inlined: its last token (the prompt's if none is
+                    # out), sampled; positional, in field order (keywords cost more)
+                    decodes.append(ScheduledSeq(
+                        seq.seq_id, (out[-1] if out else seq.prompt_token_ids[-1],), start,
+                        seq.table_tuple(), True, seq.params, len(out),
+                        seq.tokens(0, n) if seq.needs_history else (), n - len(out)))
                     scheduled.add(seq.seq_id)
         budget = min(allowance, lim.max_num_batched_tokens) - len(decodes)
         for seq in running:
@@ -235,7 +245,7 @@ class Scheduler:
             q.waiting.popleft()
             seq.block_table.extend(self.allocator.allocate(seq.model, need))
             seq.status = SeqStatus.RUNNING
-            q.running.append(seq)
+            bisect.insort(q.running, seq, key=_urgency)
             prefills.append(self._scheduled(seq, chunk))
             scheduled.add(seq.seq_id)
             budget -= chunk
@@ -244,16 +254,14 @@ class Scheduler:
     @staticmethod
     def _scheduled(seq: Sequence, chunk: int) -> ScheduledSeq:
         start = seq.num_computed
-        p = seq.params
-        needs_history = (p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
-                         or p.frequency_penalty != 0.0)
         num_tokens = seq.num_tokens
         reaches_end = start + chunk == num_tokens
         token_ids = (seq.token_at(start),) if chunk == 1 else seq.tokens(start, start + chunk)
-        history = seq.tokens(0, num_tokens) if needs_history and reaches_end else ()
+        history = seq.tokens(0, num_tokens) if seq.needs_history and reaches_end else ()
         # positional, in field order (one per sequence per step: keywords cost more)
-        return ScheduledSeq(seq.seq_id, token_ids, start, seq.table_tuple(), reaches_end, p,
-                            len(seq.output_token_ids), history, len(seq.prompt_token_ids))
+        return ScheduledSeq(seq.seq_id, token_ids, start, seq.table_tuple(), reaches_end,
+                            seq.params, len(seq.output_token_ids), history,
+                            len(seq.prompt_token_ids))
 
     def after_step(self, plan: StepPlan) -> None:
         """Advance ``num_computed`` for every sequence the plan fed (call before appending tokens)."""

@@ -1,9 +1,9 @@
-"""Sequence state (plain Python) and the two frozen contracts between scheduler and runner.
+"""Sequence state (plain Python) and the two contracts between scheduler and runner.
 
 - ``StepPlan``: what the scheduler decided for one step: per model, which sequences feed which
   tokens and which blocks hold their KV.
-- ``StepResult``: what the runners answer: one sampled token per sequence that asked for one, and
-  the models whose forward failed.
+- ``SampledToken``: what a runner answers for its model's batch, one per sequence that asked for
+  one (a model whose forward raised answers nothing: the engine fails its sequences).
 """
 
 from __future__ import annotations
@@ -39,6 +39,13 @@ class Sequence:
     finish_reason: str | None = None
     num_preemptions: int = 0
     _table: tuple[int, ...] = field(default=(), init=False, repr=False)
+    #: the sampler needs the token history (penalties); fixed, as ``params`` is
+    needs_history: bool = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        p = self.params
+        self.needs_history = (p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
+                              or p.frequency_penalty != 0.0)
 
     def table_tuple(self) -> tuple[int, ...]:
         """``block_table`` as a tuple: the same object from step to step while the table does not
@@ -118,9 +125,3 @@ class SampledToken:  # a record, not frozen (built per token: see ScheduledSeq)
     logprob: float | None = None
     top_logprobs: tuple[tuple[int, float], ...] | None = None
 
-
-@dataclass(frozen=True)
-class StepResult:
-    tokens: tuple[SampledToken, ...]
-    #: (model, error message) for each model whose forward raised this step
-    failed_models: tuple[tuple[str, str], ...] = ()

@@ -33,6 +33,10 @@ class Tokenizer:
     vocab_size: int
     chat_template: str | None
     special_tokens: dict[str, str]  # bos_token/eos_token/... -> text, passed to chat templates
+    TOKEN_TEXTS_MAX = 1 << 16  # ``decode_token``'s memo is cleared when it holds this many
+
+    def __init__(self) -> None:
+        self._token_texts: dict[tuple[int, bool], str] = {}
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         raise NotImplementedError
@@ -42,6 +46,24 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str:
         raise NotImplementedError
+
+    def decode_token(self, token_id: int, skip_special_tokens: bool = True) -> str:
+        """``decode([token_id], skip_special_tokens)``, memoized: ``Detokenizer.advance`` decodes
+        each token alone again on the step after its own (as the chunk before the new one)."""
+        key = (token_id, skip_special_tokens)
+        text = self._token_texts.get(key)
+        if text is None:
+            if len(self._token_texts) >= self.TOKEN_TEXTS_MAX:
+                self._token_texts.clear()
+            text = self._token_texts[key] = self.decode([token_id], skip_special_tokens)
+        return text
+
+    def appended_text(self, token_id: int) -> str | None:
+        """The text ``token_id`` adds at the end of a decode whatever comes before it, if the
+        tokenizer can tell without decoding: ``decode(ids + [token_id], skip) == decode(ids, skip)
+        + text`` for every ``ids`` and ``skip``, ``text`` not empty and not ending in U+FFFD.
+        Else None. Incremental detokenization then skips its decodes for that token."""
+        return None
 
     def with_chat_template(self, template: str) -> Tokenizer:
         """A copy that uses ``template`` (Jinja source, or the path of a file holding it; a string
@@ -80,6 +102,7 @@ class HFTokenizer(Tokenizer):
                  chat_template: str | None = None):
         from tokenizers import Tokenizer as BackendTokenizer
 
+        super().__init__()
         directory = Path(directory)
         path = directory / "tokenizer.json"
         if not path.is_file():
@@ -135,10 +158,12 @@ class ByteTokenizer(Tokenizer):
 
     SPECIALS = ("<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>")
     BOS_ID, EOS_ID, IM_START_ID, IM_END_ID = 256, 257, 258, 259
+    FIRST_PLAIN = 256 + len(SPECIALS)  # ids from here on decode to ``<|tN|>``
 
     def __init__(self, vocab_size: int, chat_template: str | None = None):
         from modelhive.models.chat_template import CHATML_TEMPLATE
 
+        super().__init__()
         if vocab_size < 256 + len(self.SPECIALS):
             raise ConfigError(f"a byte tokenizer needs vocab_size >= 260, got {vocab_size}")
         self.vocab_size = vocab_size
@@ -162,7 +187,7 @@ class ByteTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         out: list[str] = []
         pending = bytearray()
-        first_plain = 256 + len(self.SPECIALS)
+        first_plain = self.FIRST_PLAIN
         for token_id in ids:
             if 0 <= token_id < 256:
                 pending.append(token_id)
@@ -177,6 +202,18 @@ class ByteTokenizer(Tokenizer):
         if pending:
             out.append(pending.decode("utf-8", errors="replace"))
         return "".join(out)
+
+    def appended_text(self, token_id: int) -> str | None:
+        # A placeholder: ``decode`` flushes the pending bytes as it does at the end, then appends
+        # it. An ASCII byte cannot continue a multi-byte character, so it ends a partial one
+        # before it as the end of the input does (errors="replace": the same U+FFFD), then
+        # decodes to itself (checked in tests/unit/test_detok_fast_paths.py). Special ids are
+        # not covered: their text depends on skip_special_tokens.
+        if self.FIRST_PLAIN <= token_id < self.vocab_size:
+            return f"<|t{token_id}|>"
+        if 0 <= token_id < 128:
+            return chr(token_id)
+        return None
 
     def id_to_token(self, token_id: int) -> str:
         if not 0 <= token_id < self.vocab_size:
