@@ -1,6 +1,7 @@
 """Decode linears on the GPU: the Triton GEMV (``kernels/triton/gemv.py``) against cuBLAS.
 
     PYTHONPATH=src python3 bench/gpu_gemv_tune.py [--sweep] [--json OUT.json]
+    PYTHONPATH=src python3 bench/gpu_gemv_tune.py --rows 1,2,4,6,8,16
 
 1. Checks the GEMV (every prologue, bias, in-place residual, the gated epilogue, persistent
    programs) against ``reference`` in bf16.
@@ -13,6 +14,8 @@
    as ``pick_config`` sets it up (whole rows loaded before the PDL wait, persistent programs for
    the tall ones) with PDL.
    Roofline: the weight bytes over the measured copy bandwidth (read + write bytes per second).
+4. ``--rows``: only the layer stacks of TinyLlama and Qwen2.5-3B at several row counts, cuBLAS
+   composites against the GEMV (where ``GEMV_MAX_ROWS`` belongs).
 """
 
 from __future__ import annotations
@@ -240,16 +243,53 @@ def layer_stack(name: str, results: dict, bw: float) -> None:
     results.setdefault("layers", []).append(row)
 
 
+def rows_sweep(rows: list[int], bw: float) -> None:
+    """The layer stacks of TinyLlama and Qwen2.5-3B at ``rows`` rows: cuBLAS composites against
+    the GEMV (whatever ``linears`` routes it to), to place ``GEMV_MAX_ROWS``."""
+    for name in ("tinyllama-1.1b", "qwen2.5-3b"):
+        h, q, kv, inter, layers, _ = PRESETS[name]
+        mk = lambda *s: torch.randn(*s, device="cuda", dtype=DT) / s[-1] ** 0.5  # noqa: E731
+        W = [dict(qkv=mk(q + 2 * kv, h), o=mk(h, q), gu=mk(2 * inter, h), down=mk(h, inter),
+                  n1=torch.ones(h, device="cuda", dtype=DT),
+                  n2=torch.ones(h, device="cuda", dtype=DT)) for _ in range(layers)]
+        nbytes = sum(w[k].numel() * 2 for w in W for k in ("qkv", "o", "gu", "down"))
+        for m in rows:
+            state = torch.randn(m, h, device="cuda", dtype=DT)
+
+            def cublas(state=state, W=W, q=q):
+                for w in W:
+                    qkv = F.linear(linears.rms_norm(state, w["n1"], 1e-6, 0.0), w["qkv"])
+                    state.addmm_(qkv[:, :q], w["o"].t())
+                    gu = F.linear(linears.rms_norm(state, w["n2"], 1e-6, 0.0), w["gu"])
+                    state.addmm_(linears.silu_and_mul(gu), w["down"].t())
+
+            def run_gemv(state=state, W=W, q=q):
+                for w in W:
+                    qkv = gemv(state, w["qkv"], prologue="rmsnorm", norm_weight=w["n1"], eps=1e-6)
+                    gemv(qkv[:, :q], w["o"], residual=state, out=state)
+                    a = gemv(state, w["gu"], prologue="rmsnorm", norm_weight=w["n2"], eps=1e-6,
+                             act="silu")
+                    gemv(a, w["down"], residual=state, out=state)
+
+            tc, tg = graph_time(cublas, reps=10) * 1e6, graph_time(run_gemv, reps=10) * 1e6
+            print(f"{name:15s} rows {m:3d}  roofline {nbytes / bw * 1e6:6.0f} us  "
+                  f"cuBLAS {tc:6.0f} us  GEMV {tg:6.0f} us")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--roles", help="comma-separated roles to sweep (default: all)")
+    ap.add_argument("--rows", help="comma-separated row counts: layer stacks, GEMV vs cuBLAS")
     ap.add_argument("--json")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__)
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
     results: dict = {"device": torch.cuda.get_device_name(), "copy_tbs": bw / 1e12}
+    if args.rows:
+        rows_sweep([int(r) for r in args.rows.split(",")], bw)
+        return
     results["check_failures"] = check()
     for name in PRESETS:
         layer_stack(name, results, bw)
