@@ -14,8 +14,8 @@
    as ``pick_config`` sets it up (whole rows loaded before the PDL wait, persistent programs for
    the tall ones) with PDL.
    Roofline: the weight bytes over the measured copy bandwidth (read + write bytes per second).
-4. ``--rows``: only the layer stacks of TinyLlama and Qwen2.5-3B at several row counts, cuBLAS
-   composites against the GEMV (where ``GEMV_MAX_ROWS`` belongs).
+4. ``--rows``: only the layer stacks of TinyLlama and Qwen2.5-3B at several row counts: cuBLAS
+   composites, the GEMV, and what ``linears`` routes to (where ``GEMV_MAX_ROWS`` belongs).
 """
 
 from __future__ import annotations
@@ -271,9 +271,17 @@ def rows_sweep(rows: list[int], bw: float) -> None:
                              act="silu")
                     gemv(a, w["down"], residual=state, out=state)
 
+            def routed(state=state, W=W, q=q):  # what the model's ops run at this many rows
+                for w in W:
+                    qkv = linears.norm_linear(state, w["n1"], 1e-6, 0.0, w["qkv"])
+                    linears.linear_add(qkv[:, :q], w["o"], state)
+                    a = linears.norm_linear_act(state, w["n2"], 1e-6, 0.0, w["gu"], "silu")
+                    linears.linear_add(a, w["down"], state)
+
             tc, tg = graph_time(cublas, reps=10) * 1e6, graph_time(run_gemv, reps=10) * 1e6
+            tr = graph_time(routed, reps=10) * 1e6
             print(f"{name:15s} rows {m:3d}  roofline {nbytes / bw * 1e6:6.0f} us  "
-                  f"cuBLAS {tc:6.0f} us  GEMV {tg:6.0f} us")
+                  f"cuBLAS {tc:6.0f} us  GEMV {tg:6.0f} us  linears (routed) {tr:6.0f} us")
 
 
 def main() -> None:
