@@ -120,3 +120,23 @@ def test_bad_specs_fail_before_loading():
         Hive([ModelSpec(name="x", source="preset:no-such-preset")], device="cpu")
     with pytest.raises(PlanError):
         Hive(THREE, device="cpu", memory="1MiB")
+
+
+def test_serving_gc_settings_apply_and_undo(roomy_hive: Hive):
+    """``settle_for_serving`` freezes what exists and raises the young-generation threshold
+    (``modelhive serve`` calls it once the engine is built); the undo restores both, and the
+    engine generates the same either way."""
+    import gc
+
+    from modelhive.engine.hive import SERVING_GC_THRESHOLD, settle_for_serving, undo_serving_gc
+
+    before = gc.get_threshold()
+    want = roomy_hive.generate("llama", ["Hello"], GREEDY)[0].token_ids
+    previous = settle_for_serving()
+    try:
+        assert previous == before
+        assert gc.get_threshold()[0] == SERVING_GC_THRESHOLD and gc.get_freeze_count() > 0
+        assert roomy_hive.generate("llama", ["Hello"], GREEDY)[0].token_ids == want
+    finally:
+        undo_serving_gc(previous)
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0

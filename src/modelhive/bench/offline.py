@@ -28,7 +28,7 @@ import torch
 from modelhive.bench.hf_baseline import build_hf_model, hf_generate_seconds
 from modelhive.bench.roofline import decode_step_bytes
 from modelhive.config import ModelSpec
-from modelhive.engine.hive import build_engine
+from modelhive.engine.hive import build_engine, settle_for_serving, undo_serving_gc
 from modelhive.models.loader import resolve_source
 from modelhive.planner.memory import plan_memory
 from modelhive.sampling_params import SamplingParams
@@ -215,13 +215,12 @@ def throughput(source: str, setup: Setup, num_requests: int = 256, min_len: int 
     # does not; on a machine with a cold kernel cache those compiles would land in the timed
     # run (measured: 13,175 vs 26,302 tok/s for the same code, H200). The second pass is timed.
     run_workload(engine)
-    gc.collect()
-    gc.freeze()  # as `modelhive serve` does once the engine is built (cli/serve.py)
+    gc_thresholds = settle_for_serving()  # as `modelhive serve` does once the engine is built
     ideal.update(bytes=0, steps=0, prompt_steps=0, execute_s=0.0, prompt_s=0.0)
     ahead = runner.ahead
     used0 = ahead.used if ahead is not None else 0
     generated, seconds = run_workload(engine)
-    gc.unfreeze()  # the engine goes next: its cycles must be collectable again
+    undo_serving_gc(gc_thresholds)  # the engine goes next: its cycles must be collectable
     assert generated == sum(output_lens)
     ideal_s = ideal["bytes"] / setup.bandwidth
     result = {

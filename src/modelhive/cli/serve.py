@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import gc
 import logging
 import os
 import signal
@@ -152,14 +151,11 @@ def run(args: argparse.Namespace) -> int:
             sock.close()
         raise
     from modelhive.engine.client import AsyncEngine
+    from modelhive.engine.hive import settle_for_serving
     from modelhive.planner.report import format_plan
 
     print(format_plan(engine.plan), flush=True)
-    # The engine, its models and graphs live as long as the process: keep them out of the
-    # collector's scans, which serving's short-lived per-token objects trigger all the time
-    # (~5 % of the engine's host work per step at 256 sequences, bench/host_overhead.py).
-    gc.collect()
-    gc.freeze()
+    settle_for_serving()  # the engine lives as long as the process
     async_engine = AsyncEngine(engine)
     async_engine.start()
     _print_urls(served, list(engine.models))
