@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from modelhive.engine.output import Detokenizer
-from modelhive.engine.sampler import _filter, sample
+from modelhive.engine.sampler import _filter, choose, sample
 from modelhive.engine.sequence import ScheduledSeq
 from modelhive.errors import InvalidRequestError
 from modelhive.sampling_params import SamplingParams
@@ -39,6 +39,25 @@ def test_seeded_sampling_is_independent_of_batch_composition():
     # a different step index draws different noise: over several steps the picks vary
     picks = {sample(logits[3:4].clone(), [item(p, num_generated=k)])[0].token_id for k in range(20)}
     assert len(picks) > 1
+
+
+def test_model_dtype_logits_choose_as_their_float32_copy():
+    """The CUDA LM head hands over bf16 logits above two rows: greedy rows (ties included),
+    seeded draws and penalised rows choose exactly what the float32 copy of the same values
+    chooses."""
+    torch.manual_seed(0)
+    logits = (torch.randn(6, 500) * 3).to(torch.bfloat16)
+    logits[0, 7] = logits[0, 9] = logits[0].max() + 1  # a tie: the first index wins
+    items = [item(SamplingParams(temperature=0.0), "g0"), item(SamplingParams(temperature=0.0)),
+             item(SamplingParams(temperature=0.8, seed=3), "s1"),
+             item(SamplingParams(temperature=1.0, top_k=20, top_p=0.9, seed=4), "s2"),
+             item(SamplingParams(temperature=0.0, repetition_penalty=1.3), "p", history=(5, 6)),
+             item(SamplingParams(temperature=0.7, seed=5, presence_penalty=0.5), "q",
+                  history=(1, 2))]
+    got = choose(logits, items)
+    assert got[0].item() == 7
+    assert got.tolist() == choose(logits.float(), items).tolist()
+    assert logits.dtype == torch.bfloat16  # penalties worked on a copy
 
 
 def test_seeded_draws_follow_the_distribution():

@@ -61,16 +61,18 @@ def choose(logits: torch.Tensor, items: list[ScheduledSeq],
     the seeded draw) without waiting for the device; ``sample`` reads it and adds logprobs, and
     ``runner/decode_ahead.py`` feeds it to the next step before the host has seen it (``ahead``:
     the rows are that many tokens past ``items``, which keys their seeded draws)."""
-    logits = logits.float()
+    # Logits may come in the model dtype (the cuBLAS LM head on CUDA, ``ops.logits``): greedy
+    # rows take the argmax as they are (float32 holds every bf16/fp16 value exactly, so the
+    # maximum and its first index are the same), the rest is computed in float32.
     if any(it.history for it in items):
-        logits = logits.clone()
+        logits = logits.to(torch.float32, copy=True)
         _apply_penalties(logits, items)
     chosen = logits.max(dim=-1).indices  # = argmax (first maximum), ~2x faster on the CPU
     for row, item in enumerate(items):
         p = item.params
         if p.temperature == 0.0:
             continue
-        row_logits = _filter(logits[row] / p.temperature, p.top_k, p.top_p, p.min_p)
+        row_logits = _filter(logits[row].float() / p.temperature, p.top_k, p.top_p, p.min_p)
         probs = torch.softmax(row_logits, dim=-1)
         if p.seed is not None:
             g = torch.Generator(device=logits.device)

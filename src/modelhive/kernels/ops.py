@@ -58,7 +58,9 @@ def linear_add(x, weight, residual):
 
 
 def logits(x, weight):
-    """``x @ weight.T`` rounded to ``x.dtype`` (as a linear in the model dtype is), as float32."""
+    """``x @ weight.T`` rounded to ``x.dtype`` (as a linear in the model dtype is): as float32,
+    except on CUDA above ``gemv.GEMV_MAX_ROWS`` rows, where it stays in ``x.dtype`` (the sampler
+    upcasts what it draws from; ``engine/sampler.py``)."""
     return (_gpu(x) or reference).logits(x, weight)
 
 

@@ -5,7 +5,8 @@ A model is an ``nn.Module`` built from an ``ArchConfig`` that:
   step's flat tokens; positions come from ``meta.positions``; each layer writes its new K/V into
   ``kv_caches[layer] = (k_view, v_view)`` (pool views, see ``engine/kv_pool.py``) and attends
   through ``kernels.ops.paged_attention``.
-- ``compute_logits(hidden [M, hidden_size]) -> [M, vocab] float32``: final projection (+ softcap).
+- ``compute_logits(hidden [M, hidden_size]) -> [M, vocab]``: final projection (+ softcap), float32
+  or, on CUDA above the GEMV's rows without softcap, the model dtype (``ops.logits``).
 - ``load_weights(weights)``: takes ``(hf_name, tensor)`` pairs with transformers' checkpoint names
   and copies them into its (fused) parameters; q/k/v pack into ``qkv_proj`` and gate/up into
   ``gate_up_proj``. Returns the set of parameter names it filled, so the loader can check that

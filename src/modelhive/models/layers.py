@@ -247,10 +247,11 @@ class GatedMLP(nn.Module):
 
 def final_logits(hidden: torch.Tensor, weight: torch.Tensor,
                  softcap: float | None = None) -> torch.Tensor:
-    """``[M, hidden] -> [M, vocab]`` float32, with optional ``tanh`` soft-capping."""
+    """``[M, hidden] -> [M, vocab]`` (float32, or the model dtype where ``ops.logits`` keeps
+    it), with optional ``tanh`` soft-capping (in float32)."""
     logits = ops.logits(hidden, weight)
     if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
+        logits = torch.tanh(logits.float() / softcap) * softcap
     return logits
 
 

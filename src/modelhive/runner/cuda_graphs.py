@@ -162,7 +162,8 @@ class DecodeGraphs:
 
     def replay(self, rows: Sequence[GraphRow], input_ids: torch.Tensor | None = None
                ) -> torch.Tensor:
-        """Logits ``[len(rows), vocab]`` (float32) of one replay; the caller checked ``fits``.
+        """Logits ``[len(rows), vocab]`` of one replay (``compute_logits``'s dtype); the caller
+        checked ``fits``.
         ``input_ids``: the rows' token ids as a device tensor, overriding the rows' own (a step
         launched before its tokens reached the host: ``runner/decode_ahead.py``).
         The tensor is the graph's static output: read it before the next replay."""

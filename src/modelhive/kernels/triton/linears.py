@@ -55,4 +55,6 @@ def logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if x.shape[0] <= GEMV_MAX_ROWS:
         return gemv(x, weight, out=torch.empty((x.shape[0], weight.shape[0]),
                                                dtype=torch.float32, device=x.device))
-    return F.linear(x, weight).float()
+    # in the model dtype: a float32 copy of [rows, vocab] was 115 us of a 1.9 ms step at 256
+    # rows (Qwen2.5-0.5B, H200), and the sampler needs float32 only for the rows it draws from
+    return F.linear(x, weight)
