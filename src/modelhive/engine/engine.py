@@ -19,7 +19,7 @@ import torch
 from modelhive.engine.kv_pool import BlockAllocator, KVLayout, KVPool
 from modelhive.engine.output import CompletionDelta, Detokenizer, TokenLogprob
 from modelhive.engine.scheduler import ModelLimits, Scheduler
-from modelhive.engine.sequence import SampledToken, SeqStatus, Sequence
+from modelhive.engine.sequence import SampledToken, SeqStatus, Sequence, StepResult
 from modelhive.errors import CapacityError, InvalidRequestError, ModelNotFoundError
 from modelhive.models.tokenizer import Tokenizer
 from modelhive.planner.memory import MemoryPlan
@@ -186,11 +186,11 @@ class Engine:
                     m.healthy = False
         self.scheduler.after_step(plan)
         self.num_steps += 1
-        return self._apply(plan, outputs, failed)
+        return self._apply(StepResult(tuple(outputs), failed), plan)
 
-    def _apply(self, plan, outputs: list[tuple[str, list[SampledToken]]],
-               failed: dict[str, str]) -> list[CompletionDelta]:
+    def _apply(self, result: StepResult, plan) -> list[CompletionDelta]:
         deltas: list[CompletionDelta] = []
+        failed = result.failed_models
         for batch in plan.batches:
             if batch.model in failed:
                 for item in batch.seqs:
@@ -202,7 +202,7 @@ class Engine:
                         self._forget_if_done(live.req)
         now = time.monotonic()
         running = SeqStatus.RUNNING
-        for model, tokens in outputs:
+        for model, tokens in result.tokens:
             applied = 0
             for tok in tokens:
                 live = self._live.get(tok.seq_id)

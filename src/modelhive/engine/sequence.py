@@ -4,6 +4,7 @@
   tokens and which blocks hold their KV.
 - ``SampledToken``: what a runner answers for its model's batch, one per sequence that asked for
   one (a model whose forward raised answers nothing: the engine fails its sequences).
+- ``StepResult``: the step's answers, per model, and the models whose forward raised.
 """
 
 from __future__ import annotations
@@ -116,6 +117,14 @@ class StepPlan:
     @property
     def is_empty(self) -> bool:
         return not self.batches
+
+
+@dataclass(frozen=True)
+class StepResult:
+    #: (model, the tokens its runner sampled) for each model whose forward ran
+    tokens: tuple[tuple[str, list[SampledToken]], ...]
+    #: model -> error message, for each model whose forward raised this step
+    failed_models: dict[str, str]
 
 
 @dataclass(slots=True)
