@@ -232,12 +232,9 @@ class Engine:
             reason = None
         detok = live.detok
         finished = reason is not None
-        if reason == "stop" and not detok.include_stop:
-            # the stop/eos token is in token_ids, not in the text
-            text = detok.advance(live.tokenizer.decode, seq.params.skip_special_tokens, out[:-1],
-                                 True, live.tokenizer.decode_token)
-            new_text, hit_stop = detok.update(text, finished)
-        elif detok.read_offset == n_out - 1 \
+        # the stop/eos token is in token_ids, not in the text
+        drop_last = reason == "stop" and not detok.include_stop
+        if not drop_last and detok.read_offset == n_out - 1 \
                 and (piece := live.tokenizer.appended_text(token_id)) is not None:
             # most tokens: the tokenizer knows the text this one adds, so no decode; and
             # without stop strings, nothing to hold back (``emit`` = ``advance_by`` + ``update``)
@@ -246,8 +243,9 @@ class Engine:
             else:
                 new_text, hit_stop = detok.emit(piece, n_out), False
         else:
-            text = detok.advance(live.tokenizer.decode, seq.params.skip_special_tokens, out,
-                                 finished, live.tokenizer.decode_token)
+            text = detok.advance(live.tokenizer.decode, seq.params.skip_special_tokens,
+                                 out[:-1] if drop_last else out, finished,
+                                 live.tokenizer.decode_token)
             new_text, hit_stop = detok.update(text, finished)
         if hit_stop:
             reason = "stop"

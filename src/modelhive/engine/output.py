@@ -81,9 +81,7 @@ class Detokenizer:
     def emit(self, piece: str, num_ids: int) -> str:
         """``advance_by`` then ``update`` (finished or not: the same) without stop strings; returns
         the new text: all of it, as ``piece`` does not end in U+FFFD."""
-        self.decoded += piece
-        self.prefix_offset, self.read_offset = self.read_offset, num_ids
-        self.text = text = self.decoded
+        self.text = text = self.advance_by(piece, num_ids)
         new = text[self.emitted:]
         self.emitted = len(text)
         return new
