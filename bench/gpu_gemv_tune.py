@@ -183,24 +183,34 @@ def sweep(results: dict, only: set[str] | None = None) -> None:
             "top": [{"us": t * 1e6, **cfg} for t, cfg in rows[:12]]})
 
 
-def layer_stack(name: str, results: dict, bw: float) -> None:
+def stack_weights(name: str) -> tuple[list[dict], int]:
+    """Every layer's own linears (and norm weights) of a preset, and their weight bytes."""
     h, q, kv, inter, layers, _ = PRESETS[name]
-    torch.manual_seed(1)
     mk = lambda *s: torch.randn(*s, device="cuda", dtype=DT) / s[-1] ** 0.5  # noqa: E731
     W = [dict(qkv=mk(q + 2 * kv, h), o=mk(h, q), gu=mk(2 * inter, h), down=mk(h, inter),
               n1=torch.ones(h, device="cuda", dtype=DT), n2=torch.ones(h, device="cuda", dtype=DT))
          for _ in range(layers)]
-    nbytes = sum(w[k].numel() * 2 for w in W for k in ("qkv", "o", "gu", "down"))
+    return W, sum(w[k].numel() * 2 for w in W for k in ("qkv", "o", "gu", "down"))
+
+
+def cublas_stack(W: list[dict], q: int, state: torch.Tensor) -> None:
+    """The layer stack as cuBLAS composites: RMSNorm, linear, addmm with the residual."""
+    for w in W:
+        qkv = F.linear(linears.rms_norm(state, w["n1"], 1e-6, 0.0), w["qkv"])
+        state.addmm_(qkv[:, :q], w["o"].t())
+        gu = F.linear(linears.rms_norm(state, w["n2"], 1e-6, 0.0), w["gu"])
+        state.addmm_(linears.silu_and_mul(gu), w["down"].t())
+
+
+def layer_stack(name: str, results: dict, bw: float) -> None:
+    h, q = PRESETS[name][:2]
+    torch.manual_seed(1)
+    W, nbytes = stack_weights(name)
     h0 = torch.randn(1, h, device="cuda", dtype=DT)
     state = h0.clone()
 
     def cublas():
-        hs = state
-        for w in W:
-            qkv = F.linear(linears.rms_norm(hs, w["n1"], 1e-6, 0.0), w["qkv"])
-            hs = hs.addmm_(qkv[:, :q], w["o"].t())
-            gu = F.linear(linears.rms_norm(hs, w["n2"], 1e-6, 0.0), w["gu"])
-            hs = hs.addmm_(linears.silu_and_mul(gu), w["down"].t())
+        cublas_stack(W, q, state)
 
     def fused(use_pdl: bool, full_k: bool = True):
         def cfg(weight, prologue=None, act=None):
@@ -247,21 +257,13 @@ def rows_sweep(rows: list[int], bw: float) -> None:
     """The layer stacks of TinyLlama and Qwen2.5-3B at ``rows`` rows: cuBLAS composites against
     the GEMV (whatever ``linears`` routes it to), to place ``GEMV_MAX_ROWS``."""
     for name in ("tinyllama-1.1b", "qwen2.5-3b"):
-        h, q, kv, inter, layers, _ = PRESETS[name]
-        mk = lambda *s: torch.randn(*s, device="cuda", dtype=DT) / s[-1] ** 0.5  # noqa: E731
-        W = [dict(qkv=mk(q + 2 * kv, h), o=mk(h, q), gu=mk(2 * inter, h), down=mk(h, inter),
-                  n1=torch.ones(h, device="cuda", dtype=DT),
-                  n2=torch.ones(h, device="cuda", dtype=DT)) for _ in range(layers)]
-        nbytes = sum(w[k].numel() * 2 for w in W for k in ("qkv", "o", "gu", "down"))
+        h, q = PRESETS[name][:2]
+        W, nbytes = stack_weights(name)
         for m in rows:
             state = torch.randn(m, h, device="cuda", dtype=DT)
 
             def cublas(state=state, W=W, q=q):
-                for w in W:
-                    qkv = F.linear(linears.rms_norm(state, w["n1"], 1e-6, 0.0), w["qkv"])
-                    state.addmm_(qkv[:, :q], w["o"].t())
-                    gu = F.linear(linears.rms_norm(state, w["n2"], 1e-6, 0.0), w["gu"])
-                    state.addmm_(linears.silu_and_mul(gu), w["down"].t())
+                cublas_stack(W, q, state)
 
             def run_gemv(state=state, W=W, q=q):
                 for w in W:
