@@ -291,7 +291,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     use_pdl = cfg.pop("pdl", None)
     use_pdl = pdl.enabled(x) if use_pdl is None else use_pdl
     programs = triton.cdiv(n, cfg["BLOCK_N"])
-    per_sm = cfg.pop("PERSIST", 0) if cfg["FULL_K"] else 0
+    per_sm = cfg.pop("PERSIST", 0)  # persistent programs loop over whole rows only
+    per_sm = per_sm if cfg["FULL_K"] else 0
     if per_sm:
         programs = min(programs, per_sm * _sm_count(x.device))
     grid = (m * programs,)
