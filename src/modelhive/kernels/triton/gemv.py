@@ -108,7 +108,7 @@ def _gemv_kernel(
     M, N, K, stride_xm, stride_wn, stride_rm, stride_om, eps, offset,
     PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
     GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FULL_K: tl.constexpr,
-    LOOP: tl.constexpr, USE_PDL: tl.constexpr,
+    LOOP: tl.constexpr, USE_PDL: tl.constexpr, PDL_EARLY: tl.constexpr,
 ):
     pid = tl.program_id(0)
     row = pid % M  # the fastest: the rows sharing a weight tile run side by side
@@ -126,9 +126,7 @@ def _gemv_kernel(
     w_next = tl.load(w_rows + rk[None, :], mask=first_mask, other=0.0)
     if GATED > 0:
         u_next = tl.load(up_rows + rk[None, :], mask=first_mask, other=0.0)
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    pdl.wait(USE_PDL, PDL_EARLY)
     rstd = 1.0
     if FULL_K:
         k_mask = rk < K
@@ -304,6 +302,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         residual.stride(0) if residual is not None else 0, out.stride(0),
         float(eps), float(offset),
         PROLOGUE=code, HAS_BIAS=bias is not None, HAS_RES=residual is not None, GATED=gated,
-        LOOP=bool(per_sm), USE_PDL=use_pdl, launch_pdl=use_pdl, **cfg,
+        LOOP=bool(per_sm), USE_PDL=use_pdl, PDL_EARLY=pdl.EARLY, launch_pdl=use_pdl, **cfg,
     )
     return out

@@ -74,7 +74,7 @@ def _decode_kernel(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, DIRECT: tl.constexpr,
-    PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
+    PRECISION: tl.constexpr, USE_PDL: tl.constexpr, PDL_EARLY: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -91,9 +91,7 @@ def _decode_kernel(
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     pos = start + tl.arange(0, BLOCK_N)
     block = tl.load(table + pos // T, mask=pos < end, other=0).to(tl.int64)
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    pdl.wait(USE_PDL, PDL_EARLY)
 
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
@@ -146,10 +144,9 @@ def _decode_kernel(
 def _decode_reduce_kernel(
     part_acc_ptr, part_ml_ptr, out_ptr, num_splits, stride_on, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr,
+    PDL_EARLY: tl.constexpr,
 ):
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    pdl.wait(USE_PDL, PDL_EARLY)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     num_heads = tl.num_programs(1)
@@ -291,13 +288,15 @@ def paged_attention(
             GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
             BLOCK_D=block_d, BLOCK_N=block_n,
             USE_WINDOW=use_window, USE_SOFTCAP=use_softcap, DIRECT=direct, PRECISION=precision,
-            USE_PDL=use_pdl, launch_pdl=use_pdl, num_warps=4, num_stages=2,
+            USE_PDL=use_pdl, PDL_EARLY=pdl.EARLY, launch_pdl=use_pdl,
+            num_warps=4, num_stages=2,
         )
         if not direct:
             _decode_reduce_kernel[(num_decodes, num_heads)](
                 part_acc, part_ml, out, num_splits, out.stride(0), out.stride(1),
                 HEAD_DIM=head_dim, BLOCK_D=block_d,
                 BLOCK_S=max(2, triton.next_power_of_2(num_splits)), USE_PDL=use_pdl,
+                PDL_EARLY=pdl.EARLY,
                 launch_pdl=use_pdl, num_warps=4,
             )
 

@@ -18,11 +18,9 @@ from modelhive.kernels.triton import pdl
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, w_ptr, out_ptr, rows_per_n, stride_xn, stride_xh, D, eps, offset,
-    BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr, PDL_EARLY: tl.constexpr,
 ):
-    if USE_PDL:  # x comes from the previous kernel (pdl.py)
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    pdl.wait(USE_PDL, PDL_EARLY)  # x comes from the previous kernel (pdl.py)
     row = tl.program_id(0)
     n = (row // rows_per_n).to(tl.int64)
     h = row % rows_per_n
@@ -60,6 +58,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
     use_pdl = pdl.enabled(x)
     _rms_norm_kernel[(num_rows,)](
         x, weight, out, rows_per_n, sxn, sxh, dim, float(eps), float(offset), BLOCK_D=block_d,
-        USE_PDL=use_pdl, launch_pdl=use_pdl, num_warps=min(16, max(1, block_d // 256)),
+        USE_PDL=use_pdl, PDL_EARLY=pdl.EARLY, launch_pdl=use_pdl,
+        num_warps=min(16, max(1, block_d // 256)),
     )
     return out

@@ -90,7 +90,7 @@ def _rope_store_kv_kernel(
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
     stride_cb, stride_ct, stride_ch, num_heads, num_kv_heads, scaling,
     HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    USE_PDL: tl.constexpr, PDL_EARLY: tl.constexpr,
 ):
     n = tl.program_id(0)
     n64 = n.to(tl.int64)
@@ -102,9 +102,7 @@ def _rope_store_kv_kernel(
     cos, sin = _cos_sin(pos_ptr, inv_freq_ptr, n, i, i_mask, scaling, dtype)
     block = tl.load(slot_blocks_ptr + n).to(tl.int64)
     offset = tl.load(slot_offsets_ptr + n).to(tl.int64)
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    pdl.wait(USE_PDL, PDL_EARLY)
     part = tl.program_id(1)  # 0: k and v; p > 0: query heads [(p - 1) BLOCK_H, p BLOCK_H)
     if part > 0:  # q: rotated in place
         h = (part - 1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
@@ -160,6 +158,7 @@ def rope_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: 
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), num_heads, num_kv_heads,
         float(attention_scaling), HALF=half, BLOCK_H=block_h,
         BLOCK_KV=triton.next_power_of_2(num_kv_heads), BLOCK_HALF=block_half,
-        USE_PDL=use_pdl, launch_pdl=use_pdl, num_warps=1 if block_h * block_half <= 256 else 4,
+        USE_PDL=use_pdl, PDL_EARLY=pdl.EARLY, launch_pdl=use_pdl,
+        num_warps=1 if block_h * block_half <= 256 else 4,
     )
     return q

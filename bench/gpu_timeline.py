@@ -1,0 +1,120 @@
+"""What each kernel of a step adds to the step's time on the GPU machine (PDL overlaps kernels,
+so per-kernel durations overstate; this counts the time each kernel's end moves the step's end).
+
+    PYTHONPATH=src python3 bench/gpu_timeline.py decode PRESET [BATCH] [CONTEXT]
+    PYTHONPATH=src python3 bench/gpu_timeline.py prefill PRESET [SEQS] [PROMPT_LEN]
+
+``decode``: one captured graph replay of BATCH rows at CONTEXT keys per sequence; ``prefill``:
+one eager step of SEQS prompts of PROMPT_LEN tokens (the chunked-prefill shape of the throughput
+workload). Prints, per kernel name: count, summed duration, summed marginal time (``end_i`` minus
+the latest end before it, at least 0) and the step's span, from a CUPTI trace of 5 steps.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import random
+import sys
+import tempfile
+
+import torch
+
+from modelhive import ModelSpec, SamplingParams
+from modelhive.bench.offline import Setup, make_engine
+
+mode = sys.argv[1] if len(sys.argv) > 1 else "decode"
+preset = sys.argv[2] if len(sys.argv) > 2 else "tinyllama-1.1b"
+batch = int(sys.argv[3]) if len(sys.argv) > 3 else 1
+length = int(sys.argv[4]) if len(sys.argv) > 4 else 192
+REPEAT = 5
+
+model_len = length + 64
+tokens = batch * length if mode == "prefill" else max(2048, batch)
+spec = ModelSpec(name="m", source=f"preset:{preset}", dtype="bfloat16", max_model_len=model_len,
+                 max_num_seqs=batch, max_num_batched_tokens=max(tokens, 2048))
+engine = make_engine([spec], {"m": batch * model_len}, Setup(enforce_eager=False, bandwidth=1.0))
+runner = engine.models["m"].runner
+vocab = runner.model.arch.vocab_size
+rng = random.Random(0)
+
+
+def add_requests() -> None:
+    for _ in range(batch):
+        engine.add_request("m", [rng.randrange(300, vocab) for _ in range(length)],
+                           SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+
+
+if mode == "decode":
+    add_requests()
+    while any(not s.output_token_ids for s in engine.scheduler.queues["m"].running) \
+            or engine.scheduler.num_waiting("m"):
+        engine.step()
+    engine.step()
+    torch.cuda.synchronize()
+    graphs = runner.decode_graphs
+    graph, _ = graphs.graphs[next(b for b in graphs.batch_sizes if b >= batch)]
+
+    def step() -> None:
+        graph.replay()
+else:
+    # the scheduler's first step is one eager forward over every prompt: time that forward
+    from modelhive.runner.attn_metadata import SeqChunk
+    from modelhive.runner.cuda_graphs import stage_eager_inputs
+
+    T = runner.layout.tokens_per_block
+    add_requests()
+    engine.step()  # allocates the blocks and writes the prompts' keys once
+    seqs = list(engine.scheduler.queues["m"].running)
+    chunks = [SeqChunk(0, length, tuple(s.block_table)) for s in seqs]
+    flat = [rng.randrange(300, vocab) for _ in range(batch * length)]
+
+    @torch.inference_mode()
+    def step() -> None:
+        meta, input_ids = stage_eager_inputs(chunks, flat, T, runner.device)
+        hidden = runner.model(input_ids, meta, runner.kv_caches)
+        runner.model.compute_logits(hidden[meta.logits_indices()])
+
+for _ in range(3):
+    step()
+torch.cuda.synchronize()
+with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    for _ in range(REPEAT):
+        step()
+        torch.cuda.synchronize()
+with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "trace.json")
+    prof.export_chrome_trace(path)
+    with open(path) as f:
+        trace = json.load(f)
+kernels = sorted((e for e in trace["traceEvents"] if e.get("cat") == "kernel"),
+                 key=lambda e: e["ts"])
+# split into steps at gaps (each step ends with a synchronize)
+steps: list[list[dict]] = [[]]
+for e in kernels:
+    if steps[-1] and e["ts"] - max(k["ts"] + k["dur"] for k in steps[-1][-4:]) > 50:
+        steps.append([])
+    steps[-1].append(e)
+steps = [s for s in steps if s]
+count: dict[str, float] = collections.Counter()
+dur: dict[str, float] = collections.Counter()
+marg: dict[str, float] = collections.Counter()
+spans = []
+for s in steps:
+    end = s[0]["ts"]
+    for e in s:
+        name = e["name"][:70]
+        e_end = e["ts"] + e["dur"]
+        count[name] += 1
+        dur[name] += e["dur"]
+        marg[name] += max(0.0, e_end - end)
+        end = max(end, e_end)
+    spans.append(end - s[0]["ts"])
+n = len(steps)
+print(f"{mode} {preset} batch {batch} length {length}: {n} steps traced, "
+      f"{len(kernels) / n:.0f} kernels per step, span median "
+      f"{sorted(spans)[n // 2]:.1f} us")
+print(f"{'marginal us':>12} {'duration us':>12} {'count':>6}  kernel")
+for name in sorted(marg, key=lambda k: -marg[k]):
+    print(f"{marg[name] / n:12.1f} {dur[name] / n:12.1f} {count[name] / n:6.0f}  {name}")
