@@ -212,7 +212,7 @@ def pick_config(n: int, k: int, prologue: str | None = None, gated: bool = False
     ``gated``: ``n`` counts the gate and up rows together, and a program reads ``BLOCK_N`` rows
     of each (half the plain tile). Measured, us (cuBLAS composite in brackets; gate_up with the
     gated activation, down a plain stream with the residual):
-    TinyLlama qkv 3.9 (8.4), o 3.6 (6.0), gate_up 13.1 (17.4), down 7.4 (11.1), LM head 31.5 (35);
+    TinyLlama qkv 3.9 (8.4), o 3.6 (6.0; chunked, before o took whole rows), gate_up 13.1 (17.4), down 7.4 (11.1), LM head 31.5 (35);
     Qwen2.5-3B gate_up 23.7 (29.2), down 12.9 (16.5), LM head 142 (150);
     Yi-6B qkv 11.7 (16.3), o 10.1 (13.4), gate_up 44.0 (50.9), down 24.0 (28.6), LM head 118.6 (131).
     """
@@ -242,7 +242,12 @@ def _pick(n: int, k: int, prologue: str | None) -> dict:
         return chunked(8 if n <= 8192 else 4, 512, 4)
     if prologue is None and n >= 8192 and k_pad <= FULL_K_MAX:  # LM heads
         return full(4, 8, persist=4) if k_pad <= 2048 else full(2, 8, persist=4)
-    if n <= 2048:  # o and down of a 2048-wide model: few programs, more warps each
+    if prologue is None and k_pad <= 2048:
+        # o of a 2048-wide model (and narrower): whole rows, loaded before the PDL wait, i.e.
+        # while the attention kernels before it run (TinyLlama step 756 -> 748 us, Qwen2.5-3B
+        # 1,892 -> 1,856; Yi-6B's 4096-wide rows got slower that way: 3,043 -> 3,088)
+        return full(4, 4)
+    if n <= 2048:  # down of a 2048-wide model: few programs, more warps each
         return chunked(8 if prologue is None else 4, 1024, 8)
     return chunked(8, 1024, 4)
 
