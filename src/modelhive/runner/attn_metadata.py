@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
+import numpy as np
 import torch
 
 
@@ -83,48 +84,72 @@ class AttentionMetadata:
         return ends.to(self.positions.device)
 
 
-def build_attention_metadata(
-    chunks: list[SeqChunk], tokens_per_block: int, device: torch.device | str = "cpu"
-) -> AttentionMetadata:
-    """Build metadata for ``chunks`` (decodes must come first: chunks with num_new == 1 and
-    num_cached > 0 at the front are counted as decodes)."""
+@dataclass(frozen=True)
+class MetadataArrays:
+    """The metadata of one step as host arrays (numpy), before they become tensors."""
+
+    num_decodes: int
+    positions: np.ndarray  # [num_tokens] int64
+    slot_blocks: np.ndarray  # [num_tokens] int64
+    slot_offsets: np.ndarray  # [num_tokens] int64
+    query_start_loc: np.ndarray  # [num_seqs + 1] int32
+    seq_lens: np.ndarray  # [num_seqs] int32
+    block_tables: np.ndarray  # [num_seqs, max_blocks] int32, padded with 0
+
+
+def metadata_arrays(chunks: list[SeqChunk], tokens_per_block: int) -> MetadataArrays:
+    """Positions, slots, lengths and padded tables of ``chunks`` (decodes first: chunks with
+    num_new == 1 and num_cached > 0 at the front are counted as decodes), computed per token
+    with numpy (a prefill step of 8192 tokens took ~9 ms in a per-token Python loop)."""
     num_decodes = 0
     for c in chunks:
         if c.num_new == 1 and c.num_cached > 0:
             num_decodes += 1
         else:
             break
-    positions: list[int] = []
-    slot_blocks: list[int] = []
-    slot_offsets: list[int] = []
-    qsl = [0]
-    seq_lens = []
     T = tokens_per_block
-    for c in chunks:
-        end = c.num_cached + c.num_new
-        if len(c.block_table) * T < end:
-            raise ValueError(f"block table of {len(c.block_table)} blocks cannot hold {end} tokens")
-        for p in range(c.num_cached, end):
-            positions.append(p)
-            slot_blocks.append(c.block_table[p // T])
-            slot_offsets.append(p % T)
-        qsl.append(qsl[-1] + c.num_new)
-        seq_lens.append(end)
-    max_blocks = max(len(c.block_table) for c in chunks)
-    flat: list[int] = []  # the tables padded with 0, row by row: one tensor built once
-    for c in chunks:
-        flat.extend(c.block_table)
-        flat.extend([0] * (max_blocks - len(c.block_table)))
-    tables = torch.tensor(flat, dtype=torch.int32).view(len(chunks), max_blocks)
+    num_seqs = len(chunks)
+    cached = np.fromiter((c.num_cached for c in chunks), dtype=np.int64, count=num_seqs)
+    new = np.fromiter((c.num_new for c in chunks), dtype=np.int64, count=num_seqs)
+    widths = np.fromiter((len(c.block_table) for c in chunks), dtype=np.int64, count=num_seqs)
+    ends = cached + new
+    short = np.flatnonzero(widths * T < ends)
+    if short.size:
+        i = int(short[0])
+        raise ValueError(f"block table of {int(widths[i])} blocks cannot hold {int(ends[i])} "
+                         "tokens")
+    max_blocks = int(widths.max())
+    tables = np.zeros((num_seqs, max_blocks), dtype=np.int32)
+    for i, c in enumerate(chunks):
+        tables[i, :len(c.block_table)] = c.block_table
+    qsl = np.zeros(num_seqs + 1, dtype=np.int64)
+    np.cumsum(new, out=qsl[1:])
+    seq_of_token = np.repeat(np.arange(num_seqs), new)
+    positions = cached[seq_of_token] + (np.arange(int(qsl[-1])) - qsl[seq_of_token])
+    slot_blocks = tables[seq_of_token, positions // T].astype(np.int64)
+    return MetadataArrays(num_decodes, positions, slot_blocks, positions % T,
+                          qsl.astype(np.int32), ends.astype(np.int32), tables)
+
+
+def build_attention_metadata(
+    chunks: list[SeqChunk], tokens_per_block: int, device: torch.device | str = "cpu"
+) -> AttentionMetadata:
+    """Build metadata for ``chunks`` (decodes must come first: chunks with num_new == 1 and
+    num_cached > 0 at the front are counted as decodes)."""
+    a = metadata_arrays(chunks, tokens_per_block)
+
+    def tensor(x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(x).to(device)
+
     return AttentionMetadata(
-        tokens_per_block=T,
-        num_decodes=num_decodes,
-        positions=torch.tensor(positions, dtype=torch.long, device=device),
-        slot_blocks=torch.tensor(slot_blocks, dtype=torch.long, device=device),
-        slot_offsets=torch.tensor(slot_offsets, dtype=torch.long, device=device),
-        query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-        block_tables=tables.to(device),
-        query_start_loc_host=tuple(qsl),
-        seq_lens_host=tuple(seq_lens),
+        tokens_per_block=tokens_per_block,
+        num_decodes=a.num_decodes,
+        positions=tensor(a.positions),
+        slot_blocks=tensor(a.slot_blocks),
+        slot_offsets=tensor(a.slot_offsets),
+        query_start_loc=tensor(a.query_start_loc),
+        seq_lens=tensor(a.seq_lens),
+        block_tables=tensor(a.block_tables),
+        query_start_loc_host=tuple(a.query_start_loc.tolist()),
+        seq_lens_host=tuple(a.seq_lens.tolist()),
     )

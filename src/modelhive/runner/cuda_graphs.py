@@ -39,7 +39,7 @@ import torch
 from modelhive.engine.sequence import ScheduledSeq
 from modelhive.models.base import CausalLM, KVCaches
 from modelhive.planner.estimates import graph_batch_sizes
-from modelhive.runner.attn_metadata import AttentionMetadata, SeqChunk, build_attention_metadata
+from modelhive.runner.attn_metadata import AttentionMetadata, SeqChunk, metadata_arrays
 
 log = logging.getLogger("modelhive.runner")
 
@@ -177,37 +177,38 @@ class DecodeGraphs:
         return logits[:n]
 
 
-def stage_eager_inputs(chunks: list[SeqChunk], token_ids: list[int], tokens_per_block: int,
+def stage_eager_inputs(chunks: list[SeqChunk], token_ids: Sequence[int], tokens_per_block: int,
                        device: torch.device) -> tuple[AttentionMetadata, torch.Tensor]:
     """(metadata, input_ids) on the CUDA ``device``, built on the CPU and moved with two
     non-blocking copies from pinned memory (instead of one blocking copy per tensor)."""
-    meta = build_attention_metadata(chunks, tokens_per_block, "cpu")
+    a = metadata_arrays(chunks, tokens_per_block)
     n = len(token_ids)
     longs = torch.empty(4 * n, dtype=torch.long, pin_memory=True)
     longs_np = longs.numpy()
-    longs_np[:n] = np.asarray(token_ids, dtype=np.int64)
-    longs[n:2 * n] = meta.positions
-    longs[2 * n:3 * n] = meta.slot_blocks
-    longs[3 * n:] = meta.slot_offsets
-    num_seqs = meta.num_seqs
-    tables = meta.block_tables
-    ints = torch.empty(2 * num_seqs + 1 + tables.numel(), dtype=torch.int32, pin_memory=True)
-    ints[:num_seqs + 1] = meta.query_start_loc
-    ints[num_seqs + 1:2 * num_seqs + 1] = meta.seq_lens
-    ints[2 * num_seqs + 1:] = tables.flatten()
+    longs_np[:n] = token_ids
+    longs_np[n:2 * n] = a.positions
+    longs_np[2 * n:3 * n] = a.slot_blocks
+    longs_np[3 * n:] = a.slot_offsets
+    num_seqs = len(chunks)
+    tables = a.block_tables
+    ints = torch.empty(2 * num_seqs + 1 + tables.size, dtype=torch.int32, pin_memory=True)
+    ints_np = ints.numpy()
+    ints_np[:num_seqs + 1] = a.query_start_loc
+    ints_np[num_seqs + 1:2 * num_seqs + 1] = a.seq_lens
+    ints_np[2 * num_seqs + 1:] = tables.reshape(-1)
     longs_dev = longs.to(device, non_blocking=True)
     ints_dev = ints.to(device, non_blocking=True)
     dev_meta = AttentionMetadata(
         tokens_per_block=tokens_per_block,
-        num_decodes=meta.num_decodes,
+        num_decodes=a.num_decodes,
         positions=longs_dev[n:2 * n],
         slot_blocks=longs_dev[2 * n:3 * n],
         slot_offsets=longs_dev[3 * n:],
         query_start_loc=ints_dev[:num_seqs + 1],
         seq_lens=ints_dev[num_seqs + 1:2 * num_seqs + 1],
         block_tables=ints_dev[2 * num_seqs + 1:].view(tables.shape),
-        query_start_loc_host=meta.query_start_loc_host,
-        seq_lens_host=meta.seq_lens_host,
+        query_start_loc_host=tuple(a.query_start_loc.tolist()),
+        seq_lens_host=tuple(a.seq_lens.tolist()),
     )
     return dev_meta, longs_dev[:n]
 
