@@ -6,15 +6,17 @@ so per-kernel durations overstate; this counts the time each kernel's end moves 
 
 ``decode``: one captured graph replay of BATCH rows at CONTEXT keys per sequence; ``prefill``:
 one eager step of SEQS prompts of PROMPT_LEN tokens (the chunked-prefill shape of the throughput
-workload). Prints, per kernel name: count, summed duration, summed marginal time (``end_i`` minus
+workload), then a host profile (cProfile) of such steps. Prints, per kernel name: count, summed duration, summed marginal time (``end_i`` minus
 the latest end before it, at least 0) and the step's span, from a CUPTI trace of 5 steps.
 """
 
 from __future__ import annotations
 
 import collections
+import cProfile
 import json
 import os
+import pstats
 import random
 import sys
 import tempfile
@@ -90,13 +92,9 @@ with tempfile.TemporaryDirectory() as tmp:
         trace = json.load(f)
 kernels = sorted((e for e in trace["traceEvents"] if e.get("cat") == "kernel"),
                  key=lambda e: e["ts"])
-# split into steps at gaps (each step ends with a synchronize)
-steps: list[list[dict]] = [[]]
-for e in kernels:
-    if steps[-1] and e["ts"] - max(k["ts"] + k["dur"] for k in steps[-1][-4:]) > 50:
-        steps.append([])
-    steps[-1].append(e)
-steps = [s for s in steps if s]
+# every step launches the same kernels in the same order: REPEAT equal runs of the trace
+per_step = len(kernels) // REPEAT
+steps = [kernels[i * per_step:(i + 1) * per_step] for i in range(REPEAT)]
 count: dict[str, float] = collections.Counter()
 dur: dict[str, float] = collections.Counter()
 marg: dict[str, float] = collections.Counter()
@@ -118,3 +116,26 @@ print(f"{mode} {preset} batch {batch} length {length}: {n} steps traced, "
 print(f"{'marginal us':>12} {'duration us':>12} {'count':>6}  kernel")
 for name in sorted(marg, key=lambda k: -marg[k]):
     print(f"{marg[name] / n:12.1f} {dur[name] / n:12.1f} {count[name] / n:6.0f}  {name}")
+# a window of consecutive kernels from the middle of the step (a layer and a bit), averaged
+# over the steps: which linear of a layer costs what
+index_marg = [0.0] * per_step
+index_dur = [0.0] * per_step
+for s in steps:
+    end = s[0]["ts"]
+    for i, e in enumerate(s):
+        e_end = e["ts"] + e["dur"]
+        index_marg[i] += max(0.0, e_end - end) / n
+        index_dur[i] += e["dur"] / n
+        end = max(end, e_end)
+mid = per_step // 2
+print("kernels", mid - 8, "to", mid + 8, "of the step (marginal / duration us):")
+for i in range(max(0, mid - 8), min(per_step, mid + 8)):
+    print(f"  {i:4d} {index_marg[i]:8.1f} {index_dur[i]:8.1f}  {steps[0][i]['name'][:60]}")
+if mode == "prefill":  # eager steps: where the host's time goes (launches, metadata)
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(REPEAT):
+        step()
+    torch.cuda.synchronize()
+    profile.disable()
+    pstats.Stats(profile).sort_stats("tottime").print_stats(18)
