@@ -3,11 +3,15 @@ so per-kernel durations overstate; this counts the time each kernel's end moves 
 
     PYTHONPATH=src python3 bench/gpu_timeline.py decode PRESET [BATCH] [CONTEXT]
     PYTHONPATH=src python3 bench/gpu_timeline.py prefill PRESET [SEQS] [PROMPT_LEN]
+    PYTHONPATH=src python3 bench/gpu_timeline.py engine PRESET [BATCH] [CONTEXT]
 
 ``decode``: one captured graph replay of BATCH rows at CONTEXT keys per sequence; ``prefill``:
 one eager step of SEQS prompts of PROMPT_LEN tokens (the chunked-prefill shape of the throughput
-workload), then a host profile (cProfile) of such steps. Prints, per kernel name: count, summed duration, summed marginal time (``end_i`` minus
-the latest end before it, at least 0) and the step's span, from a CUPTI trace of 5 steps.
+workload), then a host profile (cProfile) of such steps; ``engine``: consecutive greedy
+``engine.step()`` calls of a BATCH-row decode (decode-ahead), so the work between graph replays
+(input copies, the token argmax and copy) shows beside the graph's kernels. Prints, per kernel or
+copy name: count, summed duration, summed marginal time (``end_i`` minus the latest end before
+it, at least 0) and the step's span, from a CUPTI trace of 5 steps (20 engine steps).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ mode = sys.argv[1] if len(sys.argv) > 1 else "decode"
 preset = sys.argv[2] if len(sys.argv) > 2 else "tinyllama-1.1b"
 batch = int(sys.argv[3]) if len(sys.argv) > 3 else 1
 length = int(sys.argv[4]) if len(sys.argv) > 4 else 192
-REPEAT = 5
+REPEAT = 20 if mode == "engine" else 5
 
 model_len = length + 64
 tokens = batch * length if mode == "prefill" else max(2048, batch)
@@ -45,10 +49,19 @@ rng = random.Random(0)
 def add_requests() -> None:
     for _ in range(batch):
         engine.add_request("m", [rng.randrange(300, vocab) for _ in range(length)],
-                           SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+                           SamplingParams(max_tokens=8 if mode != "engine" else 60,
+                                          temperature=0.0, ignore_eos=True))
 
 
-if mode == "decode":
+if mode == "engine":
+    add_requests()
+    while any(len(s.output_token_ids) < 4 for s in engine.scheduler.queues["m"].running) \
+            or engine.scheduler.num_waiting("m"):
+        engine.step()
+
+    def step() -> None:
+        engine.step()
+elif mode == "decode":
     add_requests()
     while any(not s.output_token_ids for s in engine.scheduler.queues["m"].running) \
             or engine.scheduler.num_waiting("m"):
@@ -84,13 +97,16 @@ torch.cuda.synchronize()
 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
     for _ in range(REPEAT):
         step()
-        torch.cuda.synchronize()
+        if mode != "engine":  # engine steps overlap by design (decode-ahead)
+            torch.cuda.synchronize()
+    torch.cuda.synchronize()
 with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "trace.json")
     prof.export_chrome_trace(path)
     with open(path) as f:
         trace = json.load(f)
-kernels = sorted((e for e in trace["traceEvents"] if e.get("cat") == "kernel"),
+kernels = sorted((e for e in trace["traceEvents"]
+                  if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
                  key=lambda e: e["ts"])
 # every step launches the same kernels in the same order: REPEAT equal runs of the trace
 per_step = len(kernels) // REPEAT
