@@ -98,12 +98,19 @@ class DecodeAhead:
         less some of its rows (the rest in the same order at the same positions): then the kept
         rows' tokens; else None. It is dropped either way."""
         ahead, self._pending = self._pending, None
-        if ahead is None or not can_run_ahead(seqs) or any(len(s.token_ids) != 1 for s in seqs):
+        if ahead is None:
+            return None
+        if len(seqs) == len(ahead.key):  # the common case, the same rows: one pass, no key built
+            for s, (seq_id, position) in zip(seqs, ahead.key, strict=True):
+                if s.seq_id != seq_id or s.num_cached != position or len(s.token_ids) != 1 \
+                        or not s.sample or s.history or s.params.logprobs is not None:
+                    break
+            else:
+                self.used += 1
+                return ahead.tokens
+        if not can_run_ahead(seqs) or any(len(s.token_ids) != 1 for s in seqs):
             return None
         key = tuple((s.seq_id, s.num_cached) for s in seqs)
-        if key == ahead.key:
-            self.used += 1
-            return ahead.tokens
         idx = _kept_rows(key, ahead.key)
         if idx is None:
             return None
@@ -132,22 +139,22 @@ class DecodeAhead:
 
     def _launch(self, seqs: Sequence[ScheduledSeq], tokens: torch.Tensor) -> None:
         T = self.graphs.tokens_per_block
-        positions = [s.num_cached + len(s.token_ids) for s in seqs]  # of the tokens sampled now
+        max_len = self.max_model_len
+        rows = []  # one row per sequence at the position of the token sampled now
+        key = []
         continues = False  # some row does not finish now for sure (else the replay is wasted)
-        for s, nxt in zip(seqs, positions, strict=True):
-            if nxt >= len(s.block_table) * T or nxt >= self.max_model_len:
+        for s in seqs:
+            nxt = s.num_cached + len(s.token_ids)
+            table = s.block_table
+            if nxt >= len(table) * T or nxt >= max_len:
                 return  # no slot for its next token (none at max_model_len or past it)
             if not continues:
-                continues = (s.num_generated + 1 < s.params.max_tokens
-                             and nxt + 1 < self.max_model_len)
-        if not continues:
-            return
-        rows = [(0, nxt, s.block_table) for s, nxt in zip(seqs, positions, strict=True)]
-        if not self.graphs.fits(rows):
+                continues = s.num_generated + 1 < s.params.max_tokens and nxt + 1 < max_len
+            rows.append((0, nxt, table))
+            key.append((s.seq_id, nxt))
+        if not continues or not self.graphs.fits(rows):
             return
         logits = self.graphs.replay(rows, input_ids=tokens[:len(seqs)])
         # the sequences one token further: a seeded draw is keyed by its token index
-        self._pending = _Ahead(tuple((s.seq_id, nxt) for s, nxt in zip(seqs, positions,
-                                                                        strict=True)),
-                               choose(logits, seqs, self.generator, ahead=1))
+        self._pending = _Ahead(tuple(key), choose(logits, seqs, self.generator, ahead=1))
         self.launched += 1
