@@ -19,7 +19,12 @@ small kernels (RoPE + store-KV, attention, split merge) is resident at once and 
 projection after it issues its weight loads during the attention instead of after the merge
 started (TinyLlama batch 1: graph replay 0.774 -> 0.757 ms, 1,252 -> 1,288 tok/s; Qwen2.5-3B
 516 -> 523; H200, same call). Signalling after the wait was the first design: it limits the
-overlap to one kernel boundary. Both calls are no-ops for a kernel launched without the flag, and a
+overlap to one kernel boundary. The early signal cannot deadlock: a kernel launches only once
+every program of the kernel before it has started (and signalled), so by induction every program
+of every earlier kernel is resident or done before a later kernel takes SM resources, and each
+waits only on kernels whose programs all run. Ordering stays transitive for the same reason as
+above (every program still waits before its first load of data an earlier kernel writes and
+before its first store). Both calls are no-ops for a kernel launched without the flag, and a
 kernel launched after a non-PDL kernel (cuBLAS, torch) simply starts when that one completes.
 
 ``MODELHIVE_PDL=0`` turns it off (A/B measurements); it is off on GPUs before Hopper and in
