@@ -111,31 +111,11 @@ kernels = sorted((e for e in trace["traceEvents"]
 # every step launches the same kernels in the same order: REPEAT equal runs of the trace
 per_step = len(kernels) // REPEAT
 steps = [kernels[i * per_step:(i + 1) * per_step] for i in range(REPEAT)]
-count: dict[str, float] = collections.Counter()
-dur: dict[str, float] = collections.Counter()
-marg: dict[str, float] = collections.Counter()
-spans = []
-for s in steps:
-    end = s[0]["ts"]
-    for e in s:
-        name = e["name"][:70]
-        e_end = e["ts"] + e["dur"]
-        count[name] += 1
-        dur[name] += e["dur"]
-        marg[name] += max(0.0, e_end - end)
-        end = max(end, e_end)
-    spans.append(end - s[0]["ts"])
+# per position in the step (steps align): marginal and duration, averaged over the steps
 n = len(steps)
-print(f"{mode} {preset} batch {batch} length {length}: {n} steps traced, "
-      f"{len(kernels) / n:.0f} kernels per step, span median "
-      f"{sorted(spans)[n // 2]:.1f} us")
-print(f"{'marginal us':>12} {'duration us':>12} {'count':>6}  kernel")
-for name in sorted(marg, key=lambda k: -marg[k]):
-    print(f"{marg[name] / n:12.1f} {dur[name] / n:12.1f} {count[name] / n:6.0f}  {name}")
-# a window of consecutive kernels from the middle of the step (a layer and a bit), averaged
-# over the steps: which linear of a layer costs what
 index_marg = [0.0] * per_step
 index_dur = [0.0] * per_step
+spans = []
 for s in steps:
     end = s[0]["ts"]
     for i, e in enumerate(s):
@@ -143,10 +123,25 @@ for s in steps:
         index_marg[i] += max(0.0, e_end - end) / n
         index_dur[i] += e["dur"] / n
         end = max(end, e_end)
+    spans.append(end - s[0]["ts"])
+names = [e["name"][:70] for e in steps[0]]
+count: dict[str, int] = collections.Counter(names)
+dur: dict[str, float] = collections.Counter()
+marg: dict[str, float] = collections.Counter()
+for name, m, d in zip(names, index_marg, index_dur, strict=True):
+    marg[name] += m
+    dur[name] += d
+print(f"{mode} {preset} batch {batch} length {length}: {n} steps traced, "
+      f"{per_step} kernels per step, span median {sorted(spans)[n // 2]:.1f} us")
+print(f"{'marginal us':>12} {'duration us':>12} {'count':>6}  kernel")
+for name in sorted(marg, key=lambda k: -marg[k]):
+    print(f"{marg[name]:12.1f} {dur[name]:12.1f} {count[name]:6d}  {name}")
+# a window of consecutive kernels from the middle of the step (a layer and a bit): which
+# linear of a layer costs what
 mid = per_step // 2
 print("kernels", mid - 8, "to", mid + 8, "of the step (marginal / duration us):")
 for i in range(max(0, mid - 8), min(per_step, mid + 8)):
-    print(f"  {i:4d} {index_marg[i]:8.1f} {index_dur[i]:8.1f}  {steps[0][i]['name'][:60]}")
+    print(f"  {i:4d} {index_marg[i]:8.1f} {index_dur[i]:8.1f}  {names[i][:60]}")
 if mode == "prefill":  # eager steps: where the host's time goes (launches, metadata)
     profile = cProfile.Profile()
     profile.enable()

@@ -96,6 +96,10 @@ class MetadataArrays:
     seq_lens: np.ndarray  # [num_seqs] int32
     block_tables: np.ndarray  # [num_seqs, max_blocks] int32, padded with 0
 
+    def host_tuples(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """``(query_start_loc_host, seq_lens_host)`` of ``AttentionMetadata``."""
+        return tuple(self.query_start_loc.tolist()), tuple(self.seq_lens.tolist())
+
 
 def metadata_arrays(chunks: list[SeqChunk], tokens_per_block: int) -> MetadataArrays:
     """Positions, slots, lengths and padded tables of ``chunks`` (decodes first: chunks with
@@ -141,6 +145,7 @@ def build_attention_metadata(
     def tensor(x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(x).to(device)
 
+    qsl_host, lens_host = a.host_tuples()
     return AttentionMetadata(
         tokens_per_block=tokens_per_block,
         num_decodes=a.num_decodes,
@@ -150,6 +155,6 @@ def build_attention_metadata(
         query_start_loc=tensor(a.query_start_loc),
         seq_lens=tensor(a.seq_lens),
         block_tables=tensor(a.block_tables),
-        query_start_loc_host=tuple(a.query_start_loc.tolist()),
-        seq_lens_host=tuple(a.seq_lens.tolist()),
+        query_start_loc_host=qsl_host,
+        seq_lens_host=lens_host,
     )

@@ -198,6 +198,7 @@ def stage_eager_inputs(chunks: list[SeqChunk], token_ids: Sequence[int], tokens_
     ints_np[2 * num_seqs + 1:] = tables.reshape(-1)
     longs_dev = longs.to(device, non_blocking=True)
     ints_dev = ints.to(device, non_blocking=True)
+    qsl_host, lens_host = a.host_tuples()
     dev_meta = AttentionMetadata(
         tokens_per_block=tokens_per_block,
         num_decodes=a.num_decodes,
@@ -207,8 +208,8 @@ def stage_eager_inputs(chunks: list[SeqChunk], token_ids: Sequence[int], tokens_
         query_start_loc=ints_dev[:num_seqs + 1],
         seq_lens=ints_dev[num_seqs + 1:2 * num_seqs + 1],
         block_tables=ints_dev[2 * num_seqs + 1:].view(tables.shape),
-        query_start_loc_host=tuple(a.query_start_loc.tolist()),
-        seq_lens_host=tuple(a.seq_lens.tolist()),
+        query_start_loc_host=qsl_host,
+        seq_lens_host=lens_host,
     )
     return dev_meta, longs_dev[:n]
 

@@ -100,7 +100,8 @@ class DecodeAhead:
         ahead, self._pending = self._pending, None
         if ahead is None:
             return None
-        if len(seqs) == len(ahead.key):  # the common case, the same rows: one pass, no key built
+        # the common case, the same rows: one pass, no key built (``can_run_ahead``'s test inlined)
+        if len(seqs) == len(ahead.key):
             for s, (seq_id, position) in zip(seqs, ahead.key, strict=True):
                 if s.seq_id != seq_id or s.num_cached != position or len(s.token_ids) != 1 \
                         or not s.sample or s.history or s.params.logprobs is not None:
