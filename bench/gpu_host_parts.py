@@ -47,7 +47,7 @@ def timed(label: str, fn):
 
 graphs = runner.decode_graphs
 graphs._stage = timed("DecodeGraphs._stage", graphs._stage)
-for graph, _ in graphs.graphs.values():
+for graph, *_ in graphs.graphs.values():
     graph.replay = timed("graph.replay", graph.replay)
 ahead = runner.ahead
 ahead.take = timed("DecodeAhead.take", ahead.take)

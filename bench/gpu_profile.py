@@ -60,7 +60,7 @@ eager = generate(16)
 print(f"eager decode step median {1e3 * statistics.median(eager):.3f} ms")
 runner.decode_graphs = graphs
 # device time per kernel inside one decode graph replay (CUPTI sees kernels of graph replays)
-graph, _ = graphs.graphs[next(b for b in graphs.batch_sizes if b >= batch)]
+graph = graphs.graphs[next(b for b in graphs.batch_sizes if b >= batch)][0]
 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as kp:
     for _ in range(10):
         graph.replay()

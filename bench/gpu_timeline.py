@@ -69,7 +69,7 @@ elif mode == "decode":
     engine.step()
     torch.cuda.synchronize()
     graphs = runner.decode_graphs
-    graph, _ = graphs.graphs[next(b for b in graphs.batch_sizes if b >= batch)]
+    graph = graphs.graphs[next(b for b in graphs.batch_sizes if b >= batch)][0]
 
     def step() -> None:
         graph.replay()

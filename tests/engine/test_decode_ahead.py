@@ -24,7 +24,8 @@ class FakeGraphs:
 
     def replay(self, rows, input_ids=None):
         self.replays.append([(int(t), p) for t, (_, p, _) in zip(input_ids, rows, strict=True)])
-        return torch.nn.functional.one_hot((input_ids + 1) % VOCAB, VOCAB).float()
+        logits = torch.nn.functional.one_hot((input_ids + 1) % VOCAB, VOCAB).float()
+        return logits, logits.argmax(-1)
 
 
 def seq(seq_id: str, token: int, pos: int, blocks: int = 4, params=GREEDY, generated: int = 3):

@@ -11,6 +11,7 @@ import random
 import torch
 
 from modelhive import Hive, SamplingParams
+from modelhive.kernels import ops
 from modelhive.runner.attn_metadata import SeqChunk, build_attention_metadata
 from modelhive.runner.decode_ahead import DecodeAhead
 from tests.engine.conftest import THREE, budget_for_blocks
@@ -39,7 +40,8 @@ class EagerRows:
         chunks = [SeqChunk(p, 1, table) for _, p, table in rows]
         meta = build_attention_metadata(chunks, r.layout.tokens_per_block, "cpu")
         ids = torch.tensor([tok for tok, _, _ in rows]) if input_ids is None else input_ids
-        return r.model.compute_logits(r.model(ids, meta, r.kv_caches))
+        logits = r.model.compute_logits(r.model(ids, meta, r.kv_caches))
+        return logits, ops.argmax(logits)
 
 
 def staggered(hive: Hive, work, params) -> list[list[int]]:

@@ -98,6 +98,9 @@ ATTN_CASES = [
     ("bfloat16", 16, 2, 128, 17, None, None, [(1500, 1), (40, 1), (2100, 1), (0, 33)]),
     ("float32", 8, 1, 64, 31, 300, None, [(1800, 1), (5, 1), (0, 12)]),
     ("float32", 4, 2, 32, 17, None, None, [(900, 1), (40, 1), (0, 9)]),  # one split, > PARTITION
+    # small grids: short partitions of a few hundred keys (paged_attention.decode_partition)
+    ("bfloat16", 16, 2, 128, 16, 100, None, [(250, 1), (3, 1)]),
+    ("bfloat16", 32, 4, 64, 16, None, None, [(400, 1), (0, 7)]),
 ]
 
 
@@ -230,6 +233,21 @@ def test_gated_activations(dtype_name, rows, inter, act):
     out = fn(x)
     assert out.shape == ref.shape
     assert rel_err(out, ref) < (1e-6 if dtype == torch.float32 else 5e-3)
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+@pytest.mark.parametrize("rows,vocab", [(1, 32000), (2, 151936), (5, 2049), (3, 7), (64, 50000)])
+def test_argmax_is_the_first_maximum(dtype_name, rows, vocab):
+    dtype = DTYPES[dtype_name]
+    x = torch.randn(rows, vocab, device=DEVICE).to(dtype)
+    ties = torch.randint(0, 3, (rows, vocab), device=DEVICE).to(dtype)  # maxima in every chunk
+    flat = torch.full((rows, vocab), float("-inf"), device=DEVICE).to(dtype)
+    for logits in (x, ties, flat, x[:, : vocab // 2 + 1]):  # the last: rows with a stride
+        got = tk.argmax(logits)
+        assert got.dtype == torch.int64
+        assert got.tolist() == reference.argmax(logits).tolist()
+        out = torch.full((rows,), -1, dtype=torch.int64, device=DEVICE)
+        assert tk.argmax(logits, out) is out and out.tolist() == got.tolist()
 
 
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])

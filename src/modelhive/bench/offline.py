@@ -84,7 +84,7 @@ def _graph_replay_ms(engine, model: str, batch: int) -> float | None:
     if graphs is None:
         return None
     bs = next(b for b in graphs.batch_sizes if b >= batch)
-    graph, _ = graphs.graphs[bs]
+    graph = graphs.graphs[bs][0]
     for _ in range(3):
         graph.replay()
     times = []

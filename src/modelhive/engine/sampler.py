@@ -56,18 +56,24 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> tor
 
 
 def choose(logits: torch.Tensor, items: list[ScheduledSeq],
-           generator: torch.Generator | None = None, ahead: int = 0) -> torch.Tensor:
+           generator: torch.Generator | None = None, ahead: int = 0,
+           greedy: torch.Tensor | None = None) -> torch.Tensor:
     """The token of each row as a tensor on the logits' device (penalties, temperature, filters,
     the seeded draw) without waiting for the device; ``sample`` reads it and adds logprobs, and
     ``runner/decode_ahead.py`` feeds it to the next step before the host has seen it (``ahead``:
-    the rows are that many tokens past ``items``, which keys their seeded draws)."""
+    the rows are that many tokens past ``items``, which keys their seeded draws).
+    ``greedy``: each row's argmax if already computed (a decode graph's output,
+    ``runner/cuda_graphs.py``); the result may then be that tensor, its drawn rows overwritten."""
     # Logits may come in the model dtype (the cuBLAS LM head on CUDA, ``ops.logits``): greedy
     # rows take the argmax as they are (float32 holds every bf16/fp16 value exactly, so the
     # maximum and its first index are the same), the rest is computed in float32.
     if any(it.history for it in items):
         logits = logits.to(torch.float32, copy=True)
         _apply_penalties(logits, items)
-    chosen = logits.max(dim=-1).indices  # = argmax (first maximum), ~2x faster on the CPU
+        greedy = None  # the penalties move the maximum
+    if greedy is None:
+        greedy = logits.max(dim=-1).indices  # = argmax (first maximum), ~2x faster on the CPU
+    chosen = greedy
     for row, item in enumerate(items):
         p = item.params
         if p.temperature == 0.0:

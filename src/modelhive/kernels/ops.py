@@ -64,6 +64,11 @@ def logits(x, weight):
     return (_gpu(x) or reference).logits(x, weight)
 
 
+def argmax(logits, out=None):
+    """Greedy tokens: int64 ``[rows]``, the first index of each row's maximum (into ``out``)."""
+    return (_gpu(logits) or reference).argmax(logits, out)
+
+
 def apply_rope(x, positions, inv_freq, attention_scaling=1.0):
     return (_gpu(x) or reference).apply_rope(x, positions, inv_freq, attention_scaling)
 

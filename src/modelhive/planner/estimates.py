@@ -122,7 +122,8 @@ def graph_bytes(
 ) -> int:
     """One model's CUDA-graph memory: 0 on CPU or with ``enforce_eager``.
 
-    Each captured row count b keeps its static fp32 logits ``[b, V]`` (4 V sum(b)); the largest
+    Each captured row count b keeps its static fp32 logits ``[b, V]`` (4 V sum(b); the int64
+    greedy tokens and the argmax's partials fit in what this counts for bf16 logits); the largest
     capture's transients (``activation_bytes`` with T = S = ``graph_max_rows``; all models share
     one graph pool, so the sum over models bounds it from above); ``GRAPH_BYTES_PER_CAPTURE`` per
     captured size.

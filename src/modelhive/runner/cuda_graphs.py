@@ -6,7 +6,8 @@ sharing one block table (each layer stores the keys of all rows before any row a
 sees rows < j of its chunk: causal prefill). So every step of at most ``graph_max_rows`` tokens
 (decodes, short prompts such as "Hello", or both) replays ONE graph: the smallest captured bucket
 ``>= rows`` (``planner.estimates.graph_batch_sizes``: 1, 2, 4, multiples of 8, the max). Longer
-steps run eagerly. Each graph runs the model forward and the logits projection on static buffers:
+steps run eagerly. Each graph runs the model forward, the logits projection and each row's greedy
+token (``ops.argmax``: a greedy step needs no kernel outside the graph) into static buffers:
 
     input_ids [B] | positions [B] | slot_blocks [B] | slot_offsets [B] | seq_lens [B] | tables [B, M]
 
@@ -22,7 +23,9 @@ passes it): steps run one model at a time and each step reads its logits before 
 so the activations of the largest capture are the only graph memory the engine holds (what
 ``planner.estimates.graph_bytes`` counts, per model, as an upper bound). The pool lives as long
 as the engine's graphs (a handle is never reused after its graphs are gone: the allocator forbids
-it). The shared KV pool is outside the graph pool.
+it). The shared KV pool is outside the graph pool, and so are the greedy tokens: a step launched
+ahead keeps them while the other models replay (a static output inside the pool may sit where an
+earlier capture had transients, and was overwritten that way in the GPU engine test).
 
 ``stage_eager_inputs`` does the same one-copy staging for the eager path (long prefills):
 metadata built on the CPU, packed into two pinned tensors (int64, int32), copied non-blocking.
@@ -37,6 +40,7 @@ import numpy as np
 import torch
 
 from modelhive.engine.sequence import ScheduledSeq
+from modelhive.kernels import ops
 from modelhive.models.base import CausalLM, KVCaches
 from modelhive.planner.estimates import graph_batch_sizes
 from modelhive.runner.attn_metadata import AttentionMetadata, SeqChunk, metadata_arrays
@@ -84,7 +88,13 @@ class DecodeGraphs:
         self.input_ids, self.positions, self.slot_blocks, self.slot_offsets, self.seq_lens = regions
         self.block_tables = self._dev[5 * B:].view(B, M)
         self.query_start_loc = torch.arange(B + 1, dtype=torch.int32, device=device)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # Every bucket's greedy tokens, OUTSIDE the graph pool: a graph's static outputs in the
+        # pool may lie where an earlier capture (of any model) had transients, so any replay
+        # can overwrite them; these tokens must outlive the other models' replays until this
+        # model's next step takes them (``runner/decode_ahead.py``).
+        self.greedy = torch.zeros(B, dtype=torch.int64, device=device)
+        # bucket -> (graph, its static logits [bs, vocab], its static greedy tokens [bs])
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.pool = pool if pool is not None else torch.cuda.graph_pool_handle()
 
     def _meta(self, bs: int) -> AttentionMetadata:
@@ -147,12 +157,14 @@ class DecodeGraphs:
             meta = self._meta(bs)
             ids = self.input_ids[:bs]
             # eager warm-up: compiles the Triton kernels and lets cuBLAS pick its algorithms
-            self.model.compute_logits(self.model(ids, meta, self.kv_caches))
+            greedy = self.greedy[:bs]
+            ops.argmax(self.model.compute_logits(self.model(ids, meta, self.kv_caches)), greedy)
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 logits = self.model.compute_logits(self.model(ids, meta, self.kv_caches))
-            self.graphs[bs] = (graph, logits)
+                ops.argmax(logits, greedy)
+            self.graphs[bs] = (graph, logits, greedy)
         torch.cuda.synchronize(self.device)
         log.info("captured %d decode graphs (batch sizes %s)", len(self.graphs), self.batch_sizes)
 
@@ -161,20 +173,21 @@ class DecodeGraphs:
         return len(rows) <= self.max_batch and all(len(r[2]) <= self.max_blocks for r in rows)
 
     def replay(self, rows: Sequence[GraphRow], input_ids: torch.Tensor | None = None
-               ) -> torch.Tensor:
-        """Logits ``[len(rows), vocab]`` of one replay (``compute_logits``'s dtype); the caller
-        checked ``fits``.
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``[len(rows), vocab]`` of one replay (``compute_logits``'s dtype) and each row's
+        greedy token (int64 ``[len(rows)]``); the caller checked ``fits``.
         ``input_ids``: the rows' token ids as a device tensor, overriding the rows' own (a step
         launched before its tokens reached the host: ``runner/decode_ahead.py``).
-        The tensor is the graph's static output: read it before the next replay."""
+        Both are static buffers: the logits hold until any graph of the engine replays, the
+        greedy tokens until this model's next replay (use them on the stream before)."""
         n = len(rows)
         bs = next(b for b in self.batch_sizes if b >= n)
         self._stage(rows, bs)
         if input_ids is not None:
             self.input_ids[:n].copy_(input_ids)
-        graph, logits = self.graphs[bs]
+        graph, logits, greedy = self.graphs[bs]
         graph.replay()
-        return logits[:n]
+        return logits[:n], greedy[:n]
 
 
 def stage_eager_inputs(chunks: list[SeqChunk], token_ids: Sequence[int], tokens_per_block: int,

@@ -155,7 +155,8 @@ class DecodeAhead:
             key.append((s.seq_id, nxt))
         if not continues or not self.graphs.fits(rows):
             return
-        logits = self.graphs.replay(rows, input_ids=tokens[:len(seqs)])
+        logits, greedy = self.graphs.replay(rows, input_ids=tokens[:len(seqs)])
         # the sequences one token further: a seeded draw is keyed by its token index
-        self._pending = _Ahead(tuple(key), choose(logits, seqs, self.generator, ahead=1))
+        self._pending = _Ahead(tuple(key), choose(logits, seqs, self.generator, ahead=1,
+                                                  greedy=greedy))
         self.launched += 1

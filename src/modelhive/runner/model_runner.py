@@ -62,12 +62,13 @@ class ModelRunner:
                 return ahead.finish(batch.seqs, tokens)  # this step was launched ahead
             rows, last = token_rows(batch.seqs)
             if self.decode_graphs.fits(rows):  # one replay (an eager step: ~15 ms of launches)
-                logits = self.decode_graphs.replay(rows)
+                logits, greedy = self.decode_graphs.replay(rows)
                 if ahead is not None and can_run_ahead(batch.seqs):
                     if len(rows) > len(last):  # prompt chunks: each sequence's last row
-                        logits = logits[device_index(last, self.device)]
-                    return ahead.finish(batch.seqs,
-                                        choose(logits, list(batch.seqs), self.generator))
+                        index = device_index(last, self.device)
+                        logits, greedy = logits[index], greedy[index]
+                    return ahead.finish(batch.seqs, choose(logits, list(batch.seqs),
+                                                           self.generator, greedy=greedy))
                 return self._sample_rows(logits, last, batch)
         chunks = [SeqChunk(s.num_cached, len(s.token_ids), s.block_table) for s in batch.seqs]
         flat = [t for s in batch.seqs for t in s.token_ids]
