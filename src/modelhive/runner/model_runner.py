@@ -64,7 +64,9 @@ class ModelRunner:
             if self.decode_graphs.fits(rows):  # one replay (an eager step: ~15 ms of launches)
                 logits, greedy = self.decode_graphs.replay(rows)
                 if ahead is not None and can_run_ahead(batch.seqs):
-                    if len(rows) > len(last):  # prompt chunks: each sequence's last row
+                    if len(last) == 1 and len(rows) > 1:  # one prompt chunk: its last row
+                        logits, greedy = logits[last[0]:], greedy[last[0]:]
+                    elif len(rows) > len(last):  # prompt chunks: each sequence's last row
                         index = device_index(last, self.device)
                         logits, greedy = logits[index], greedy[index]
                     return ahead.finish(batch.seqs, choose(logits, list(batch.seqs),
