@@ -122,8 +122,9 @@ def graph_bytes(
 ) -> int:
     """One model's CUDA-graph memory: 0 on CPU or with ``enforce_eager``.
 
-    Each captured row count b keeps its static fp32 logits ``[b, V]`` (4 V sum(b); the int64
-    greedy tokens and the argmax's partials fit in what this counts for bf16 logits); the largest
+    Each captured row count b keeps its static fp32 logits ``[b, V]`` (4 V sum(b); the argmax's
+    partials and the int64 greedy tokens, kept outside the pool, fit in what this over-counts
+    for the bf16 logits of buckets above 2 rows); the largest
     capture's transients (``activation_bytes`` with T = S = ``graph_max_rows``; all models share
     one graph pool, so the sum over models bounds it from above); ``GRAPH_BYTES_PER_CAPTURE`` per
     captured size.

@@ -6,7 +6,8 @@ its first index, then one program per row picks the first chunk holding the row'
 150k-word row that is ~75 programs reading in parallel; torch's reduction runs one block per
 row (11.4 us for a 32,000-word float32 row at batch 1, H200: ~1.5 % of a TinyLlama step). The
 decode graphs capture it after the logits (``runner/cuda_graphs.py``), launched with PDL like
-the kernels before it, so a greedy step costs no launch outside the graph.
+the kernels before it, so a greedy step runs no argmax outside the graph (1.8 + 1.1 us of
+marginal time inside it for TinyLlama's 32,000 words).
 """
 
 from __future__ import annotations
