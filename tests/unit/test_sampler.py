@@ -60,6 +60,29 @@ def test_model_dtype_logits_choose_as_their_float32_copy():
     assert logits.dtype == torch.bfloat16  # penalties worked on a copy
 
 
+def test_choose_takes_a_precomputed_argmax_unless_penalties_move_it():
+    """A decode graph hands over each row's argmax (``ops.argmax``, into a buffer it keeps):
+    ``choose`` returns that buffer with the drawn rows overwritten, and ignores it when a row
+    is penalised (the penalties move the maximum)."""
+    from modelhive.kernels import ops
+
+    torch.manual_seed(1)
+    logits = torch.randn(3, 200)
+    buffer = torch.full((3,), -1, dtype=torch.int64)
+    greedy = ops.argmax(logits, buffer)
+    assert greedy is buffer and greedy.tolist() == logits.argmax(-1).tolist()
+    items = [item(SamplingParams(temperature=0.0), "a"),
+             item(SamplingParams(temperature=0.9, seed=11), "b"),
+             item(SamplingParams(temperature=0.0), "c")]
+    want = choose(logits, items).tolist()
+    got = choose(logits, items, greedy=greedy)
+    assert got is buffer and got.tolist() == want  # the drawn row's token written in place
+    penalised = items[:2] + [item(SamplingParams(temperature=0.0, presence_penalty=2.0), "c",
+                                  history=(int(logits[2].argmax()),))]
+    stale = torch.full((3,), 0, dtype=torch.int64)
+    assert choose(logits, penalised, greedy=stale).tolist() == choose(logits, penalised).tolist()
+
+
 def test_seeded_draws_follow_the_distribution():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
     counts = torch.zeros(3)
