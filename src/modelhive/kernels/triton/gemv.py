@@ -246,7 +246,10 @@ def _pick(n: int, k: int, prologue: str | None) -> dict:
 
     if prologue == "rmsnorm":  # q/k/v and gate_up
         if k_pad <= 2048:
-            return full(8, 4) if n <= 4096 else full(4, 4, persist=8)
+            # gate_up: 4 persistent programs per SM, all resident at once (105 registers a
+            # thread: 4 fit an SM); 8 ran as two waves (TinyLlama step 733.6 -> 718.8 us,
+            # Qwen2.5-3B 1,838.8 -> 1,816.0, with evict-first weight loads; H200, one call)
+            return full(8, 4) if n <= 4096 else full(4, 4, persist=4)
         if k_pad <= FULL_K_MAX:
             return full(2, 8, persist=4)
         return chunked(8 if n <= 8192 else 4, 512, 4)
