@@ -1,4 +1,5 @@
-"""Each Triton kernel against its plain-PyTorch reference on fresh random inputs.
+"""Each Triton attention and elementwise kernel against its plain-PyTorch reference on fresh
+random inputs (the linears and the argmax: ``test_triton_linears.py``).
 
 Shapes cover head_dim 64/128/256 (and odd small ones the tiny presets use), GQA ratios 1/4/8,
 tokens-per-block that are not powers of two, shuffled (non-contiguous) block tables, sliding
@@ -12,46 +13,26 @@ Triton's interpreter (slow; for kernel development without a GPU).
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
 import torch
 
-triton = pytest.importorskip("triton")
+from modelhive.engine.kv_pool import BLOCK_ALIGN_BYTES, KVLayout, KVPool
+from modelhive.kernels import reference
+from modelhive.runner.attn_metadata import SeqChunk, build_attention_metadata
+from tests.gpu.kernel_checks import (
+    DEVICE,
+    DTYPES,
+    INTERPRET,
+    TOL,
+    needs_gpu_numerics,
+    poison_allocator,
+    rel_err,
+)
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if not (torch.cuda.is_available() or INTERPRET):
-    pytest.skip("needs CUDA (or TRITON_INTERPRET=1)", allow_module_level=True)
-
-from modelhive.engine.kv_pool import BLOCK_ALIGN_BYTES, KVLayout, KVPool  # noqa: E402
-from modelhive.kernels import reference  # noqa: E402
-from modelhive.kernels import triton as tk  # noqa: E402
-from modelhive.runner.attn_metadata import SeqChunk, build_attention_metadata  # noqa: E402
-
-DEVICE = "cpu" if INTERPRET else "cuda"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-# relative L2 error allowed: float32 kernels use IEEE dots; bf16 differs by rounding order
-TOL = {torch.float32: 2e-5, torch.bfloat16: 1.5e-2}
-
-
-def needs_gpu_numerics(dtype: torch.dtype = torch.float32, libdevice: bool = False) -> None:
-    """Skip checks the interpreter cannot make: it truncates float32 -> bf16 casts (the GPU
-    rounds to nearest even, as the reference does) and has no libdevice functions."""
-    if INTERPRET and (libdevice or dtype == torch.bfloat16):
-        pytest.skip("needs GPU numerics (interpreter: truncating bf16 casts, no libdevice)")
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    assert not torch.isnan(out).any(), "NaN in output: an element was not written"
-    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
-
-
-def poison_allocator(nbytes: int = 64 << 20) -> None:
-    """Fill and free a large block so the caching allocator hands NaN-filled memory to the next
-    ``torch.empty`` calls (the kernels' outputs)."""
-    if DEVICE == "cuda":
-        torch.empty(nbytes // 4, dtype=torch.float32, device=DEVICE).fill_(float("nan"))
+# after kernel_checks, which skips this module without CUDA or Triton
+tk = pytest.importorskip("modelhive.kernels.triton")
 
 
 def make_pool(num_layers: int, kv_heads: int, head_dim: int, dtype: str, tokens: int,
@@ -236,21 +217,6 @@ def test_gated_activations(dtype_name, rows, inter, act):
 
 
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
-@pytest.mark.parametrize("rows,vocab", [(1, 32000), (2, 151936), (5, 2049), (3, 7), (64, 50000)])
-def test_argmax_is_the_first_maximum(dtype_name, rows, vocab):
-    dtype = DTYPES[dtype_name]
-    x = torch.randn(rows, vocab, device=DEVICE).to(dtype)
-    ties = torch.randint(0, 3, (rows, vocab), device=DEVICE).to(dtype)  # maxima in every chunk
-    flat = torch.full((rows, vocab), float("-inf"), device=DEVICE).to(dtype)
-    for logits in (x, ties, flat, x[:, : vocab // 2 + 1]):  # the last: rows with a stride
-        got = tk.argmax(logits)
-        assert got.dtype == torch.int64
-        assert got.tolist() == reference.argmax(logits).tolist()
-        out = torch.full((rows,), -1, dtype=torch.int64, device=DEVICE)
-        assert tk.argmax(logits, out) is out and out.tolist() == got.tolist()
-
-
-@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
 @pytest.mark.parametrize("heads,kv_heads,head_dim,T", [(32, 4, 64, 19), (16, 2, 128, 16),
                                                        (8, 1, 256, 7), (3, 3, 24, 5)])
 def test_rope_store_kv(dtype_name, heads, kv_heads, head_dim, T):
@@ -287,123 +253,3 @@ def test_rope_store_kv_skips_negative_blocks():
     tk.rope_store_kv(q, k, v, meta.positions, torch.ones(32, device=DEVICE), k_cache, v_cache,
                      skip)
     assert torch.equal(pool.storage, before)
-
-
-LINEAR_SHAPES = [(2560, 2048), (96, 40), (2048, 5632), (200, 72), (8200, 256)]
-
-
-@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 16, 17, 40, 64, 65, 150])
-@pytest.mark.parametrize("op", ["norm_linear", "norm_linear_bias", "linear_add", "norm_silu",
-                                "norm_gelu_tanh"])
-def test_fused_linears(dtype_name, m, op):
-    """The GEMV with fused prologue/epilogue (up to ``GEMV_MAX_ROWS`` rows) and RMSNorm + cuBLAS (+ act-and-mul),
-    addmm (residual in cuBLAS's epilogue) above, against the reference composition. ``norm_*``:
-    RMSNorm + a fused gate_up ``[2I, K]`` + the gated activation (in the GEMV's epilogue)."""
-    dtype = DTYPES[dtype_name]
-    needs_gpu_numerics(dtype, libdevice=op.endswith("gelu_tanh"))
-    shapes = LINEAR_SHAPES[1::2] if INTERPRET else LINEAR_SHAPES
-    for n, k in shapes:
-        weight = torch.randn(n, k, dtype=dtype, device=DEVICE) / k ** 0.5
-        if op.startswith("norm_") and not op.startswith("norm_linear"):
-            x = torch.randn(m, k, dtype=dtype, device=DEVICE) * 3
-            norm_w = torch.randn(k, dtype=dtype, device=DEVICE)
-            args = (x, norm_w, 1e-6, 0.5, weight, op[len("norm_"):])
-            ref = reference.norm_linear_act(*args)
-            poison_allocator()
-            out = tk.norm_linear_act(*args)
-            n //= 2
-        elif op.startswith("norm_linear"):
-            x = torch.randn(m, k, dtype=dtype, device=DEVICE) * 3
-            norm_w = torch.randn(k, dtype=dtype, device=DEVICE)
-            bias = torch.randn(n, dtype=dtype, device=DEVICE) if op.endswith("bias") else None
-            offset = 1.0 if n == 96 else 0.0
-            args = (x, norm_w, 1e-6, offset, weight, bias)
-            ref = reference.norm_linear(*args)
-            poison_allocator()
-            out = tk.norm_linear(*args)
-        else:
-            x = torch.randn(m, k, dtype=dtype, device=DEVICE)
-            res = torch.randn(m, n, dtype=dtype, device=DEVICE)
-            ref = reference.linear_add(x, weight, res)
-            poison_allocator()
-            out = tk.linear_add(x, weight, res)
-        assert out.shape == (m, n)
-        assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2), (n, k)
-
-
-@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
-def test_gemv_strided_input_and_float32_logits(dtype_name):
-    """A row-strided input (q of a fused qkv output) and a float32 output buffer (logits: the
-    product rounded to the model dtype first, as ``linear(...).float()`` is)."""
-    from modelhive.kernels.triton.gemv import gemv
-
-    dtype = DTYPES[dtype_name]
-    needs_gpu_numerics(dtype)
-    for m in (1, 4):
-        qkv = torch.randn(m, 320, dtype=dtype, device=DEVICE)
-        x = qkv[:, :192]
-        weight = torch.randn(130, 192, dtype=dtype, device=DEVICE) / 192 ** 0.5
-        out = torch.full((m, 130), float("nan"), dtype=torch.float32, device=DEVICE)
-        gemv(x, weight, out=out)
-        ref = reference.linear(x.contiguous(), weight).float()
-        assert rel_err(out, ref) < TOL[dtype]
-
-
-@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
-def test_gemv_persistent_programs(dtype_name):
-    """A grid smaller than the tiles (``PERSIST``): every program loops over several tiles of
-    whole rows, its prologue computed once, the next tile loading while one reduces."""
-    from modelhive.kernels.triton.gemv import gemv
-
-    dtype = DTYPES[dtype_name]
-    needs_gpu_numerics(dtype)
-    cfg = dict(BLOCK_N=4, BLOCK_K=256, FULL_K=True, num_warps=4, num_stages=1, PERSIST=1)
-    for m in (1, 3):
-        x = torch.randn(m, 200, dtype=dtype, device=DEVICE)
-        weight = torch.randn(3002, 200, dtype=dtype, device=DEVICE) / 200 ** 0.5
-        norm_w = torch.randn(200, dtype=dtype, device=DEVICE)
-        got = gemv(x, weight, prologue="rmsnorm", norm_weight=norm_w, eps=1e-6, act="silu",
-                   config=dict(cfg))
-        want = reference.norm_linear_act(x, norm_w, 1e-6, 0.0, weight, "silu")
-        assert got.shape == (m, 1501) and rel_err(got, want) < TOL[dtype]
-        res = torch.randn(m, 3002, dtype=dtype, device=DEVICE)
-        got = gemv(x, weight, residual=res.clone(), config=dict(cfg))
-        assert rel_err(got, reference.linear_add(x, weight, res.clone())) < TOL[dtype]
-
-
-@pytest.mark.skipif(INTERPRET, reason="CUDA graphs and PDL need the GPU")
-def test_gemv_chain_in_cuda_graph_matches_reference():
-    """Eight layers of dependent GEMVs (norm+qkv, o + residual in place, norm+gate_up+act,
-    down + residual in place) captured in one CUDA graph and replayed: with PDL each kernel starts
-    before the previous one ends, so a missing wait would read stale activations here."""
-    torch.manual_seed(3)
-    dtype, h, inter, layers = torch.bfloat16, 512, 1408, 8
-    mk = lambda *s: torch.randn(*s, dtype=dtype, device=DEVICE) / s[-1] ** 0.5  # noqa: E731
-    W = [(mk(3 * h, h), mk(h, h), mk(2 * inter, h), mk(h, inter),
-          1 + 0.1 * torch.randn(h, dtype=dtype, device=DEVICE)) for _ in range(layers)]
-
-    def run(ops, hs):
-        for qkv_w, o_w, gu_w, down_w, nw in W:
-            qkv = ops.norm_linear(hs, nw, 1e-6, 0.0, qkv_w)
-            hs = ops.linear_add(qkv[:, :h], o_w, hs)
-            act = ops.norm_linear_act(hs, nw, 1e-6, 0.0, gu_w, "silu")
-            hs = ops.linear_add(act, down_w, hs)
-        return hs
-
-    start = torch.randn(1, h, dtype=dtype, device=DEVICE)
-    want = run(reference, start.clone())
-    state = start.clone()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        run(tk, state.clone())
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        got = run(tk, state)
-    for _ in range(3):
-        state.copy_(start)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert rel_err(got.float(), want.float()) < 2e-2
