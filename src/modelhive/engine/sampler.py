@@ -71,9 +71,8 @@ def choose(logits: torch.Tensor, items: list[ScheduledSeq],
         logits = logits.to(torch.float32, copy=True)
         _apply_penalties(logits, items)
         greedy = None  # the penalties move the maximum
-    if greedy is None:
-        greedy = logits.max(dim=-1).indices  # = argmax (first maximum), ~2x faster on the CPU
-    chosen = greedy
+    # = argmax (first maximum); max().indices is ~2x faster on the CPU
+    chosen = logits.max(dim=-1).indices if greedy is None else greedy
     for row, item in enumerate(items):
         p = item.params
         if p.temperature == 0.0:
