@@ -28,7 +28,9 @@ import torch
 from modelhive.bench.hf_baseline import build_hf_model, hf_generate_seconds
 from modelhive.bench.roofline import decode_step_bytes
 from modelhive.config import ModelSpec
+from modelhive.engine.engine import Engine
 from modelhive.engine.hive import build_engine, settle_for_serving, undo_serving_gc
+from modelhive.models.arch import ArchConfig
 from modelhive.models.loader import resolve_source
 from modelhive.planner.memory import plan_memory
 from modelhive.sampling_params import SamplingParams
@@ -166,21 +168,57 @@ def latency(source: str, setup: Setup, batch: int = 1, prompt_len: int = 128,
     return result
 
 
-def throughput(source: str, setup: Setup, num_requests: int = 256, min_len: int = 100,
-               max_len: int = 1024, max_num_seqs: int = 256, baseline_tokens: int = 64,
-               seed: int = 0) -> dict:
+@dataclass
+class ThroughputWorkload:
+    """The throughput bench's requests over one engine: ``run()`` submits them all and steps the
+    engine until it is idle (``bench/gpu_throughput_trace.py`` reuses it)."""
+
+    name: str
+    arch: ArchConfig
+    engine: Engine
+    prompts: list[list[int]]
+    output_lens: list[int]
+
+    def run(self, on_step=None) -> tuple[int, float]:
+        """(tokens generated, seconds); ``on_step()``, if given, runs before every step."""
+        engine = self.engine
+        for p, o in zip(self.prompts, self.output_lens, strict=True):
+            engine.add_request(self.name, p, SamplingParams(max_tokens=o, temperature=0.0,
+                                                            ignore_eos=True))
+        generated = 0
+        start = time.perf_counter()
+        while engine.has_work:
+            if on_step is not None:
+                on_step()
+            generated += sum(len(d.token_ids) for d in engine.step())
+        return generated, time.perf_counter() - start
+
+
+def throughput_workload(source: str, setup: Setup, num_requests: int = 256, min_len: int = 100,
+                        max_len: int = 1024, max_num_seqs: int = 256,
+                        seed: int = 0) -> ThroughputWorkload:
+    """``num_requests`` random prompts with prompt and output lengths uniform in
+    ``[min_len, max_len]``, and an engine whose KV pool holds all of them at once."""
     preset = preset_name(source)
     arch = resolve_source(source).arch
-    name = preset
     rng = random.Random(seed)
     prompt_lens = [rng.randint(min_len, max_len) for _ in range(num_requests)]
     output_lens = [rng.randint(min_len, max_len) for _ in range(num_requests)]
     model_len = 2 * max_len + 8
-    spec = ModelSpec(name=name, source=source, dtype=DTYPE, max_model_len=model_len,
+    spec = ModelSpec(name=preset, source=source, dtype=DTYPE, max_model_len=model_len,
                      max_num_seqs=max_num_seqs, max_num_batched_tokens=8192, max_queue=num_requests + 8)
     kv_tokens = sum(p + o for p, o in zip(prompt_lens, output_lens, strict=True))
-    engine = make_engine([spec], {name: min(kv_tokens, max_num_seqs * model_len)}, setup)
-    runner = engine.models[name].runner
+    engine = make_engine([spec], {preset: min(kv_tokens, max_num_seqs * model_len)}, setup)
+    prompts = _random_prompts(arch.vocab_size, prompt_lens, seed=seed + 1)
+    return ThroughputWorkload(preset, arch, engine, prompts, output_lens)
+
+
+def throughput(source: str, setup: Setup, num_requests: int = 256, min_len: int = 100,
+               max_len: int = 1024, max_num_seqs: int = 256, baseline_tokens: int = 64,
+               seed: int = 0) -> dict:
+    work = throughput_workload(source, setup, num_requests, min_len, max_len, max_num_seqs, seed)
+    preset, arch, engine, output_lens = work.name, work.arch, work.engine, work.output_lens
+    runner = engine.models[preset].runner
     ideal = {"bytes": 0, "steps": 0, "prompt_steps": 0, "execute_s": 0.0, "prompt_s": 0.0}
     inner = runner.execute
 
@@ -198,28 +236,17 @@ def throughput(source: str, setup: Setup, num_requests: int = 256, min_len: int 
         return out
 
     runner.execute = counting_execute
-    prompts = _random_prompts(arch.vocab_size, prompt_lens, seed=seed + 1)
-
-    def run_workload(engine) -> tuple[int, float]:
-        for p, o in zip(prompts, output_lens, strict=True):
-            engine.add_request(name, p, SamplingParams(max_tokens=o, temperature=0.0,
-                                                       ignore_eos=True))
-        generated = 0
-        start = time.perf_counter()
-        while engine.has_work:
-            generated += sum(len(d.token_ids) for d in engine.step())
-        return generated, time.perf_counter() - start
 
     # The first pass is the warm-up: Triton compiles a kernel once per specialization of its
     # arguments, and the workload's mixed prefill/decode steps meet variants a short warm-up
     # does not; on a machine with a cold kernel cache those compiles would land in the timed
     # run (measured: 13,175 vs 26,302 tok/s for the same code, H200). The second pass is timed.
-    run_workload(engine)
+    work.run()
     gc_thresholds = settle_for_serving()  # as `modelhive serve` does once the engine is built
     ideal.update(bytes=0, steps=0, prompt_steps=0, execute_s=0.0, prompt_s=0.0)
     ahead = runner.ahead
     used0 = ahead.used if ahead is not None else 0
-    generated, seconds = run_workload(engine)
+    generated, seconds = work.run()
     undo_serving_gc(gc_thresholds)  # the engine goes next: its cycles must be collectable
     assert generated == sum(output_lens)
     ideal_s = ideal["bytes"] / setup.bandwidth
@@ -237,7 +264,7 @@ def throughput(source: str, setup: Setup, num_requests: int = 256, min_len: int 
         "ahead_steps": (ahead.used - used0) if ahead is not None else 0,
         "runner_s": ideal["execute_s"], "runner_prompt_s": ideal["prompt_s"],
     }
-    del engine, runner
+    del engine, runner, work
     gc.collect()
     torch.cuda.empty_cache()
     if baseline_tokens:
