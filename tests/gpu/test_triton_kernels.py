@@ -82,6 +82,10 @@ ATTN_CASES = [
     # small grids: short partitions of a few hundred keys (paged_attention.decode_partition)
     ("bfloat16", 16, 2, 128, 16, 100, None, [(250, 1), (3, 1)]),
     ("bfloat16", 32, 4, 64, 16, None, None, [(400, 1), (0, 7)]),
+    # many decode rows over long tables (split and merged), and over short ones (direct)
+    ("bfloat16", 14, 2, 64, 16, None, None,
+     [(37 * i % 1300 + 1, 1) for i in range(40)] + [(1290, 1), (0, 21)]),
+    ("bfloat16", 32, 4, 128, 16, None, None, [(13 * i % 250, 1) for i in range(20)] + [(5, 9)]),
 ]
 
 

@@ -247,7 +247,10 @@ def paged_attention(
     scale: float,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    decode_config: dict | None = None,
 ) -> torch.Tensor:
+    """``decode_config`` overrides ``decode_partition`` and the decode kernel's tiles
+    (``partition``, ``block_n``, ``num_warps``, ``num_stages``; benchmarks)."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -268,7 +271,9 @@ def paged_attention(
     num_decodes = meta.num_decodes
     if num_decodes:
         max_len_bound = tables.shape[1] * T
-        partition = decode_partition(num_decodes, num_kv_heads, max_len_bound)
+        cfg = decode_config or {}
+        partition = cfg.get("partition") or decode_partition(num_decodes, num_kv_heads,
+                                                            max_len_bound)
         num_splits = triton.cdiv(max_len_bound, partition)
         direct = num_splits == 1
         partition = max_len_bound if direct else partition  # one split covers every key
@@ -279,7 +284,7 @@ def paged_attention(
                                    dtype=torch.float32, device=q.device)
             part_ml = torch.empty((num_decodes, num_heads, num_splits, 2),
                                   dtype=torch.float32, device=q.device)
-        block_n = 64 if head_dim <= 128 else 32
+        block_n = cfg.get("block_n", 64 if head_dim <= 128 else 32)
         use_pdl = pdl.enabled(q)
         _decode_kernel[(num_decodes, num_kv_heads, num_splits)](
             q, k_cache, v_cache, tables, meta.seq_lens, out, part_acc, part_ml,
@@ -289,7 +294,7 @@ def paged_attention(
             BLOCK_D=block_d, BLOCK_N=block_n,
             USE_WINDOW=use_window, USE_SOFTCAP=use_softcap, DIRECT=direct, PRECISION=precision,
             USE_PDL=use_pdl, PDL_EARLY=pdl.EARLY, launch_pdl=use_pdl,
-            num_warps=4, num_stages=2,
+            num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2),
         )
         if not direct:
             _decode_reduce_kernel[(num_decodes, num_heads)](

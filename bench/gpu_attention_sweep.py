@@ -1,0 +1,114 @@
+"""Decode attention tiles (``paged_attention``'s ``decode_config``) against the KV bytes read, on
+the GPU machine: per shape, every config runs as a CUDA graph of 8 calls over 8 distinct
+"layers" of a paged pool (16-token blocks, tables scattered at random, lengths spread +-40 %
+around the context), with the split merge when it splits, PDL on as in the decode graphs.
+
+    PYTHONPATH=src python3 bench/gpu_attention_sweep.py [--quick]
+
+Prints per shape: us per call, the KV read rate (GB/s) and the config, after the default
+config. Shapes: the throughput workload's decode phases (qwen2.5-0.5b: 14 heads / 2 kv heads /
+64 dims, 32-256 rows, 700-1,400 keys, tables 2,064 keys wide) and the batch-32 latency shapes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import sys
+
+import torch
+
+from modelhive.kernels.triton.paged_attention import paged_attention
+from modelhive.runner.attn_metadata import AttentionMetadata
+
+T = 16
+LAYERS = 8
+# (name, rows, context, heads, kv heads, head dim, table width in keys)
+SHAPES = [
+    ("0.5b rows>=192", 232, 717, 14, 2, 64, 2064),
+    ("0.5b rows 128-191", 160, 900, 14, 2, 64, 2064),
+    ("0.5b rows 64-127", 100, 1200, 14, 2, 64, 2064),
+    ("0.5b rows <64", 32, 1400, 14, 2, 64, 2064),
+    ("tinyllama b=32", 32, 200, 32, 4, 64, 320),
+    ("qwen3b b=32", 32, 200, 16, 2, 128, 320),
+    ("yi6b b=32", 32, 200, 32, 4, 128, 320),
+]
+
+
+def setup(rows, context, heads, kv_heads, dim, width, gen):
+    lens = [max(1, int(context * (0.6 + 0.8 * gen.random()))) for _ in range(rows)]
+    lens = [min(n, width) for n in lens]
+    blocks_per_seq = -(-width // T)
+    num_blocks = rows * blocks_per_seq + 1
+    caches = [(torch.randn(num_blocks, T, kv_heads, dim, dtype=torch.bfloat16, device="cuda"),
+               torch.randn(num_blocks, T, kv_heads, dim, dtype=torch.bfloat16, device="cuda"))
+              for _ in range(LAYERS)]
+    perm = torch.randperm(num_blocks - 1, device="cuda").to(torch.int32) + 1
+    tables = perm[:rows * blocks_per_seq].view(rows, blocks_per_seq).contiguous()
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    pos = (seq_lens - 1).long()
+    meta = AttentionMetadata(
+        tokens_per_block=T, num_decodes=rows, positions=pos,
+        slot_blocks=tables.gather(1, (pos // T).view(-1, 1).int().long()).view(-1).long(),
+        slot_offsets=pos % T,
+        query_start_loc=torch.arange(rows + 1, dtype=torch.int32, device="cuda"),
+        seq_lens=seq_lens, block_tables=tables,
+        query_start_loc_host=tuple(range(rows + 1)), seq_lens_host=(width,) * rows)
+    q = torch.randn(rows, heads, dim, dtype=torch.bfloat16, device="cuda")
+    kv_bytes = sum(lens) * kv_heads * dim * 2 * 2
+    return q, caches, meta, kv_bytes
+
+
+def time_config(q, caches, meta, cfg) -> tuple[float, torch.Tensor]:
+    scale = q.shape[-1] ** -0.5
+    for k, v in caches[:1]:  # compile outside the capture
+        paged_attention(q, k, v, meta, scale, decode_config=cfg)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [paged_attention(q, k, v, meta, scale, decode_config=cfg) for k, v in caches]
+    times = []
+    for _ in range(13):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(1e3 * a.elapsed_time(b) / LAYERS)
+    del graph
+    return statistics.median(times[3:]), outs[0].clone()
+
+
+def main() -> None:
+    quick = "--quick" in sys.argv
+    gen = __import__("random").Random(0)
+    grid = list(itertools.product((256, 512, 1024), (32, 64, 128), (4, 8), (2, 3)))
+    if quick:
+        grid = grid[::3]
+    for name, rows, context, heads, kvh, dim, width in SHAPES:
+        q, caches, meta, kv_bytes = setup(rows, context, heads, kvh, dim, width, gen)
+        base_t, base_out = time_config(q, caches, meta, None)
+        results = []
+        for part, bn, warps, stages in grid:
+            if dim == 128 and bn == 128 and stages == 3:
+                continue  # shared memory
+            cfg = {"partition": part if width > part else None, "block_n": bn,
+                   "num_warps": warps, "num_stages": stages}
+            try:
+                t, out = time_config(q, caches, meta, cfg)
+            except Exception as exc:  # out of resources: skip the config
+                print(f"  {cfg}: {type(exc).__name__}")
+                continue
+            err = (out.float() - base_out.float()).abs().max().item()
+            results.append((t, cfg, err))
+        results.sort(key=lambda r: r[0])
+        print(f"{name}: {rows} rows, ~{context} keys, {heads}/{kvh} heads x {dim}: default "
+              f"{base_t:.1f} us ({kv_bytes / base_t / 1e3:,.0f} GB/s)")
+        for t, cfg, err in results[:6]:
+            print(f"   {t:7.1f} us {kv_bytes / t / 1e3:7,.0f} GB/s  {cfg}  max diff {err:.2g}")
+        del q, caches
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
