@@ -111,25 +111,6 @@ def test_paged_attention_matches_reference(case):
     assert rel_err(out, ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("partition", [16, 32, 48, 128])
-@pytest.mark.parametrize("merge", [True, False])
-def test_paged_attention_decode_splits_merge_in_kernel_or_apart(partition, merge):
-    """Split decodes (2-13 splits of a 208-key table) merged by the last split program of each
-    (sequence, kv head) (up to ``MERGE_MAX_SPLITS``) or by the merge kernel; called twice, as
-    the arrival counters must be back at zero after a call. A row of 1 key included."""
-    T, heads, kv_heads, dim = 13, 6, 2, 32
-    seqs = [(150, 1), (0, 1), (37, 1), (207, 1), (64, 1)]
-    pool, layout = make_pool(2, kv_heads, dim, "float32", T, 5 * 16 + 2)
-    k_cache, v_cache = pool.layer_views(layout)[1]
-    meta = make_meta(seqs, T, pool.num_blocks, seed=3)
-    for _ in range(2):
-        q = torch.randn(len(seqs), heads, dim, dtype=torch.float32, device=DEVICE)
-        ref = reference.paged_attention(q, k_cache, v_cache, meta, dim ** -0.5)
-        out = tk.paged_attention(q, k_cache, v_cache, meta, dim ** -0.5,
-                                 decode_config={"partition": partition, "merge": merge})
-        assert rel_err(out, ref) < TOL[torch.float32]
-
-
 def test_paged_attention_decode_zero_length_rows_are_finite():
     """Padded rows of a decode graph (seq_len 0) produce zeros, not NaN."""
     pool, layout = make_pool(1, 2, 64, "bfloat16", 9, 8)

@@ -44,26 +44,6 @@ SPLIT_ABOVE = 1024
 SMALL_GRID = 64
 TARGET_PROGRAMS = 256
 MIN_PARTITION = 64
-#: up to this many splits, the last split program of each (sequence, kv head) merges the
-#: partials itself (an arrival counter per pair, ``_arrivals``) instead of a second kernel
-MERGE_MAX_SPLITS = 8
-#: arrival counters per device: decode rows x kv heads of one call, at most
-ARRIVALS = 1 << 16
-_arrival_counters: dict[torch.device, torch.Tensor] = {}
-
-
-def _arrivals(device: torch.device, n: int) -> torch.Tensor | None:
-    """The device's int32 arrival counters (zeros between calls: each merging program resets
-    its own), or None when a call needs more than ``ARRIVALS`` or the buffer does not exist yet
-    during a CUDA graph capture (it must lie outside the graph pool: allocated by the eager
-    warm-up that precedes every capture)."""
-    counters = _arrival_counters.get(device)
-    if counters is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        counters = _arrival_counters[device] = torch.zeros(ARRIVALS, dtype=torch.int32,
-                                                           device=device)
-    return counters if n <= ARRIVALS else None
 
 
 def decode_partition(rows: int, kv_heads: int, max_len_bound: int) -> int:
@@ -87,12 +67,12 @@ def _tanh(x):
 @triton.jit
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
-    out_ptr, part_acc_ptr, part_ml_ptr, arrivals_ptr,
+    out_ptr, part_acc_ptr, part_ml_ptr,
     scale, softcap, window, T, num_splits, partition_size,
     stride_qn, stride_qh, stride_on, stride_oh,
     stride_cb, stride_ct, stride_ch, stride_bt,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, MERGE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, DIRECT: tl.constexpr,
     PRECISION: tl.constexpr, USE_PDL: tl.constexpr, PDL_EARLY: tl.constexpr,
 ):
@@ -158,43 +138,6 @@ def _decode_kernel(
         tl.store(part_acc_ptr + row_id[:, None] * BLOCK_D + d[None, :], acc, mask=out_mask)
         tl.store(part_ml_ptr + row_id * 2, m_i, mask=g_mask)
         tl.store(part_ml_ptr + row_id * 2 + 1, l_i, mask=g_mask)
-        if MERGE:
-            # the last split of this (sequence, kv head) to finish merges them all: the counter
-            # counts arrivals (release: this program's partials are visible before it counts;
-            # acquire: the last one sees every other's), and the last one resets it to 0
-            counter = arrivals_ptr + seq * num_kv_heads + kv_head
-            arrived = tl.atomic_add(counter, 1, sem="acq_rel")
-            if arrived == num_splits - 1:
-                tl.store(counter, 0)
-                for gi in tl.static_range(GROUP):
-                    head = kv_head * GROUP + gi
-                    base = (seq * num_kv_heads * GROUP + head).to(tl.int64) * num_splits
-                    _merge_splits(part_acc_ptr, part_ml_ptr, out_ptr, base, num_splits,
-                                  seq * stride_on + head * stride_oh, HEAD_DIM, BLOCK_D,
-                                  BLOCK_S, True)
-
-
-@triton.jit
-def _merge_splits(part_acc_ptr, part_ml_ptr, out_ptr, base, num_splits, out_offset,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-                  LOAD_CG: tl.constexpr):
-    """One head's output from its splits' partials (rows ``base ..`` of part_acc / part_ml).
-    ``LOAD_CG``: load through L2 only (partials other programs of the same kernel wrote)."""
-    s = tl.arange(0, BLOCK_S)
-    d = tl.arange(0, BLOCK_D)
-    s_mask = s < num_splits
-    cache: tl.constexpr = ".cg" if LOAD_CG else ""
-    m = tl.load(part_ml_ptr + (base + s) * 2, mask=s_mask, other=float("-inf"),
-                cache_modifier=cache)
-    l_s = tl.load(part_ml_ptr + (base + s) * 2 + 1, mask=s_mask, other=0.0, cache_modifier=cache)
-    acc = tl.load(part_acc_ptr + (base + s)[:, None] * BLOCK_D + d[None, :],
-                  mask=s_mask[:, None], other=0.0, cache_modifier=cache)
-    m_max = tl.max(m, 0)
-    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
-    w = tl.exp(m - m_max)
-    total = tl.sum(l_s * w, 0)
-    o = tl.sum(acc * w[:, None], 0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + out_offset + d, o.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
 @triton.jit
@@ -207,9 +150,21 @@ def _decode_reduce_kernel(
     seq = tl.program_id(0)
     head = tl.program_id(1)
     num_heads = tl.num_programs(1)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    s_mask = s < num_splits
     base = (seq * num_heads + head).to(tl.int64) * num_splits
-    _merge_splits(part_acc_ptr, part_ml_ptr, out_ptr, base, num_splits,
-                  seq * stride_on + head * stride_oh, HEAD_DIM, BLOCK_D, BLOCK_S, False)
+    m = tl.load(part_ml_ptr + (base + s) * 2, mask=s_mask, other=float("-inf"))
+    l_s = tl.load(part_ml_ptr + (base + s) * 2 + 1, mask=s_mask, other=0.0)
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp(m - m_max)
+    acc = tl.load(part_acc_ptr + (base + s)[:, None] * BLOCK_D + d[None, :],
+                  mask=s_mask[:, None], other=0.0)
+    total = tl.sum(l_s * w, 0)
+    o = tl.sum(acc * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + seq * stride_on + head * stride_oh + d, o.to(out_ptr.dtype.element_ty),
+             mask=d < HEAD_DIM)
 
 
 @triton.jit
@@ -295,8 +250,7 @@ def paged_attention(
     decode_config: dict | None = None,
 ) -> torch.Tensor:
     """``decode_config`` overrides ``decode_partition`` and the decode kernel's tiles
-    (``partition``, ``block_n``, ``num_warps``, ``num_stages``; ``merge``: False for the
-    separate merge kernel; benchmarks)."""
+    (``partition``, ``block_n``, ``num_warps``, ``num_stages``; benchmarks)."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -332,27 +286,23 @@ def paged_attention(
                                   dtype=torch.float32, device=q.device)
         block_n = cfg.get("block_n", 64 if head_dim <= 128 else 32)
         use_pdl = pdl.enabled(q)
-        block_s = max(2, triton.next_power_of_2(num_splits))
-        arrivals = None
-        if not direct and num_splits <= MERGE_MAX_SPLITS and cfg.get("merge", True):
-            arrivals = _arrivals(q.device, num_decodes * num_kv_heads)
-        merge = arrivals is not None
         _decode_kernel[(num_decodes, num_kv_heads, num_splits)](
             q, k_cache, v_cache, tables, meta.seq_lens, out, part_acc, part_ml,
-            arrivals if merge else out,
             float(scale), cap, window, T, num_splits, partition,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1), *cache_strides,
             GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-            BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_S=block_s, MERGE=merge,
+            BLOCK_D=block_d, BLOCK_N=block_n,
             USE_WINDOW=use_window, USE_SOFTCAP=use_softcap, DIRECT=direct, PRECISION=precision,
             USE_PDL=use_pdl, PDL_EARLY=pdl.EARLY, launch_pdl=use_pdl,
             num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2),
         )
-        if not direct and not merge:
+        if not direct:
             _decode_reduce_kernel[(num_decodes, num_heads)](
                 part_acc, part_ml, out, num_splits, out.stride(0), out.stride(1),
-                HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=block_s, USE_PDL=use_pdl,
-                PDL_EARLY=pdl.EARLY, launch_pdl=use_pdl, num_warps=4,
+                HEAD_DIM=head_dim, BLOCK_D=block_d,
+                BLOCK_S=max(2, triton.next_power_of_2(num_splits)), USE_PDL=use_pdl,
+                PDL_EARLY=pdl.EARLY,
+                launch_pdl=use_pdl, num_warps=4,
             )
 
     num_prefills = meta.num_seqs - num_decodes
