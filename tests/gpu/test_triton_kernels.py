@@ -111,6 +111,21 @@ def test_paged_attention_matches_reference(case):
     assert rel_err(out, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("partition", [16, 32, 48, 128])
+def test_paged_attention_decode_splits(partition):
+    """Decodes over a 208-key table split into 2-13 partitions and merged; a row of 1 key."""
+    T, heads, kv_heads, dim = 13, 6, 2, 32
+    seqs = [(150, 1), (0, 1), (37, 1), (207, 1), (64, 1)]
+    pool, layout = make_pool(2, kv_heads, dim, "float32", T, 5 * 16 + 2)
+    k_cache, v_cache = pool.layer_views(layout)[1]
+    meta = make_meta(seqs, T, pool.num_blocks, seed=3)
+    q = torch.randn(len(seqs), heads, dim, dtype=torch.float32, device=DEVICE)
+    ref = reference.paged_attention(q, k_cache, v_cache, meta, dim ** -0.5)
+    out = tk.paged_attention(q, k_cache, v_cache, meta, dim ** -0.5,
+                             decode_config={"partition": partition})
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
 def test_paged_attention_decode_zero_length_rows_are_finite():
     """Padded rows of a decode graph (seq_len 0) produce zeros, not NaN."""
     pool, layout = make_pool(1, 2, 64, "bfloat16", 9, 8)
