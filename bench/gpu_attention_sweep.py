@@ -3,7 +3,7 @@ the GPU machine: per shape, every config runs as a CUDA graph of 8 calls over 8 
 "layers" of a paged pool (16-token blocks, tables scattered at random, lengths spread +-40 %
 around the context), with the split merge when it splits, PDL on as in the decode graphs.
 
-    PYTHONPATH=src python3 bench/gpu_attention_sweep.py [--quick]
+    PYTHONPATH=src python3 bench/gpu_attention_sweep.py [--quick] [--shapes=SUBSTRING]
 
 Prints per shape: us per call, the KV read rate (GB/s) and the config, after the default
 config. Shapes: the throughput workload's decode phases (qwen2.5-0.5b: 14 heads / 2 kv heads /
@@ -83,9 +83,12 @@ def main() -> None:
     quick = "--quick" in sys.argv
     gen = __import__("random").Random(0)
     grid = list(itertools.product((256, 512, 1024), (32, 64, 128), (4, 8), (2, 3)))
-    if quick:
-        grid = grid[::3]
+    if quick:  # the partitions and pipeline depths only
+        grid = list(itertools.product((256, 512, 1024), (64,), (4,), (2, 3)))
+    only = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--shapes=")), "")
     for name, rows, context, heads, kvh, dim, width in SHAPES:
+        if only not in name:
+            continue
         q, caches, meta, kv_bytes = setup(rows, context, heads, kvh, dim, width, gen)
         base_t, base_out = time_config(q, caches, meta, None)
         results = []
