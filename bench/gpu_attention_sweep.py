@@ -13,11 +13,11 @@ config. Shapes: the throughput workload's decode phases (qwen2.5-0.5b: 14 heads 
 from __future__ import annotations
 
 import itertools
-import statistics
 import sys
 
 import torch
 
+from modelhive.bench.offline import replay_ms
 from modelhive.kernels.triton.paged_attention import paged_attention
 from modelhive.runner.attn_metadata import AttentionMetadata
 
@@ -67,16 +67,9 @@ def time_config(q, caches, meta, cfg) -> tuple[float, torch.Tensor]:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         outs = [paged_attention(q, k, v, meta, scale, decode_config=cfg) for k, v in caches]
-    times = []
-    for _ in range(13):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(1e3 * a.elapsed_time(b) / LAYERS)
+    us = 1e3 * replay_ms(graph, repeats=10) / LAYERS
     del graph
-    return statistics.median(times[3:]), outs[0].clone()
+    return us, outs[0].clone()
 
 
 def main() -> None:

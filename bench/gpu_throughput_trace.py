@@ -90,26 +90,15 @@ class Phase:
                 events = json.load(f)["traceEvents"]
         gpu = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
                      key=lambda e: e["ts"])
-        busy, end = 0.0, None  # union of the kernels' intervals, us
-        start = None
-        for e in gpu:
-            s, f = e["ts"], e["ts"] + e["dur"]
-            if end is None or s > end:
-                busy += f - s
-                start = s if start is None else start
-                end = f
-            elif f > end:
-                busy += f - end
-                end = f
         # what each kernel adds to the busy time: its end past the latest end before it (PDL
-        # kernels overlap, so durations overstate)
+        # kernels overlap, so durations overstate); the sum is the union of the intervals
         by_name: dict[str, float] = collections.Counter()
         latest = float("-inf")
         for e in gpu:
             f = e["ts"] + e["dur"]
             by_name[e["name"][:60]] += max(0.0, f - max(e["ts"], latest))
             latest = max(latest, f)
-        return {"busy_ms": busy / 1e3, "span_ms": ((end - start) / 1e3) if gpu else 0.0,
+        return {"busy_ms": sum(by_name.values()) / 1e3,
                 "top": sorted(by_name.items(), key=lambda kv: -kv[1])[:8]}
 
 
@@ -160,7 +149,6 @@ print(f"{preset}, {num_requests} requests: {generated} tokens, wall {total_wall:
       f"profiler's own cost is in it)")
 print(f"{'phase':>8} {'steps':>6} {'rows':>5} {'wall ms':>9} {'GPU busy':>9} {'busy %':>7} "
       f"{'ms/step':>8} {'sched us':>9} {'runner us':>10} {'rest us':>8}")
-details = {}
 for p in phases.values():
     s = p.result
     n = max(1, p.steps)
@@ -169,8 +157,7 @@ for p in phases.values():
           f"{100 * s['busy_ms'] / (1e3 * p.wall):6.1f}% {1e3 * statistics.median(p.step_s):8.3f} "
           f"{1e6 * sched / n:9.1f} {1e6 * execute / n:10.1f} "
           f"{1e6 * (p.wall - sched - execute) / n:8.1f}")
-    details[p.name] = s
-for name, s in details.items():
-    print(f"-- {name}: busy time each kernel adds (ms)")
-    for k, us in s["top"]:
+for p in phases.values():
+    print(f"-- {p.name}: busy time each kernel adds (ms)")
+    for k, us in p.result["top"]:
         print(f"   {us / 1e3:9.2f}  {k}")

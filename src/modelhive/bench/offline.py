@@ -86,11 +86,15 @@ def _graph_replay_ms(engine, model: str, batch: int) -> float | None:
     if graphs is None:
         return None
     bs = next(b for b in graphs.batch_sizes if b >= batch)
-    graph = graphs.graphs[bs][0]
-    for _ in range(3):
+    return replay_ms(graphs.graphs[bs][0])
+
+
+def replay_ms(graph: torch.cuda.CUDAGraph, warmup: int = 3, repeats: int = 20) -> float:
+    """Median milliseconds of one replay of ``graph`` (CUDA events, after ``warmup`` replays)."""
+    for _ in range(warmup):
         graph.replay()
     times = []
-    for _ in range(20):
+    for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         graph.replay()
