@@ -3,7 +3,12 @@ the GPU machine: per shape, every config runs as a CUDA graph of 8 calls over 8 
 "layers" of a paged pool (16-token blocks, tables scattered at random, lengths spread +-40 %
 around the context), with the split merge when it splits, PDL on as in the decode graphs.
 
-    PYTHONPATH=src python3 bench/gpu_attention_sweep.py [--quick] [--shapes=SUBSTRING]
+    PYTHONPATH=src python3 bench/gpu_attention_sweep.py [--quick] [--shapes=SUBSTRING] [--T=16]
+        [--contiguous]
+
+(``--T``: tokens per block; ``--contiguous``: each sequence's blocks in order instead of
+scattered, to see what the access pattern costs.) Ends with the registers, shared memory and
+programs per SM of each decode kernel variant it compiled.
 
 Prints per shape: us per call, the KV read rate (GB/s) and the config, after the default
 config. Shapes: the throughput workload's decode phases (qwen2.5-0.5b: 14 heads / 2 kv heads /
@@ -12,6 +17,7 @@ config. Shapes: the throughput workload's decode phases (qwen2.5-0.5b: 14 heads 
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import sys
 
@@ -21,7 +27,11 @@ from modelhive.bench.offline import replay_ms
 from modelhive.kernels.triton.paged_attention import paged_attention
 from modelhive.runner.attn_metadata import AttentionMetadata
 
-T = 16
+# the module (the package re-exports the function under the module's name)
+pa = importlib.import_module("modelhive.kernels.triton.paged_attention")
+
+T = int(next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--T=")), 16))
+CONTIGUOUS = "--contiguous" in sys.argv
 LAYERS = 8
 # (name, rows, context, heads, kv heads, head dim, table width in keys)
 SHAPES = [
@@ -43,7 +53,10 @@ def setup(rows, context, heads, kv_heads, dim, width, gen):
     caches = [(torch.randn(num_blocks, T, kv_heads, dim, dtype=torch.bfloat16, device="cuda"),
                torch.randn(num_blocks, T, kv_heads, dim, dtype=torch.bfloat16, device="cuda"))
               for _ in range(LAYERS)]
-    perm = torch.randperm(num_blocks - 1, device="cuda").to(torch.int32) + 1
+    if CONTIGUOUS:  # each sequence's blocks in order, one after another
+        perm = torch.arange(1, num_blocks, dtype=torch.int32, device="cuda")
+    else:
+        perm = torch.randperm(num_blocks - 1, device="cuda").to(torch.int32) + 1
     tables = perm[:rows * blocks_per_seq].view(rows, blocks_per_seq).contiguous()
     seq_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
     pos = (seq_lens - 1).long()
@@ -75,9 +88,11 @@ def time_config(q, caches, meta, cfg) -> tuple[float, torch.Tensor]:
 def main() -> None:
     quick = "--quick" in sys.argv
     gen = __import__("random").Random(0)
-    grid = list(itertools.product((256, 512, 1024), (32, 64, 128), (4, 8), (2, 3)))
-    if quick:  # the partitions and pipeline depths only
-        grid = list(itertools.product((256, 512, 1024), (64,), (4,), (2, 3)))
+    # partitions (1 << 16: no split, one program covers a sequence's keys), key tiles, warps,
+    # pipeline depths
+    grid = list(itertools.product((256, 512, 1024, 1 << 16), (32, 64, 128), (4, 8), (2, 3)))
+    if quick:
+        grid = list(itertools.product((256, 512, 1 << 16), (64,), (4,), (2, 3)))
     only = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--shapes=")), "")
     for name, rows, context, heads, kvh, dim, width in SHAPES:
         if only not in name:
@@ -88,7 +103,7 @@ def main() -> None:
         for part, bn, warps, stages in grid:
             if dim == 128 and bn == 128 and stages == 3:
                 continue  # shared memory
-            cfg = {"partition": part if width > part else None, "block_n": bn,
+            cfg = {"partition": part, "block_n": bn,
                    "num_warps": warps, "num_stages": stages}
             try:
                 t, out = time_config(q, caches, meta, cfg)
@@ -104,6 +119,21 @@ def main() -> None:
             print(f"   {t:7.1f} us {kv_bytes / t / 1e3:7,.0f} GB/s  {cfg}  max diff {err:.2g}")
         del q, caches
         torch.cuda.empty_cache()
+    occupancy()
+
+
+def occupancy() -> None:
+    """Registers, spills and shared memory of every decode kernel variant compiled here, and
+    how many of its programs fit one SM."""
+    props = torch.cuda.get_device_properties(0)
+    print("decode kernel variants compiled (registers / spills / shared bytes -> programs per SM):")
+    for kernel_cache in (c[0] for c in pa._decode_kernel.device_caches.values()):
+        for kern in kernel_cache.values():
+            warps, smem = kern.metadata.num_warps, kern.metadata.shared
+            fit = min(32, 65536 // max(1, kern.n_regs * 32 * warps), 64 // warps,
+                      props.shared_memory_per_multiprocessor // smem if smem else 32)
+            print(f"   warps {warps} stages {kern.metadata.num_stages}: {kern.n_regs} / "
+                  f"{kern.n_spills} / {smem} -> {fit}")
 
 
 if __name__ == "__main__":

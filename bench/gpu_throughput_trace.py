@@ -99,7 +99,7 @@ class Phase:
             by_name[e["name"][:60]] += max(0.0, f - max(e["ts"], latest))
             latest = max(latest, f)
         return {"busy_ms": sum(by_name.values()) / 1e3,
-                "top": sorted(by_name.items(), key=lambda kv: -kv[1])[:8]}
+                "top": sorted(by_name.items(), key=lambda kv: -kv[1])[:14]}
 
 
 phases: dict[str, Phase] = {}

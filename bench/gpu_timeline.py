@@ -143,6 +143,26 @@ print("kernels", mid - 8, "to", mid + 8, "of the step (marginal / duration us):"
 for i in range(max(0, mid - 8), min(per_step, mid + 8)):
     print(f"  {i:4d} {index_marg[i]:8.1f} {index_dur[i]:8.1f}  {names[i][:60]}")
 if mode == "prefill":  # eager steps: where the host's time goes (launches, metadata)
+    # launch-bound or not: the host's time to queue a step against the GPU's time to run it
+    import time
+
+    launch, total, gpu = [], [], []
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(REPEAT):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        start.record()
+        step()
+        end.record()
+        t1 = time.perf_counter()
+        end.synchronize()
+        t2 = time.perf_counter()
+        launch.append(1e3 * (t1 - t0))
+        total.append(1e3 * (t2 - t0))
+        gpu.append(start.elapsed_time(end))
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    print(f"eager step, medians of {REPEAT}: host queues it in {med(launch):.2f} ms, done after "
+          f"{med(total):.2f} ms; GPU from first to last kernel {med(gpu):.2f} ms")
     profile = cProfile.Profile()
     profile.enable()
     for _ in range(REPEAT):

@@ -13,6 +13,7 @@ Triton's interpreter (slow; for kernel development without a GPU).
 
 from __future__ import annotations
 
+import importlib
 import random
 
 import pytest
@@ -112,8 +113,13 @@ def test_paged_attention_matches_reference(case):
 
 
 @pytest.mark.parametrize("partition", [16, 32, 48, 128])
-def test_paged_attention_decode_splits(partition):
-    """Decodes over a 208-key table split into 2-13 partitions and merged; a row of 1 key."""
+@pytest.mark.parametrize("merge_programs", [128, 1])
+def test_paged_attention_decode_splits(partition, merge_programs, monkeypatch):
+    """Decodes over a 208-key table split into 2-13 partitions and merged (one merge program
+    per head, or all of a sequence's heads in one); a row of 1 key."""
+    # the module, not the function the package exports under the same name
+    monkeypatch.setattr(importlib.import_module("modelhive.kernels.triton.paged_attention"),
+                        "MERGE_PROGRAMS", merge_programs)
     T, heads, kv_heads, dim = 13, 6, 2, 32
     seqs = [(150, 1), (0, 1), (37, 1), (207, 1), (64, 1)]
     pool, layout = make_pool(2, kv_heads, dim, "float32", T, 5 * 16 + 2)

@@ -44,11 +44,38 @@ SPLIT_ABOVE = 1024
 SMALL_GRID = 64
 TARGET_PROGRAMS = 256
 MIN_PARTITION = 64
+#: mid-size grids (SMALL_GRID <= rows x kv heads < DEEP_GRID) pipeline three key tiles deep
+#: instead of two, and below SHORT_GRID programs tables wider than SPLIT_ABOVE are split into
+#: SHORT_PARTITION-key partitions (more programs for long contexts at 16-127 rows)
+DEEP_GRID = 384
+SHORT_GRID = 256
+SHORT_PARTITION = 256
+
+
+#: partial results one merge program reads (heads x splits x head dim, float32): a sequence's
+#: heads are merged by as few programs as fit this, keeping at least MERGE_PROGRAMS programs
+#: (one per head at batch 1; MERGE_ELEMENTS = 0: always one per head)
+MERGE_ELEMENTS = 8192
+MERGE_PROGRAMS = 128
+
+
+def merge_heads(rows: int, heads: int, per_head: int) -> int:
+    """Heads per split-merge program (a power of two)."""
+    block_h = min(triton.next_power_of_2(heads), max(1, MERGE_ELEMENTS // per_head))
+    while block_h > 1 and rows * triton.cdiv(heads, block_h) < MERGE_PROGRAMS:
+        block_h //= 2
+    return block_h
+
+
+def decode_stages(rows: int, kv_heads: int) -> int:
+    return 3 if SMALL_GRID <= rows * kv_heads < DEEP_GRID else 2
 
 
 def decode_partition(rows: int, kv_heads: int, max_len_bound: int) -> int:
     """Keys per decode program for a table ``max_len_bound`` keys wide (static per graph)."""
     partition = PARTITION if max_len_bound > SPLIT_ABOVE else max_len_bound
+    if max_len_bound > SPLIT_ABOVE and SMALL_GRID <= rows * kv_heads < SHORT_GRID:
+        partition = SHORT_PARTITION
     if rows * kv_heads < SMALL_GRID:
         want = triton.cdiv(TARGET_PROGRAMS, rows * kv_heads)
         even = triton.cdiv(triton.cdiv(max_len_bound, want), MIN_PARTITION) * MIN_PARTITION
@@ -142,29 +169,30 @@ def _decode_kernel(
 
 @triton.jit
 def _decode_reduce_kernel(
-    part_acc_ptr, part_ml_ptr, out_ptr, num_splits, stride_on, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr,
-    PDL_EARLY: tl.constexpr,
+    part_acc_ptr, part_ml_ptr, out_ptr, num_heads, num_splits, stride_on, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
+    USE_PDL: tl.constexpr, PDL_EARLY: tl.constexpr,
 ):
+    """Merge the splits' partial results of BLOCK_H heads of one sequence."""
     pdl.wait(USE_PDL, PDL_EARLY)
     seq = tl.program_id(0)
-    head = tl.program_id(1)
-    num_heads = tl.num_programs(1)
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
-    s_mask = s < num_splits
-    base = (seq * num_heads + head).to(tl.int64) * num_splits
-    m = tl.load(part_ml_ptr + (base + s) * 2, mask=s_mask, other=float("-inf"))
-    l_s = tl.load(part_ml_ptr + (base + s) * 2 + 1, mask=s_mask, other=0.0)
-    m_max = tl.max(m, 0)
+    h_mask = h < num_heads
+    hs_mask = h_mask[:, None] & (s < num_splits)[None, :]
+    row = (seq * num_heads + h).to(tl.int64)[:, None] * num_splits + s[None, :]  # [H, S]
+    m = tl.load(part_ml_ptr + row * 2, mask=hs_mask, other=float("-inf"))
+    l_s = tl.load(part_ml_ptr + row * 2 + 1, mask=hs_mask, other=0.0)
+    acc = tl.load(part_acc_ptr + row[:, :, None] * BLOCK_D + d[None, None, :],
+                  mask=hs_mask[:, :, None], other=0.0)
+    m_max = tl.max(m, 1)
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
-    w = tl.exp(m - m_max)
-    acc = tl.load(part_acc_ptr + (base + s)[:, None] * BLOCK_D + d[None, :],
-                  mask=s_mask[:, None], other=0.0)
-    total = tl.sum(l_s * w, 0)
-    o = tl.sum(acc * w[:, None], 0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + seq * stride_on + head * stride_oh + d, o.to(out_ptr.dtype.element_ty),
-             mask=d < HEAD_DIM)
+    w = tl.exp(m - m_max[:, None])
+    total = tl.sum(l_s * w, 1)
+    o = tl.sum(acc * w[:, :, None], 1) / tl.where(total > 0, total, 1.0)[:, None]
+    tl.store(out_ptr + seq * stride_on + h[:, None] * stride_oh + d[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=h_mask[:, None] & (d < HEAD_DIM)[None, :])
 
 
 @triton.jit
@@ -294,15 +322,16 @@ def paged_attention(
             BLOCK_D=block_d, BLOCK_N=block_n,
             USE_WINDOW=use_window, USE_SOFTCAP=use_softcap, DIRECT=direct, PRECISION=precision,
             USE_PDL=use_pdl, PDL_EARLY=pdl.EARLY, launch_pdl=use_pdl,
-            num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2),
+            num_warps=cfg.get("num_warps", 4),
+            num_stages=cfg.get("num_stages") or decode_stages(num_decodes, num_kv_heads),
         )
         if not direct:
-            _decode_reduce_kernel[(num_decodes, num_heads)](
-                part_acc, part_ml, out, num_splits, out.stride(0), out.stride(1),
-                HEAD_DIM=head_dim, BLOCK_D=block_d,
-                BLOCK_S=max(2, triton.next_power_of_2(num_splits)), USE_PDL=use_pdl,
-                PDL_EARLY=pdl.EARLY,
-                launch_pdl=use_pdl, num_warps=4,
+            block_s = max(2, triton.next_power_of_2(num_splits))
+            block_h = merge_heads(num_decodes, num_heads, block_s * block_d)
+            _decode_reduce_kernel[(num_decodes, triton.cdiv(num_heads, block_h))](
+                part_acc, part_ml, out, num_heads, num_splits, out.stride(0), out.stride(1),
+                HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=block_s, BLOCK_H=block_h,
+                USE_PDL=use_pdl, PDL_EARLY=pdl.EARLY, launch_pdl=use_pdl, num_warps=4,
             )
 
     num_prefills = meta.num_seqs - num_decodes
