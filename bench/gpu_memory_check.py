@@ -6,8 +6,9 @@ Steps, each measured (``engine/memory_report.py``):
   1. CUDA context alone (NVML per-process bytes after the first tensor).
   2. ``build_engine``: per model the allocator growth of its load (weights) and the peak of a dry
      step at its token budget (activation); the KV pool.
-  3. Decode CUDA graphs (``enforce_eager: false`` and ``runner/cuda_graphs.py`` present), one
-     model after another into the one shared graph pool: reserved and NVML growth per model.
+  3. CUDA graphs, decode and prefill (``enforce_eager: false`` and ``runner/cuda_graphs.py``
+     present), one model after another into the one shared graph pool: reserved and NVML growth
+     per model.
   4. Traffic: every model at its token budget with ``max_num_seqs`` sampling sequences, decoding
      (graph replays), then the process is read again (steady state).
   5. Each model's worst step once more (the allocator cache as at full load), then the last
@@ -86,8 +87,10 @@ def capture_graphs(engine, dev: torch.device) -> dict[str, dict[str, int | None]
     for name, loaded in engine.models.items():
         before, pool_before = reading(dev), graph_pool(dev)
         t0 = time.perf_counter()
-        loaded.runner.enable_cuda_graphs(loaded.limits.max_num_seqs, loaded.limits.max_model_len,
-                                         pool)
+        lim = loaded.limits
+        loaded.runner.enable_cuda_graphs(lim.max_num_seqs, lim.max_model_len, pool,
+                                         lim.max_num_batched_tokens)
+        torch.cuda.empty_cache()  # as capture_cuda_graphs: the warm-up runs' cached blocks
         after, pool_after = reading(dev), graph_pool(dev)
         non_torch = None
         if after["nvml"] is not None and before["nvml"] is not None:
@@ -96,7 +99,8 @@ def capture_graphs(engine, dev: torch.device) -> dict[str, dict[str, int | None]
         pool_growth = pool_after[0] - pool_before[0]
         grown[name] = {"pool": pool_growth, "outside_pool": outside, "non_torch": non_torch,
                        "total": pool_growth + outside + (non_torch or 0),
-                       "captures": len(loaded.runner.decode_graphs.graphs),
+                       "captures": len(loaded.runner.decode_graphs.graphs) + len(
+                           getattr(loaded.runner.prefill_graphs, "graphs", ())),
                        "seconds": round(time.perf_counter() - t0, 2)}
     return grown
 

@@ -1,5 +1,6 @@
 """Greedy outputs on the GPU (float32, Triton kernels) equal the CPU reference path token for
-token on the tiny presets, all four models sharing one pool, eager and with decode CUDA graphs.
+token on the tiny presets, all four models sharing one pool, eager and with CUDA graphs (decode
+graphs, and prefill graphs for the steps of many tokens).
 
 The GPU hive gets the CPU models' exact weights (preset weights are seeded per device type, so
 they are copied over). Prompts of many lengths, decoded together, so decode batches of several
@@ -58,3 +59,6 @@ def test_gpu_greedy_matches_cpu_reference(cpu_results, graphs):
     if graphs:
         replays = [m.runner.decode_graphs for m in gpu.engine.models.values()]
         assert all(g is not None and g.graphs for g in replays)
+        # steps of 17-96 tokens (several prompts at once) replayed prefill graphs
+        prefill = [m.runner.prefill_graphs for m in gpu.engine.models.values()]
+        assert all(p is not None and p.replays for p in prefill)

@@ -132,6 +132,56 @@ def test_paged_attention_decode_splits(partition, merge_programs, monkeypatch):
     assert rel_err(out, ref) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("dtype_name,heads,kv_heads,head_dim,T,window,seqs", [
+    ("float32", 4, 2, 32, 7, None, [(40, 1), (3, 1), (0, 70), (21, 9), (0, 1)]),
+    ("float32", 8, 1, 64, 16, 30, [(90, 1), (0, 150)]),
+    ("float32", 4, 4, 16, 5, None, [(0, 33), (12, 40)]),  # no decodes
+    ("bfloat16", 14, 2, 64, 16, None, [(300, 1), (17, 1), (5, 1), (0, 200), (64, 64)]),
+])
+def test_paged_attention_graph_mode(dtype_name, heads, kv_heads, head_dim, T, window, seqs):
+    """A graph's static metadata (rows, sequences and table width padded; the decode count on
+    the device; prefill programs from a tile map) gives the same rows as exact metadata."""
+    from modelhive.runner.attn_metadata import AttentionMetadata, prefill_block_m, prefill_tiles
+
+    if INTERPRET and max(c + n for c, n in seqs) > 300:
+        pytest.skip("long contexts are too slow in the interpreter")
+    needs_gpu_numerics(DTYPES[dtype_name])
+    dtype = DTYPES[dtype_name]
+    total = sum(-(-(c + n) // T) for c, n in seqs)
+    pool, layout = make_pool(2, kv_heads, head_dim, dtype_name, T, total + 5)
+    k_cache, v_cache = pool.layer_views(layout)[0]
+    meta = make_meta(seqs, T, pool.num_blocks, seed=11)
+    n, num_seqs = meta.num_tokens, meta.num_seqs
+    rows, max_seqs, width, slots = n + 13, num_seqs + 3, meta.block_tables.shape[1] + 4, 40
+    q = torch.randn(rows, heads, head_dim, dtype=dtype, device=DEVICE)
+    ref = reference.paged_attention(q[:n].float(), k_cache.float(), v_cache.float(), meta,
+                                    head_dim ** -0.5, window)
+
+    def padded(t: torch.Tensor, size: int, fill: int) -> torch.Tensor:
+        out = torch.full((size, *t.shape[1:]), fill, dtype=t.dtype, device=DEVICE)
+        out[:t.shape[0]] = t
+        return out
+
+    tables = torch.zeros(max_seqs, width, dtype=torch.int32, device=DEVICE)
+    tables[:num_seqs, :meta.block_tables.shape[1]] = meta.block_tables
+    block_m = prefill_block_m(head_dim)
+    qsl = meta.query_start_loc.cpu().numpy()
+    graph = AttentionMetadata(
+        tokens_per_block=T, num_decodes=max_seqs, positions=padded(meta.positions, rows, 0),
+        slot_blocks=padded(meta.slot_blocks, rows, -1),
+        slot_offsets=padded(meta.slot_offsets, rows, 0),
+        query_start_loc=padded(meta.query_start_loc, max_seqs + 1, n),
+        seq_lens=padded(meta.seq_lens, max_seqs, 0), block_tables=tables,
+        query_start_loc_host=(0,) * (max_seqs + 1), seq_lens_host=(0,) * max_seqs,
+        decode_count=torch.tensor([meta.num_decodes], dtype=torch.int32, device=DEVICE),
+        prefill_tiles=torch.from_numpy(
+            prefill_tiles(qsl, meta.num_decodes, block_m, slots)).to(DEVICE),
+        prefill_block_m=block_m)
+    poison_allocator()
+    out = tk.paged_attention(q, k_cache, v_cache, graph, head_dim ** -0.5, window)
+    assert rel_err(out[:n], ref) < TOL[dtype]
+
+
 def test_paged_attention_decode_zero_length_rows_are_finite():
     """Padded rows of a decode graph (seq_len 0) produce zeros, not NaN."""
     pool, layout = make_pool(1, 2, 64, "bfloat16", 9, 8)

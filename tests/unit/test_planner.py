@@ -16,7 +16,7 @@ from modelhive.cli.main import main
 from modelhive.config import ModelSpec
 from modelhive.errors import ConfigError
 from modelhive.models.arch import ArchConfig
-from modelhive.planner.estimates import CUDA_OVERHEAD_BYTES, GiB, activation_bytes
+from modelhive.planner.estimates import CUDA_OVERHEAD_BYTES, GiB, activation_bytes, graph_bytes
 from modelhive.planner.memory import plan_memory
 
 from .hf_configs import QWEN2_5_3B, SMOLLM2_135M, TINYLLAMA_1_1B, YI_6B
@@ -217,7 +217,9 @@ def test_emit_vllm_utilizations_by_hand(capsys):
     plan = plan_memory(THREE, ARCHS, device="cuda", budget="32GiB", total_device_bytes=None,
                        enforce_eager=False)
     fixed = [m.weight_bytes + m.activation_bytes + 128 * 2**20 for m in plan.models]
-    outside = [512 * 2**20 + m.graph_bytes for m in plan.models]
+    outside = [512 * 2**20 + graph_bytes(m.arch, m.dtype, max_num_seqs=m.max_num_seqs,
+                                          max_model_len=m.max_model_len, device="cuda",
+                                          enforce_eager=False) for m in plan.models]
     kv_total = usable - sum(fixed) - sum(outside)
     weights = [32 * 1024 * 22_528, 24 * 1536 * 36_864, 16 * 2048 * 65_536]
     for util, f, w in zip(utils, fixed, weights, strict=True):
@@ -255,3 +257,26 @@ def test_cpu_packed_tied_head_is_planned(device, dtype, extra):
     elem = 2 if dtype == "bfloat16" else 4
     table = arch.vocab_size * arch.hidden_size * elem
     assert plan.model("smol").weight_bytes == arch.weight_bytes(dtype) + (table if extra else 0)
+
+
+def test_prefill_graph_sizes_cover_the_token_budget():
+    from modelhive.planner.estimates import graph_max_rows, prefill_graph_sizes
+
+    for seqs, budget in [(256, 8192), (12, 96), (8, 2048), (32, 1000)]:
+        sizes = prefill_graph_sizes(seqs, budget)
+        assert sizes[0] == 2 * graph_max_rows(seqs) and sizes[-1] >= budget
+        assert all(b <= 2 * a for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+    assert prefill_graph_sizes(256, 256) == []  # the decode graphs hold every step
+
+
+def test_graph_bytes_count_the_prefill_graphs():
+    arch = ARCHS["qwen"]
+    decode = graph_bytes(arch, "bfloat16", max_num_seqs=32, max_model_len=2048, device="cuda",
+                         enforce_eager=False)
+    both = graph_bytes(arch, "bfloat16", max_num_seqs=32, max_model_len=2048, device="cuda",
+                       enforce_eager=False, max_num_batched_tokens=4096)
+    transient = activation_bytes(arch, "bfloat16", num_tokens=4096, max_num_seqs=32,
+                                 max_model_len=2048, device="cuda")
+    assert both > decode + transient // 2
+    assert graph_bytes(arch, "bfloat16", max_num_seqs=32, max_model_len=2048, device="cuda",
+                       enforce_eager=True, max_num_batched_tokens=4096) == 0

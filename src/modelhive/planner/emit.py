@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from modelhive.errors import PlanError
-from modelhive.planner.estimates import MiB
+from modelhive.planner.estimates import MiB, graph_bytes
 from modelhive.planner.memory import MemoryPlan, ModelPlan
 
 VLLM_IMAGE = "vllm/vllm-openai:v0.10.1.1"
@@ -102,6 +102,15 @@ def vllm_model_name(source: str) -> str:
     return source
 
 
+def _decode_graph_bytes(m: ModelPlan) -> int:
+    """The graph memory of a vLLM instance of ``m``: our estimate for decode graphs only (its
+    piecewise graphs keep no prefill-sized activations of their own)."""
+    if m.graph_bytes == 0:
+        return 0
+    return graph_bytes(m.arch, m.dtype, max_num_seqs=m.max_num_seqs,
+                       max_model_len=m.max_model_len, device="cuda", enforce_eager=False)
+
+
 def vllm_instances(plan: MemoryPlan, total_bytes: int, *, ports: Ports = None,
                    enforce_eager: bool = True) -> list[VllmInstance]:
     """One instance per planned model, in start order (the config's order)."""
@@ -110,7 +119,7 @@ def vllm_instances(plan: MemoryPlan, total_bytes: int, *, ports: Ports = None,
     usable = min(plan.budget_bytes, int((1 - DEVICE_HEADROOM) * total_bytes))
     fixed = {m.name: m.weight_bytes + m.activation_bytes + VLLM_NON_TORCH_BYTES
              for m in plan.models}
-    outside = {m.name: VLLM_CONTEXT_BYTES + m.graph_bytes for m in plan.models}
+    outside = {m.name: VLLM_CONTEXT_BYTES + _decode_graph_bytes(m) for m in plan.models}
     kv_total = usable - sum(fixed.values()) - sum(outside.values())
     if kv_total <= 0:
         raise PlanError(f"as {len(plan.models)} vLLM instances the weights, activations, contexts "

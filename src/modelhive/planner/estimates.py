@@ -111,6 +111,23 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     return sorted(sizes)
 
 
+def prefill_graph_sizes(max_num_seqs: int, max_num_batched_tokens: int) -> list[int]:
+    """Token counts captured as prefill graphs (``runner/prefill_graphs.py``): steps of more
+    tokens than the largest decode graph take the smallest of these that holds them. Doubling
+    from twice ``graph_max_rows`` up to ``max_num_batched_tokens`` rounded up to a multiple of
+    16; none if that is within the decode graphs. (Sizes x1.5 apart took 11 captures and 7-13 s
+    per model of the three-model example on H200, with their eager warm-ups.)"""
+    rows = graph_max_rows(max_num_seqs)
+    top = -(-max_num_batched_tokens // 16) * 16
+    if top <= rows:
+        return []
+    sizes, size = [], 2 * rows
+    while size < top:
+        sizes.append(size)
+        size *= 2
+    return [*sizes, top]
+
+
 def graph_bytes(
     arch: ArchConfig,
     dtype: str,
@@ -119,31 +136,38 @@ def graph_bytes(
     max_model_len: int,
     device: str,
     enforce_eager: bool,
+    max_num_batched_tokens: int = 0,
 ) -> int:
     """One model's CUDA-graph memory: 0 on CPU or with ``enforce_eager``.
 
-    Each captured row count b keeps its static fp32 logits ``[b, V]`` (4 V sum(b); the argmax's
-    partials and the int64 greedy tokens, kept outside the pool, fit in what this over-counts
-    for the bf16 logits of buckets above 2 rows); the largest
-    capture's transients (``activation_bytes`` with T = S = ``graph_max_rows``; all models share
-    one graph pool, so the sum over models bounds it from above); ``GRAPH_BYTES_PER_CAPTURE`` per
-    captured size.
-    Measured on H200 (module docstring): 186 MiB for the three-model example (graph pool 92 MiB,
-    non-torch growth 94 MiB), planned 194 MiB.
+    Each captured decode row count b keeps its static fp32 logits ``[b, V]`` (4 V sum(b); the
+    argmax's partials and the int64 greedy tokens, kept outside the pool, fit in what this
+    over-counts for the bf16 logits of buckets above 2 rows); each prefill graph its sampled
+    rows' hidden states ``[S, h]``; the largest capture's transients (``activation_bytes`` at
+    the largest prefill size, else T = S = ``graph_max_rows``; all models share one graph pool,
+    so the sum over models bounds it from above); ``GRAPH_BYTES_PER_CAPTURE`` per captured size.
+    The prefill graphs' transients sit in the pool for good, so with them the eager activation
+    peak (``activation_bytes``, still reserved for the capture's warm-up and for sampling) is
+    planned twice: an upper bound.
+    Measured on H200 (module docstring), decode graphs only: 186 MiB for the three-model example
+    (graph pool 92 MiB, non-torch growth 94 MiB), planned 194 MiB.
     """
     if device != "cuda" or enforce_eager:
         return 0
     sizes = graph_batch_sizes(max_num_seqs)
+    prefill = prefill_graph_sizes(max_num_seqs, max_num_batched_tokens)
     outputs = 4 * arch.vocab_size * sum(sizes)
+    outputs += len(prefill) * max_num_seqs * arch.hidden_size * DTYPE_BYTES[dtype]
+    tokens = max([graph_max_rows(max_num_seqs), *prefill])
     transient = activation_bytes(
         arch,
         dtype,
-        num_tokens=graph_max_rows(max_num_seqs),
+        num_tokens=tokens,
         max_num_seqs=graph_max_rows(max_num_seqs),
         max_model_len=max_model_len,
         device=device,
     )
-    return outputs + transient + GRAPH_BYTES_PER_CAPTURE * len(sizes)
+    return outputs + transient + GRAPH_BYTES_PER_CAPTURE * (len(sizes) + len(prefill))
 
 
 def packed_head_bytes(arch: ArchConfig, dtype: str, device: str) -> int:

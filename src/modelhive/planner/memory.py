@@ -137,6 +137,7 @@ def _resolve_model(
         max_model_len=max_len,
         device=device,
         enforce_eager=enforce_eager,
+        max_num_batched_tokens=batched,
     )
     return dict(
         name=spec.name,

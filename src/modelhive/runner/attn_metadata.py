@@ -7,6 +7,12 @@ prefill/extend chunks (one or more new tokens, whose keys follow the sequence's 
 Units: positions and lengths in tokens; ``block_tables`` holds pool block ids; a token at position
 ``p`` of a sequence lives in block ``block_tables[seq, p // tokens_per_block]`` at offset
 ``p % tokens_per_block``.
+
+Graph mode (``runner/prefill_graphs.py``: a step of many tokens replayed from a graph captured per
+token count): every tensor is a static buffer and the kernels' grids cannot come from the host,
+so ``num_decodes`` is the decode grid's row bound, ``decode_count`` (on the device) says how many
+of those rows are decodes this step, and ``prefill_tiles`` lists the prefill programs as
+(sequence, tile of ``prefill_block_m`` queries), padded with (-1, -1).
 """
 
 from __future__ import annotations
@@ -39,6 +45,9 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [num_seqs, max_blocks] int32, padded with 0
     query_start_loc_host: tuple[int, ...]
     seq_lens_host: tuple[int, ...]
+    decode_count: torch.Tensor | None = None  # graph mode: [1] int32
+    prefill_tiles: torch.Tensor | None = None  # graph mode: [slots, 2] int32
+    prefill_block_m: int = 0  # graph mode: queries per prefill tile
 
     @property
     def num_seqs(self) -> int:
@@ -82,6 +91,28 @@ class AttentionMetadata:
         """Row of the last token of every sequence (the rows that get logits)."""
         ends = torch.tensor(self.query_start_loc_host[1:], dtype=torch.long) - 1
         return ends.to(self.positions.device)
+
+
+def prefill_block_m(head_dim: int) -> int:
+    """Queries per program of the prefill/extend attention kernel."""
+    return 64 if head_dim <= 128 else 32
+
+
+def prefill_tiles(query_start_loc: np.ndarray, num_decodes: int, block_m: int,
+                  slots: int) -> np.ndarray:
+    """``[slots, 2]`` int32: (sequence, query tile) of every prefill/extend sequence's tiles of
+    ``block_m`` queries, sequences ``num_decodes..`` in order, then (-1, -1)."""
+    new = np.diff(query_start_loc.astype(np.int64))[num_decodes:]
+    per_seq = -(-new // block_m)
+    total = int(per_seq.sum())
+    if total > slots:
+        raise ValueError(f"{total} prefill tiles do not fit {slots} slots")
+    out = np.full((slots, 2), -1, dtype=np.int32)
+    seq = np.repeat(np.arange(num_decodes, num_decodes + len(new)), per_seq)
+    starts = np.cumsum(per_seq) - per_seq
+    out[:total, 0] = seq
+    out[:total, 1] = np.arange(total) - np.repeat(starts, per_seq)
+    return out
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ sharing one block table (each layer stores the keys of all rows before any row a
 sees rows < j of its chunk: causal prefill). So every step of at most ``graph_max_rows`` tokens
 (decodes, short prompts such as "Hello", or both) replays ONE graph: the smallest captured bucket
 ``>= rows`` (``planner.estimates.graph_batch_sizes``: 1, 2, 4, multiples of 8, the max). Longer
-steps run eagerly. Each graph runs the model forward, the logits projection and each row's greedy
+steps replay a prefill graph (``runner/prefill_graphs.py``). Each graph runs the model forward, the logits projection and each row's greedy
 token (``ops.argmax``: a greedy step needs no kernel outside the graph) into static buffers:
 
     input_ids [B] | positions [B] | slot_blocks [B] | slot_offsets [B] | seq_lens [B] | tables [B, M]
@@ -34,6 +34,7 @@ metadata built on the CPU, packed into two pinned tensors (int64, int32), copied
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -151,6 +152,7 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         """Capture every bucket, largest first (smaller ones reuse its memory)."""
+        start = time.perf_counter()
         pool = self.pool
         for bs in reversed(self.batch_sizes):
             self._stage((), bs)  # all padding: nothing is written to the KV pool
@@ -166,7 +168,8 @@ class DecodeGraphs:
                 ops.argmax(logits, greedy)
             self.graphs[bs] = (graph, logits, greedy)
         torch.cuda.synchronize(self.device)
-        log.info("captured %d decode graphs (batch sizes %s)", len(self.graphs), self.batch_sizes)
+        log.info("captured %d decode graphs (batch sizes %s) in %.1f s", len(self.graphs),
+                 self.batch_sizes, time.perf_counter() - start)
 
     def fits(self, rows: Sequence[GraphRow]) -> bool:
         """The rows fit a captured bucket (count, and block-table width)."""
@@ -237,8 +240,15 @@ def capture_cuda_graphs(engine) -> int:
         if runner.device.type != "cuda":
             continue
         pool = pool if pool is not None else torch.cuda.graph_pool_handle()
-        runner.enable_cuda_graphs(loaded.limits.max_num_seqs, loaded.limits.max_model_len, pool)
+        limits = loaded.limits
+        runner.enable_cuda_graphs(limits.max_num_seqs, limits.max_model_len, pool,
+                                  limits.max_num_batched_tokens)
         total += len(runner.decode_graphs.graphs)
+        if runner.prefill_graphs is not None:
+            total += len(runner.prefill_graphs.graphs)
     if total:
         engine.scheduler.lookahead = 1  # decode-ahead needs the next token's slot reserved
+        # the warm-up runs before each capture left their activations in the allocator's
+        # cache; the graphs now hold theirs in the pool
+        torch.cuda.empty_cache()
     return total

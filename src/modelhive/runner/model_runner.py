@@ -4,8 +4,9 @@ The only part of the engine that touches tensors. It owns the model and its per-
 the shared pool; it never allocates KV itself (the scheduler's block tables say where to write).
 On CUDA, once ``enable_cuda_graphs`` ran, every step of at most ``graph_max_rows`` tokens (decodes,
 short prompt chunks, or both) replays one captured graph, one row per token
-(``runner/cuda_graphs.py``); longer steps run eagerly, their inputs staged in one copy. Graph
-steps whose draws the device can make alone launch the next decode before returning
+(``runner/cuda_graphs.py``); longer steps, up to the token budget, replay one prefill graph
+(``runner/prefill_graphs.py``); without graphs they run eagerly, their inputs staged in one
+copy. Graph steps whose draws the device can make alone launch the next decode before returning
 (``runner/decode_ahead.py``).
 """
 
@@ -34,20 +35,30 @@ class ModelRunner:
         self.generator = torch.Generator(device=device)
         self.generator.seed()
         self.decode_graphs = None  # runner.cuda_graphs.DecodeGraphs once captured
+        self.prefill_graphs = None  # runner.prefill_graphs.PrefillGraphs once captured
         self.ahead = None  # runner.decode_ahead.DecodeAhead over those graphs
         if device.type == "cpu":  # bf16/fp16 linears on oneDNN-packed weights (reference.py)
             pack_linears_for_cpu(model)
 
-    def enable_cuda_graphs(self, max_num_seqs: int, max_model_len: int, pool=None) -> None:
-        """Capture decode graphs for batch buckets up to ``max_num_seqs`` (CUDA only); ``pool``:
-        a CUDA graph memory pool shared with the other models of the engine."""
+    def enable_cuda_graphs(self, max_num_seqs: int, max_model_len: int, pool=None,
+                           max_num_batched_tokens: int = 0) -> None:
+        """Capture decode graphs for batch buckets up to ``max_num_seqs``, and prefill graphs
+        for longer steps up to ``max_num_batched_tokens`` tokens (CUDA only); ``pool``: a CUDA
+        graph memory pool shared with the other models of the engine."""
         from modelhive.runner.cuda_graphs import DecodeGraphs
+        from modelhive.runner.prefill_graphs import PrefillGraphs
 
-        graphs = DecodeGraphs(self.model, self.kv_caches, self.layout.tokens_per_block,
-                              max_num_seqs, max_model_len, self.device, pool=pool)
+        T = self.layout.tokens_per_block
+        graphs = DecodeGraphs(self.model, self.kv_caches, T, max_num_seqs, max_model_len,
+                              self.device, pool=pool)
         graphs.capture()
         self.decode_graphs = graphs
         self.ahead = DecodeAhead(graphs, max_model_len, self.generator)
+        prefill = PrefillGraphs(self.model, self.kv_caches, T, max_num_seqs, max_model_len,
+                                max_num_batched_tokens, self.device, pool=graphs.pool)
+        if prefill.sizes:
+            prefill.capture()
+            self.prefill_graphs = prefill
 
     def skip_step(self) -> None:
         """This model has no batch in this step: a step launched ahead is stale."""
@@ -74,6 +85,14 @@ class ModelRunner:
                 return self._sample_rows(logits, last, batch)
         chunks = [SeqChunk(s.num_cached, len(s.token_ids), s.block_table) for s in batch.seqs]
         flat = [t for s in batch.seqs for t in s.token_ids]
+        prefill = self.prefill_graphs
+        if prefill is not None and prefill.fits(chunks, len(flat)):
+            rows = [i for i, s in enumerate(batch.seqs) if s.sample]
+            hidden = prefill.replay(chunks, flat, rows)
+            if not rows:
+                return []
+            return sample(self.model.compute_logits(hidden), [batch.seqs[i] for i in rows],
+                          self.generator)
         if self.device.type == "cuda":
             from modelhive.runner.cuda_graphs import stage_eager_inputs
 

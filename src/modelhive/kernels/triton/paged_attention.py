@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from modelhive.kernels.triton import pdl
-from modelhive.runner.attn_metadata import AttentionMetadata
+from modelhive.runner.attn_metadata import AttentionMetadata, prefill_block_m
 
 #: keys handled by one decode program when the context is split; the split count is
 #: cdiv(max_blocks * T, PARTITION), and 1 (no merge kernel) up to SPLIT_ABOVE keys ...
@@ -93,7 +93,7 @@ def _tanh(x):
 
 @triton.jit
 def _decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, count_ptr,
     out_ptr, part_acc_ptr, part_ml_ptr,
     scale, softcap, window, T, num_splits, partition_size,
     stride_qn, stride_qh, stride_on, stride_oh,
@@ -101,7 +101,8 @@ def _decode_kernel(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, DIRECT: tl.constexpr,
-    PRECISION: tl.constexpr, USE_PDL: tl.constexpr, PDL_EARLY: tl.constexpr,
+    COUNTED: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
+    PDL_EARLY: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -111,6 +112,11 @@ def _decode_kernel(
     # tile's block ids) load before waiting for the kernels that wrote q and this step's keys
     # (pdl.py): those loads leave the critical path.
     seq_len = tl.load(seq_lens_ptr + seq)
+    group = GROUP  # query heads this program writes: none for a graph's rows past the count
+    if COUNTED:  # a graph's decode grid: only the first count rows are decodes
+        live = seq < tl.load(count_ptr)
+        seq_len = tl.where(live, seq_len, 0)
+        group = tl.where(live, GROUP, 0)
     start = split * partition_size
     end = tl.minimum(start + partition_size, seq_len)
     if USE_WINDOW:
@@ -122,7 +128,7 @@ def _decode_kernel(
 
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
-    g_mask = g < GROUP
+    g_mask = g < group
     d_mask = d < HEAD_DIM
     heads = kv_head * GROUP + g
     q = tl.load(q_ptr + seq * stride_qn + heads[:, None] * stride_qh + d[None, :],
@@ -169,17 +175,21 @@ def _decode_kernel(
 
 @triton.jit
 def _decode_reduce_kernel(
-    part_acc_ptr, part_ml_ptr, out_ptr, num_heads, num_splits, stride_on, stride_oh,
+    part_acc_ptr, part_ml_ptr, out_ptr, count_ptr, num_heads, num_splits, stride_on, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
-    USE_PDL: tl.constexpr, PDL_EARLY: tl.constexpr,
+    COUNTED: tl.constexpr, USE_PDL: tl.constexpr, PDL_EARLY: tl.constexpr,
 ):
     """Merge the splits' partial results of BLOCK_H heads of one sequence."""
     pdl.wait(USE_PDL, PDL_EARLY)
     seq = tl.program_id(0)
+    if COUNTED:  # a graph's decode grid: only the first count rows are decodes
+        num_heads_live = tl.where(seq < tl.load(count_ptr), num_heads, 0)
+    else:
+        num_heads_live = num_heads
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
-    h_mask = h < num_heads
+    h_mask = h < num_heads_live
     hs_mask = h_mask[:, None] & (s < num_splits)[None, :]
     row = (seq * num_heads + h).to(tl.int64)[:, None] * num_splits + s[None, :]  # [H, S]
     m = tl.load(part_ml_ptr + row * 2, mask=hs_mask, other=float("-inf"))
@@ -197,20 +207,30 @@ def _decode_reduce_kernel(
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, out_ptr,
-    scale, softcap, window, T, first_seq,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, tiles_ptr,
+    out_ptr, scale, softcap, window, T, first_seq,
     stride_qn, stride_qh, stride_on, stride_oh,
     stride_cb, stride_ct, stride_ch, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+    USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, TILE_MAP: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    seq = first_seq + tl.program_id(0)
-    tile = tl.program_id(1)
+    if TILE_MAP:  # a graph's grid: program i takes entry i of the tile map, (-1, -1) = none
+        seq = tl.load(tiles_ptr + 2 * tl.program_id(0))
+        tile = tl.load(tiles_ptr + 2 * tl.program_id(0) + 1)
+        live = seq >= 0
+        seq = tl.maximum(seq, 0)
+        tile = tl.maximum(tile, 0)
+    else:
+        seq = first_seq + tl.program_id(0)
+        tile = tl.program_id(1)
     head = tl.program_id(2)
     kv_head = head // GROUP
     q_start = tl.load(query_start_ptr + seq)
     q_len = tl.load(query_start_ptr + seq + 1) - q_start
+    if TILE_MAP:
+        q_len = tl.where(live, q_len, 0)
     seq_len = tl.load(seq_lens_ptr + seq)
     num_cached = seq_len - q_len
 
@@ -225,6 +245,8 @@ def _prefill_kernel(
 
     # keys this tile needs: up to its last query (causal), from its first query's window start
     hi = tl.minimum(seq_len, num_cached + (tile + 1) * BLOCK_M)
+    if TILE_MAP:
+        hi = tl.where(live, hi, 0)
     lo = 0
     if USE_WINDOW:
         lo = tl.maximum(0, num_cached + tile * BLOCK_M - window + 1)
@@ -295,6 +317,9 @@ def paged_attention(
     precision = _precision(q.dtype)
     tables = meta.block_tables
     cache_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), tables.stride(0))
+    count = meta.decode_count  # graphs of mixed steps: the decodes among num_decodes rows
+    counted = count is not None
+    count = count if counted else meta.seq_lens  # unused then
 
     num_decodes = meta.num_decodes
     if num_decodes:
@@ -315,13 +340,13 @@ def paged_attention(
         block_n = cfg.get("block_n", 64 if head_dim <= 128 else 32)
         use_pdl = pdl.enabled(q)
         _decode_kernel[(num_decodes, num_kv_heads, num_splits)](
-            q, k_cache, v_cache, tables, meta.seq_lens, out, part_acc, part_ml,
+            q, k_cache, v_cache, tables, meta.seq_lens, count, out, part_acc, part_ml,
             float(scale), cap, window, T, num_splits, partition,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1), *cache_strides,
             GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
             BLOCK_D=block_d, BLOCK_N=block_n,
-            USE_WINDOW=use_window, USE_SOFTCAP=use_softcap, DIRECT=direct, PRECISION=precision,
-            USE_PDL=use_pdl, PDL_EARLY=pdl.EARLY, launch_pdl=use_pdl,
+            USE_WINDOW=use_window, USE_SOFTCAP=use_softcap, DIRECT=direct, COUNTED=counted,
+            PRECISION=precision, USE_PDL=use_pdl, PDL_EARLY=pdl.EARLY, launch_pdl=use_pdl,
             num_warps=cfg.get("num_warps", 4),
             num_stages=cfg.get("num_stages") or decode_stages(num_decodes, num_kv_heads),
         )
@@ -329,24 +354,32 @@ def paged_attention(
             block_s = max(2, triton.next_power_of_2(num_splits))
             block_h = merge_heads(num_decodes, num_heads, block_s * block_d)
             _decode_reduce_kernel[(num_decodes, triton.cdiv(num_heads, block_h))](
-                part_acc, part_ml, out, num_heads, num_splits, out.stride(0), out.stride(1),
-                HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=block_s, BLOCK_H=block_h,
-                USE_PDL=use_pdl, PDL_EARLY=pdl.EARLY, launch_pdl=use_pdl, num_warps=4,
+                part_acc, part_ml, out, count, num_heads, num_splits, out.stride(0),
+                out.stride(1), HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=block_s,
+                BLOCK_H=block_h, COUNTED=counted, USE_PDL=use_pdl, PDL_EARLY=pdl.EARLY,
+                launch_pdl=use_pdl, num_warps=4,
             )
 
+    tiles = meta.prefill_tiles
+    tile_map = tiles is not None
     num_prefills = meta.num_seqs - num_decodes
-    if num_prefills:
-        qsl = meta.query_start_loc_host
-        max_q = max(qsl[s + 1] - qsl[s] for s in range(num_decodes, meta.num_seqs))
-        block_m = 64 if head_dim <= 128 else 32
+    if tile_map or num_prefills:
+        block_m = prefill_block_m(head_dim)
         block_n = 64 if head_dim <= 64 else 32
-        grid = (num_prefills, triton.cdiv(max_q, block_m), num_heads)
+        if tile_map:  # a graph's grid: one program per tile-map entry and head
+            assert tiles.shape[1] == 2 and meta.prefill_block_m == block_m
+            grid = (tiles.shape[0], 1, num_heads)
+        else:
+            qsl = meta.query_start_loc_host
+            max_q = max(qsl[s + 1] - qsl[s] for s in range(num_decodes, meta.num_seqs))
+            grid = (num_prefills, triton.cdiv(max_q, block_m), num_heads)
+            tiles = meta.seq_lens  # unused
         _prefill_kernel[grid](
-            q, k_cache, v_cache, tables, meta.seq_lens, meta.query_start_loc, out,
+            q, k_cache, v_cache, tables, meta.seq_lens, meta.query_start_loc, tiles, out,
             float(scale), cap, window, T, num_decodes,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1), *cache_strides,
             GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-            USE_WINDOW=use_window, USE_SOFTCAP=use_softcap, PRECISION=precision,
-            num_warps=4, num_stages=2,
+            USE_WINDOW=use_window, USE_SOFTCAP=use_softcap, TILE_MAP=tile_map,
+            PRECISION=precision, num_warps=4, num_stages=2,
         )
     return out
