@@ -87,6 +87,8 @@ ATTN_CASES = [
     ("bfloat16", 14, 2, 64, 16, None, None,
      [(37 * i % 1300 + 1, 1) for i in range(40)] + [(1290, 1), (0, 21)]),
     ("bfloat16", 32, 4, 128, 16, None, None, [(13 * i % 250, 1) for i in range(20)] + [(5, 9)]),
+    # long prompts and extends: key tiles before a query tile's first query run unmasked
+    ("float32", 4, 2, 32, 7, None, None, [(5, 1), (100, 150), (0, 200)]),
 ]
 
 
@@ -129,6 +131,24 @@ def test_paged_attention_decode_splits(partition, merge_programs, monkeypatch):
     ref = reference.paged_attention(q, k_cache, v_cache, meta, dim ** -0.5)
     out = tk.paged_attention(q, k_cache, v_cache, meta, dim ** -0.5,
                              decode_config={"partition": partition})
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("block_m,block_n,window", [(16, 16, None), (32, 16, None), (16, 32, 50),
+                                                   (64, 32, None)])
+def test_paged_attention_prefill_tiles(block_m, block_n, window):
+    """Prefill/extend with small query and key tiles (many unmasked key tiles per program)."""
+    T, heads, kv_heads, dim = 9, 6, 2, 32
+    seqs = [(40, 1), (0, 130), (77, 61), (3, 2)]
+    total = sum(-(-(c + n) // T) for c, n in seqs)
+    pool, layout = make_pool(2, kv_heads, dim, "float32", T, total + 3)
+    k_cache, v_cache = pool.layer_views(layout)[0]
+    meta = make_meta(seqs, T, pool.num_blocks, seed=8)
+    q = torch.randn(meta.num_tokens, heads, dim, dtype=torch.float32, device=DEVICE)
+    ref = reference.paged_attention(q, k_cache, v_cache, meta, dim ** -0.5, window)
+    poison_allocator()
+    out = tk.paged_attention(q, k_cache, v_cache, meta, dim ** -0.5, window,
+                             prefill_config={"block_m": block_m, "block_n": block_n})
     assert rel_err(out, ref) < TOL[torch.float32]
 
 

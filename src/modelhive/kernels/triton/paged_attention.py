@@ -206,6 +206,41 @@ def _decode_reduce_kernel(
 
 
 @triton.jit
+def _prefill_tile(q, m_i, l_i, acc, n0, hi, q_pos, k_cache_ptr, v_cache_ptr, table, kv_col,
+                  d_mask, scale, softcap, window, T, stride_cb, stride_ct,
+                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, USE_WINDOW: tl.constexpr,
+                  USE_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+    """One key tile of the prefill loop: the online-softmax update of (m_i, l_i, acc).
+    Unmasked (``MASKED`` False) only for tiles every query of the program sees whole."""
+    pos = n0 + tl.arange(0, BLOCK_N)
+    if MASKED:
+        p_mask = pos < hi
+        block = tl.load(table + pos // T, mask=p_mask, other=0).to(tl.int64)
+        kv_mask = p_mask[:, None] & d_mask[None, :]
+    else:
+        block = tl.load(table + pos // T).to(tl.int64)
+        kv_mask = d_mask[None, :]
+    row = block * stride_cb + (pos % T).to(tl.int64) * stride_ct
+    k = tl.load(k_cache_ptr + row[:, None] + kv_col, mask=kv_mask, other=0.0)
+    v = tl.load(v_cache_ptr + row[:, None] + kv_col, mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    if USE_SOFTCAP:
+        s = softcap * _tanh(s / softcap)
+    if MASKED:
+        keep = p_mask[None, :] & (pos[None, :] <= q_pos[:, None])
+        if USE_WINDOW:
+            keep = keep & (pos[None, :] > q_pos[:, None] - window)
+        s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, tiles_ptr,
     out_ptr, scale, softcap, window, T, first_seq,
@@ -257,28 +292,21 @@ def _prefill_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     kv_col = kv_head * stride_ch + d[None, :]
-    for n0 in range(lo, hi, BLOCK_N):
-        pos = n0 + tl.arange(0, BLOCK_N)
-        p_mask = pos < hi
-        block = tl.load(table + pos // T, mask=p_mask, other=0).to(tl.int64)
-        row = block * stride_cb + (pos % T).to(tl.int64) * stride_ct
-        kv_mask = p_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_cache_ptr + row[:, None] + kv_col, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        if USE_SOFTCAP:
-            s = softcap * _tanh(s / softcap)
-        keep = p_mask[None, :] & (pos[None, :] <= q_pos[:, None])
-        if USE_WINDOW:
-            keep = keep & (pos[None, :] > q_pos[:, None] - window)
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + row[:, None] + kv_col, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+    # key tiles wholly before the tile's first query need no mask (every query sees them);
+    # only the tiles on the diagonal (and, with a window, every tile) are masked
+    full_hi = lo
+    if not USE_WINDOW:
+        full_hi = tl.minimum(((num_cached + tile * BLOCK_M) // BLOCK_N) * BLOCK_N, hi)
+    for n0 in range(lo, full_hi, BLOCK_N):
+        m_i, l_i, acc = _prefill_tile(
+            q, m_i, l_i, acc, n0, hi, q_pos, k_cache_ptr, v_cache_ptr, table, kv_col, d_mask,
+            scale, softcap, window, T, stride_cb, stride_ct, BLOCK_N, False, USE_WINDOW,
+            USE_SOFTCAP, PRECISION)
+    for n0 in range(full_hi, hi, BLOCK_N):
+        m_i, l_i, acc = _prefill_tile(
+            q, m_i, l_i, acc, n0, hi, q_pos, k_cache_ptr, v_cache_ptr, table, kv_col, d_mask,
+            scale, softcap, window, T, stride_cb, stride_ct, BLOCK_N, True, USE_WINDOW,
+            USE_SOFTCAP, PRECISION)
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + q_rows[:, None] * stride_on + head * stride_oh + d[None, :],
@@ -298,9 +326,12 @@ def paged_attention(
     sliding_window: int | None = None,
     softcap: float | None = None,
     decode_config: dict | None = None,
+    prefill_config: dict | None = None,
 ) -> torch.Tensor:
     """``decode_config`` overrides ``decode_partition`` and the decode kernel's tiles
-    (``partition``, ``block_n``, ``num_warps``, ``num_stages``; benchmarks)."""
+    (``partition``, ``block_n``, ``num_warps``, ``num_stages``), ``prefill_config`` the
+    prefill kernel's (``block_m``, eager metadata only; ``block_n``, ``num_warps``,
+    ``num_stages``): benchmarks."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -364,8 +395,9 @@ def paged_attention(
     tile_map = tiles is not None
     num_prefills = meta.num_seqs - num_decodes
     if tile_map or num_prefills:
-        block_m = prefill_block_m(head_dim)
-        block_n = 64 if head_dim <= 64 else 32
+        pcfg = prefill_config or {}
+        block_m = pcfg.get("block_m") or prefill_block_m(head_dim)
+        block_n = pcfg.get("block_n") or (64 if head_dim <= 64 else 32)
         if tile_map:  # a graph's grid: one program per tile-map entry and head
             assert tiles.shape[1] == 2 and meta.prefill_block_m == block_m
             grid = (tiles.shape[0], 1, num_heads)
@@ -380,6 +412,7 @@ def paged_attention(
             q.stride(0), q.stride(1), out.stride(0), out.stride(1), *cache_strides,
             GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
             USE_WINDOW=use_window, USE_SOFTCAP=use_softcap, TILE_MAP=tile_map,
-            PRECISION=precision, num_warps=4, num_stages=2,
+            PRECISION=precision, num_warps=pcfg.get("num_warps", 4),
+            num_stages=pcfg.get("num_stages", 2),
         )
     return out
