@@ -28,9 +28,10 @@ GRAPH_BYTES_PER_CAPTURE = 4 * MiB
 #: staging buffers, attention metadata and allocator rounding of one step (measured: 0.1 to
 #: 1.1 MiB above the largest phase at 2,048 tokens)
 ACTIVATION_SLACK_BYTES = 2 * MiB
-#: decode attention splits keys into partitions of this many tokens above SPLIT_ABOVE
-#: (kernels/triton/paged_attention.py), each with a float32 partial result
-DECODE_PARTITION_TOKENS = 512
+#: decode attention splits keys into partitions of at least this many tokens above SPLIT_ABOVE
+#: (kernels/triton/paged_attention.py: 512, or SHORT_PARTITION = 256 for mid-size grids), each
+#: with a float32 partial result; the shorter one bounds the partials from above
+DECODE_PARTITION_TOKENS = 256
 DECODE_SPLIT_ABOVE_TOKENS = 1024
 #: on CPU with no budget given, the KV pool is capped here (see ``plan_memory``).
 CPU_DEFAULT_KV_CAP_BYTES = 4 * GiB
@@ -58,7 +59,7 @@ def activation_bytes(
         mlp       = residual + 3 T I e      fused gate_up [T, 2I] and act(gate) * up [T, I]
         attention = residual + T (q + 2kv) e + T (q + kv) e + T q e + scratch
                                             fused qkv, RoPE'd q and k, attention output
-          scratch (CUDA) = S H ceil(L / 512) (D + 2) 4 when L > 1024: split-K partials of decodes
+          scratch (CUDA) = S H ceil(L / 256) (D + 2) 4 when L > 1024: split-K partials of decodes
           scratch (CPU)  = max(2 L q e + 2 H min(T, L) L 4, 2 S L q e + 2 S H L 4): the reference
                            attention gathers K, V per sequence; fp32 scores and softmax
         logits    = 2 T h e + S h e + 3 S V 4

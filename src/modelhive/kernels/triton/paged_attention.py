@@ -7,17 +7,24 @@ strided per-layer pool views ``[num_blocks, T, kv_heads, D]``. T is any positive
 
 Decode (the first ``meta.num_decodes`` sequences, one query each): one program per
 (sequence, kv head, split of keys; ``decode_partition`` sizes the splits: ``PARTITION`` keys above
-``SPLIT_ABOVE``, smaller ones when the batch is too small to fill the chip). All query heads of a GQA group share the program,
-so each key/value row is read from memory once per kv head; the group is padded to 16 rows for
-``tl.dot``. Splits keep the chip busy at small batch; their partial results
-(unnormalised accumulator, running max, running sum) are merged by a second small kernel. The
-number of splits comes from the block-table width (``max_blocks * T``), never from sequence
-lengths on the host, so a captured CUDA graph replays for any lengths up to its width.
+``SPLIT_ABOVE``, smaller ones when the batch is too small to fill the chip or, for mid-size grids,
+``SHORT_PARTITION``; ``decode_stages`` the pipeline depth). All query heads of a GQA group share
+the program, so each key/value row is read from memory once per kv head; the group is padded to
+16 rows for ``tl.dot``. Splits keep the chip busy at small batch; their partial results
+(unnormalised accumulator, running max, running sum) are merged by a second small kernel, all
+heads of a sequence in one program where they fit (``merge_heads``). The number of splits comes
+from the block-table width (``max_blocks * T``), never from sequence lengths on the host, so a
+captured CUDA graph replays for any lengths up to its width.
 
 Prefill/extend (the other sequences): one program per (sequence, tile of ``BLOCK_M`` queries,
-query head), an online-softmax loop over key tiles of the cached + new keys with the causal and
-window masks. It reads ``meta.query_start_loc_host`` for the grid, so it is eager-only (prefill is
-never captured).
+query head), an online-softmax loop over key tiles of the cached + new keys (``_prefill_tile``):
+the tiles wholly before the program's first query unmasked, then the causal (and window) masks.
+Eagerly its grid comes from ``meta.query_start_loc_host``.
+
+Graph mode (``meta.decode_count`` / ``meta.prefill_tiles``, set by ``runner/prefill_graphs.py``):
+the decode grid covers ``num_decodes`` rows of which the device-side count are decodes (the
+others write nothing), and the prefill grid is one program per tile-map entry (sequence, query
+tile; (-1, -1) writes nothing), so a step of prompt chunks and decodes can be captured.
 
 Float32 inputs use IEEE float32 dots (no TF32), so the float32 GPU path matches the CPU reference
 closely enough for token-exact greedy decoding; bf16/fp16 use the tensor cores with float32
