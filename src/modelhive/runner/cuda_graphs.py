@@ -6,8 +6,9 @@ sharing one block table (each layer stores the keys of all rows before any row a
 sees rows < j of its chunk: causal prefill). So every step of at most ``graph_max_rows`` tokens
 (decodes, short prompts such as "Hello", or both) replays ONE graph: the smallest captured bucket
 ``>= rows`` (``planner.estimates.graph_batch_sizes``: 1, 2, 4, multiples of 8, the max). Longer
-steps replay a prefill graph (``runner/prefill_graphs.py``). Each graph runs the model forward, the logits projection and each row's greedy
-token (``ops.argmax``: a greedy step needs no kernel outside the graph) into static buffers:
+steps replay a prefill graph (``runner/prefill_graphs.py``). Each graph runs the model forward,
+the logits projection and each row's greedy token (``ops.argmax``: a greedy step needs no kernel
+outside the graph) into static buffers:
 
     input_ids [B] | positions [B] | slot_blocks [B] | slot_offsets [B] | seq_lens [B] | tables [B, M]
 

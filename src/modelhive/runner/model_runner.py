@@ -45,6 +45,7 @@ class ModelRunner:
         """Capture decode graphs for batch buckets up to ``max_num_seqs``, and prefill graphs
         for longer steps up to ``max_num_batched_tokens`` tokens (CUDA only); ``pool``: a CUDA
         graph memory pool shared with the other models of the engine."""
+        from modelhive.planner.estimates import prefill_graph_sizes
         from modelhive.runner.cuda_graphs import DecodeGraphs
         from modelhive.runner.prefill_graphs import PrefillGraphs
 
@@ -54,9 +55,11 @@ class ModelRunner:
         graphs.capture()
         self.decode_graphs = graphs
         self.ahead = DecodeAhead(graphs, max_model_len, self.generator)
-        prefill = PrefillGraphs(self.model, self.kv_caches, T, max_num_seqs, max_model_len,
-                                max_num_batched_tokens, self.device, pool=graphs.pool)
-        if prefill.sizes:
+        sizes = prefill_graph_sizes(max_num_seqs, max_num_batched_tokens)
+        if sizes:  # else every step fits the decode graphs
+            prefill = PrefillGraphs(self.model, self.kv_caches, T, max_num_seqs, max_model_len,
+                                    max_num_batched_tokens, self.device, pool=graphs.pool,
+                                    sizes=sizes)
             prefill.capture()
             self.prefill_graphs = prefill
 

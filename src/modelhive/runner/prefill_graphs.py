@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from modelhive.models.base import CausalLM, KVCaches
-from modelhive.planner.estimates import prefill_graph_sizes
+from modelhive.planner.estimates import graph_max_rows, prefill_graph_sizes
 from modelhive.runner.attn_metadata import (
     AttentionMetadata,
     SeqChunk,
@@ -57,7 +57,7 @@ class PrefillGraphs:
         self.tokens_per_block = tokens_per_block
         self.device = device
         self.sizes = sorted(sizes or prefill_graph_sizes(max_num_seqs, max_num_batched_tokens))
-        self.min_tokens = 1 + (self.sizes[0] // 2 if self.sizes else 0)  # above the decode graphs
+        self.min_tokens = graph_max_rows(max_num_seqs) + 1  # fewer: the decode graphs
         self.max_tokens = self.sizes[-1] if self.sizes else 0
         self.max_seqs = max_num_seqs
         self.max_blocks = -(-max_model_len // tokens_per_block)
