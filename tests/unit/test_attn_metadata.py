@@ -1,15 +1,21 @@
 """``build_attention_metadata`` (numpy per token, ``metadata_arrays``) against a per-token
 construction written out, over random steps of decodes and prompt chunks; a table too short
-for its chunk is refused."""
+for its chunk is refused; the prefill graphs' tile map."""
 
 from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
-from modelhive.runner.attn_metadata import SeqChunk, build_attention_metadata
+from modelhive.runner.attn_metadata import (
+    SeqChunk,
+    build_attention_metadata,
+    prefill_block_m,
+    prefill_tiles,
+)
 
 
 def _written_out(chunks: list[SeqChunk], T: int) -> dict:
@@ -62,3 +68,17 @@ def test_a_table_too_short_for_its_chunk_is_refused():
     chunks = [SeqChunk(5, 1, (1, 2)), SeqChunk(0, 9, (3, 4))]  # T = 4: 9 tokens need 3 blocks
     with pytest.raises(ValueError, match="block table of 2 blocks cannot hold 9 tokens"):
         build_attention_metadata(chunks, 4)
+
+
+def test_prefill_tiles_list_every_query_tile_once():
+    """Graph mode's tile map: (sequence, tile) for each prefill sequence's query tiles, in
+    order, decodes skipped, the rest (-1, -1); too many tiles is an error."""
+    # 2 decodes, then prompts of 68, 1 and 129 tokens
+    qsl = np.array([0, 1, 2, 70, 71, 200], dtype=np.int32)
+    tiles = prefill_tiles(qsl, 2, 64, 8)
+    assert tiles.dtype == np.int32 and tiles.shape == (8, 2)
+    assert tiles.tolist() == [[2, 0], [2, 1], [3, 0], [4, 0], [4, 1], [4, 2], [-1, -1], [-1, -1]]
+    assert (prefill_tiles(np.array([0, 1, 2]), 2, 64, 3) == -1).all()  # decodes only
+    with pytest.raises(ValueError, match="do not fit"):
+        prefill_tiles(qsl, 2, 64, 5)
+    assert prefill_block_m(64) == prefill_block_m(128) == 64 and prefill_block_m(256) == 32
