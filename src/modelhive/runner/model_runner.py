@@ -58,8 +58,7 @@ class ModelRunner:
         sizes = prefill_graph_sizes(max_num_seqs, max_num_batched_tokens)
         if sizes:  # else every step fits the decode graphs
             prefill = PrefillGraphs(self.model, self.kv_caches, T, max_num_seqs, max_model_len,
-                                    max_num_batched_tokens, self.device, pool=graphs.pool,
-                                    sizes=sizes)
+                                    sizes, self.device, pool=graphs.pool)
             prefill.capture()
             self.prefill_graphs = prefill
 

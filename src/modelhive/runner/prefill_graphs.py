@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from modelhive.models.base import CausalLM, KVCaches
-from modelhive.planner.estimates import graph_max_rows, prefill_graph_sizes
+from modelhive.planner.estimates import graph_max_rows
 from modelhive.runner.attn_metadata import (
     AttentionMetadata,
     SeqChunk,
@@ -50,15 +50,16 @@ class PrefillGraphs:
     that holds a step."""
 
     def __init__(self, model: CausalLM, kv_caches: KVCaches, tokens_per_block: int,
-                 max_num_seqs: int, max_model_len: int, max_num_batched_tokens: int,
-                 device: torch.device, pool=None, sizes: Sequence[int] | None = None):
+                 max_num_seqs: int, max_model_len: int, sizes: Sequence[int],
+                 device: torch.device, pool=None):
+        """``sizes``: the token counts to capture (``planner.estimates.prefill_graph_sizes``)."""
         self.model = model
         self.kv_caches = kv_caches
         self.tokens_per_block = tokens_per_block
         self.device = device
-        self.sizes = sorted(sizes or prefill_graph_sizes(max_num_seqs, max_num_batched_tokens))
+        self.sizes = sorted(sizes)
         self.min_tokens = graph_max_rows(max_num_seqs) + 1  # fewer: the decode graphs
-        self.max_tokens = self.sizes[-1] if self.sizes else 0
+        self.max_tokens = self.sizes[-1]
         self.max_seqs = max_num_seqs
         self.max_blocks = -(-max_model_len // tokens_per_block)
         self.block_m = prefill_block_m(model.arch.head_dim)
