@@ -14,8 +14,9 @@
    as ``pick_config`` sets it up (whole rows loaded before the PDL wait, persistent programs for
    the tall ones) with PDL.
    Roofline: the weight bytes over the measured copy bandwidth (read + write bytes per second).
-4. ``--rows``: only the layer stacks of TinyLlama and Qwen2.5-3B at several row counts: cuBLAS
-   composites, the GEMV, and what ``linears`` routes to (where ``GEMV_MAX_ROWS`` belongs).
+4. ``--rows``: only the layer stacks of ``--models`` (default TinyLlama, Qwen2.5-3B) at several
+   row counts: cuBLAS composites, the GEMV, and what ``linears`` routes to (where
+   ``GEMV_MAX_ROWS`` belongs).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from modelhive.kernels.triton.gemv import FULL_K_MAX, gemv, pick_config
 DT = torch.bfloat16
 # (hidden, q_size, kv_size, intermediate, layers, vocab)
 PRESETS = {
+    "qwen2.5-0.5b": (896, 896, 128, 4864, 24, 151936),
     "tinyllama-1.1b": (2048, 2048, 256, 5632, 22, 32000),
     "qwen2.5-3b": (2048, 2048, 256, 11008, 36, 151936),
     "yi-6b": (4096, 4096, 512, 11008, 32, 64000),
@@ -253,10 +255,10 @@ def layer_stack(name: str, results: dict, bw: float) -> None:
     results.setdefault("layers", []).append(row)
 
 
-def rows_sweep(rows: list[int], bw: float) -> None:
-    """The layer stacks of TinyLlama and Qwen2.5-3B at ``rows`` rows: cuBLAS composites against
-    the GEMV (whatever ``linears`` routes it to), to place ``GEMV_MAX_ROWS``."""
-    for name in ("tinyllama-1.1b", "qwen2.5-3b"):
+def rows_sweep(rows: list[int], bw: float, models: list[str]) -> None:
+    """The layer stacks of ``models`` at ``rows`` rows: cuBLAS composites against the GEMV and
+    against whatever ``linears`` routes it to, to place ``GEMV_MAX_ROWS``."""
+    for name in models:
         h, q = PRESETS[name][:2]
         W, nbytes = stack_weights(name)
         for m in rows:
@@ -291,6 +293,8 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--roles", help="comma-separated roles to sweep (default: all)")
     ap.add_argument("--rows", help="comma-separated row counts: layer stacks, GEMV vs cuBLAS")
+    ap.add_argument("--models", default="tinyllama-1.1b,qwen2.5-3b",
+                    help="with --rows: comma-separated presets")
     ap.add_argument("--json")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__)
@@ -298,10 +302,10 @@ def main() -> None:
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
     results: dict = {"device": torch.cuda.get_device_name(), "copy_tbs": bw / 1e12}
     if args.rows:
-        rows_sweep([int(r) for r in args.rows.split(",")], bw)
+        rows_sweep([int(r) for r in args.rows.split(",")], bw, args.models.split(","))
         return
     results["check_failures"] = check()
-    for name in PRESETS:
+    for name in list(PRESETS)[1:]:  # the three-models presets
         layer_stack(name, results, bw)
     if args.sweep:
         sweep(results, set(args.roles.split(",")) if args.roles else None)

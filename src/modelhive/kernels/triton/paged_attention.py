@@ -14,7 +14,8 @@ the program, so each key/value row is read from memory once per kv head; the gro
 (unnormalised accumulator, running max, running sum) are merged by a second small kernel, all
 heads of a sequence in one program where they fit (``merge_heads``). The number of splits comes
 from the block-table width (``max_blocks * T``), never from sequence lengths on the host, so a
-captured CUDA graph replays for any lengths up to its width.
+captured CUDA graph replays for any lengths up to its width; a split past its sequence's end
+stores only its running max (-inf), and the merge skips its accumulator.
 
 Prefill/extend (the other sequences): ``prefill_attention.py``.
 
@@ -129,8 +130,11 @@ def _decode_kernel(
     g_mask = g < group
     d_mask = d < HEAD_DIM
     heads = kv_head * GROUP + g
+    # a split past the sequence's end (or before its window) has no keys: it reads no query
+    # and stores only its running max (-inf), which tells the merge to skip its accumulator
+    live_mask = (g < tl.where(end > start, group, 0))[:, None] & d_mask[None, :]
     q = tl.load(q_ptr + seq * stride_qn + heads[:, None] * stride_qh + d[None, :],
-                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+                mask=live_mask, other=0.0)
 
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
@@ -160,7 +164,7 @@ def _decode_kernel(
     else:
         # partial results: part_acc [S, H, splits, BLOCK_D], part_ml [S, H, splits, 2]
         row_id = (seq * num_kv_heads * GROUP + heads).to(tl.int64) * num_splits + split
-        tl.store(part_acc_ptr + row_id[:, None] * BLOCK_D + d[None, :], acc, mask=out_mask)
+        tl.store(part_acc_ptr + row_id[:, None] * BLOCK_D + d[None, :], acc, mask=live_mask)
         tl.store(part_ml_ptr + row_id * 2, m_i, mask=g_mask)
         tl.store(part_ml_ptr + row_id * 2 + 1, l_i, mask=g_mask)
 
@@ -186,8 +190,9 @@ def _decode_reduce_kernel(
     row = (seq * num_heads + h).to(tl.int64)[:, None] * num_splits + s[None, :]  # [H, S]
     m = tl.load(part_ml_ptr + row * 2, mask=hs_mask, other=float("-inf"))
     l_s = tl.load(part_ml_ptr + row * 2 + 1, mask=hs_mask, other=0.0)
+    # splits without keys (running max -inf) stored no accumulator
     acc = tl.load(part_acc_ptr + row[:, :, None] * BLOCK_D + d[None, None, :],
-                  mask=hs_mask[:, :, None], other=0.0)
+                  mask=(hs_mask & (m > float("-inf")))[:, :, None], other=0.0)
     m_max = tl.max(m, 1)
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
     w = tl.exp(m - m_max[:, None])
