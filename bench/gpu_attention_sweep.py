@@ -17,11 +17,13 @@ config. Shapes: the throughput workload's decode phases (qwen2.5-0.5b: 14 heads 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import itertools
 import sys
 
 import torch
+from sweep_configs import rank_configs
 
 from modelhive.bench.offline import replay_ms
 from modelhive.kernels.triton.paged_attention import paged_attention
@@ -99,20 +101,10 @@ def main() -> None:
             continue
         q, caches, meta, kv_bytes = setup(rows, context, heads, kvh, dim, width, gen)
         base_t, base_out = time_config(q, caches, meta, None)
-        results = []
-        for part, bn, warps, stages in grid:
-            if dim == 128 and bn == 128 and stages == 3:
-                continue  # shared memory
-            cfg = {"partition": part, "block_n": bn,
-                   "num_warps": warps, "num_stages": stages}
-            try:
-                t, out = time_config(q, caches, meta, cfg)
-            except Exception as exc:  # out of resources: skip the config
-                print(f"  {cfg}: {type(exc).__name__}")
-                continue
-            err = (out.float() - base_out.float()).abs().max().item()
-            results.append((t, cfg, err))
-        results.sort(key=lambda r: r[0])
+        configs = [{"partition": part, "block_n": bn, "num_warps": warps, "num_stages": stages}
+                   for part, bn, warps, stages in grid
+                   if not (dim == 128 and bn == 128 and stages == 3)]  # shared memory
+        results = rank_configs(functools.partial(time_config, q, caches, meta), configs, base_out)
         print(f"{name}: {rows} rows, ~{context} keys, {heads}/{kvh} heads x {dim}: default "
               f"{base_t:.1f} us ({kv_bytes / base_t / 1e3:,.0f} GB/s)")
         for t, cfg, err in results[:6]:

@@ -11,10 +11,12 @@ and a 128-dim model's prompts.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import sys
 
 import torch
+from sweep_configs import rank_configs
 
 from modelhive.bench.offline import replay_ms
 from modelhive.kernels.triton.paged_attention import paged_attention
@@ -67,19 +69,10 @@ def main() -> None:
             continue
         q, k, v, meta, flops = setup(heads, kvh, dim, seqs, gen)
         base_t, base_out = time_config(q, k, v, meta, None)
-        results = []
-        for bm, bn, warps, stages in grid:
-            if dim * bn * stages > 128 * 128 * 2:
-                continue  # shared memory
-            cfg = {"block_m": bm, "block_n": bn, "num_warps": warps, "num_stages": stages}
-            try:
-                t, out = time_config(q, k, v, meta, cfg)
-            except Exception as exc:  # out of resources: skip the config
-                print(f"  {cfg}: {type(exc).__name__}")
-                continue
-            err = (out.float() - base_out.float()).abs().max().item()
-            results.append((t, cfg, err))
-        results.sort(key=lambda r: r[0])
+        configs = [{"block_m": bm, "block_n": bn, "num_warps": warps, "num_stages": stages}
+                   for bm, bn, warps, stages in grid
+                   if dim * bn * stages <= 128 * 128 * 2]  # shared memory
+        results = rank_configs(functools.partial(time_config, q, k, v, meta), configs, base_out)
         print(f"{name}: default {base_t:.1f} us ({flops / base_t / 1e6:,.0f} TFLOP/s)")
         for t, cfg, err in results[:6]:
             print(f"   {t:8.1f} us {flops / t / 1e6:6,.0f} TFLOP/s  {cfg}  max diff {err:.2g}")
