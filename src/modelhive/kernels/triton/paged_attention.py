@@ -94,7 +94,7 @@ def decode_partition(rows: int, kv_heads: int, max_len_bound: int) -> int:
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, count_ptr,
     out_ptr, part_acc_ptr, part_ml_ptr,
-    scale, softcap, window, T, num_splits, partition_size,
+    scale, softcap, window, T: tl.constexpr, num_splits, partition_size,
     stride_qn, stride_qh, stride_on, stride_oh,
     stride_cb, stride_ct, stride_ch, stride_bt,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
