@@ -92,7 +92,7 @@ def main() -> None:
     gen = __import__("random").Random(0)
     # partitions (1 << 16: no split, one program covers a sequence's keys), key tiles, warps,
     # pipeline depths
-    grid = list(itertools.product((256, 512, 1024, 1 << 16), (32, 64, 128), (4, 8), (2, 3)))
+    grid = list(itertools.product((256, 512, 1024, 1 << 16), (32, 64, 128), (2, 4, 8), (2, 3)))
     if quick:
         grid = list(itertools.product((256, 512, 1 << 16), (64,), (4,), (2, 3)))
     only = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--shapes=")), "")

@@ -3,7 +3,9 @@
 Contract (``reference.paged_attention``): ``q`` ``[N, heads, D]`` -> ``[N, heads, D]``; the query at
 position p of a sequence attends to that sequence's keys at positions ``k <= p`` (and
 ``k > p - sliding_window``), read through ``block_tables[seq, k // T]`` at offset ``k % T`` from the
-strided per-layer pool views ``[num_blocks, T, kv_heads, D]``. T is any positive integer.
+strided per-layer pool views ``[num_blocks, T, kv_heads, D]``. T is any positive integer, a
+compile-time constant of the kernels (one variant per T: ``pos // T`` and ``pos % T`` per key are
+then shifts, or multiplications by a constant, not integer divisions).
 
 Decode (the first ``meta.num_decodes`` sequences, one query each): one program per
 (sequence, kv head, split of keys; ``decode_partition`` sizes the splits: ``PARTITION`` keys above
