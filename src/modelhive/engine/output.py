@@ -102,9 +102,9 @@ class Detokenizer:
         the new text: all of it, as ``piece`` does not end in U+FFFD. O(1) unless an earlier
         step held a tail back (``decoded`` is not joined: ``text`` is left as it was)."""
         held = self._length - self.emitted  # a U+FFFD an earlier step held back, if any
-        self._append(piece)
+        self._pieces.append(piece)  # ``_append`` inlined: once per token
+        self._length = self.emitted = self._length + len(piece)
         self.prefix_offset, self.read_offset = self.read_offset, num_ids
-        self.emitted = self._length
         if held:
             return self.decoded[-(held + len(piece)):]
         return piece
