@@ -237,7 +237,9 @@ def accumulate(result: GenerationResult, delta: CompletionDelta) -> None:
     out.text += delta.text
     out.token_ids.extend(delta.token_ids)
     if delta.logprobs is not None:
-        out.logprobs = (out.logprobs or []) + list(delta.logprobs)
+        if out.logprobs is None:
+            out.logprobs = []
+        out.logprobs.extend(delta.logprobs)
     if delta.finish_reason is not None:
         out.finish_reason = delta.finish_reason
         out.error = delta.error

@@ -32,10 +32,16 @@ class Choice:
     """One completion, accumulated from its deltas (non-streaming responses)."""
 
     index: int
-    text: str = ""
+    #: the deltas' texts, joined once by ``text`` (``+=`` on a growing string copies all of it
+    #: per token, on the server's event loop)
+    parts: list[str] = field(default_factory=list)
     finish_reason: str | None = None
     num_tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
 
 
 async def submit_prompts(state: ServerState, model: str, prompts: list[list[int]],
@@ -129,7 +135,7 @@ async def collect(state: ServerState, rids: list[str], n: int,
     async with contextlib.aclosing(stream_choices(state, rids, n, timer)) as deltas:
         async for index, delta in deltas:
             choice = choices[index]
-            choice.text += delta.text
+            choice.parts.append(delta.text)
             choice.num_tokens = delta.num_output_tokens
             if delta.logprobs:
                 choice.logprobs.extend(delta.logprobs)
