@@ -1,13 +1,14 @@
 """``DecodeGraphs._stage`` (the one-copy staging of a graph step's inputs) on the CPU: the staged
-buffer matches a plain row-by-row fill over steps whose rows reorder, grow their tables, share a
-table inside a prompt chunk, and shrink back to padding; a table object already staged in a row
-is not written again."""
+buffer matches a plain row-by-row fill over steps whose rows reorder or shift, grow their tables,
+share a table inside a prompt chunk, and shrink back to padding; a table object already staged in
+a row is not written again."""
 
 from __future__ import annotations
 
 import random
 
 import numpy as np
+import pytest
 import torch
 
 from modelhive.runner.cuda_graphs import DecodeGraphs
@@ -47,8 +48,11 @@ def _expected(rows, bs: int, B: int, M: int, T: int, prev_tables: np.ndarray) ->
     return host
 
 
-def test_stage_matches_a_plain_fill_over_changing_steps():
-    rng = random.Random(0)
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_stage_matches_a_plain_fill_over_changing_steps(shuffle):
+    """``shuffle``: rows in a new order each step; else in admission order, so the rows after a
+    finished sequence shift up (the common case, staged by copying rows the buffer holds)."""
+    rng = random.Random(0 if shuffle else 1)
     B, M, T = 16, 12, 4
     g = _graphs(B, M, T)
     seqs = {}  # seq -> (table tuple, position)
@@ -67,7 +71,8 @@ def test_stage_matches_a_plain_fill_over_changing_steps():
             s = rng.randrange(10**6)
             seqs[s] = (tuple(rng.randrange(100, 999) for _ in range(rng.randint(1, 3))), 0)
         order = list(seqs)
-        rng.shuffle(order)
+        if shuffle:
+            rng.shuffle(order)
         rows = [(rng.randrange(50), seqs[s][1], seqs[s][0]) for s in order]
         if step % 7 == 3:  # a prompt chunk: several rows sharing one table
             table = tuple(rng.randrange(100, 999) for _ in range(3))
