@@ -186,21 +186,18 @@ class Scheduler:
         order = sorted(demand, key=lambda name: _urgency(self.queues[name].running[0])
                        if self.queues[name].running else (math.inf, math.inf))
         batches_by_model: dict[str, ModelBatch] = {}
-        fed: list[tuple[Sequence, int]] = []
         for name in order:
             decodes, prefills = self._schedule_model(self.queues[name], allowance[name],
-                                                     scheduled, preempted, fed)
+                                                     scheduled, preempted)
             if decodes or prefills:
                 batches_by_model[name] = ModelBatch(name, tuple(decodes + prefills))
         return StepPlan(tuple(batches_by_model[name] for name in demand if name in batches_by_model),
-                        tuple(preempted), tuple(fed))
+                        tuple(preempted))
 
     def _schedule_model(self, q: ModelQueues, allowance: int, scheduled: set[str],
-                        preempted: list[str], fed: list[tuple[Sequence, int]]
-                        ) -> tuple[list[ScheduledSeq], list[ScheduledSeq]]:
+                        preempted: list[str]) -> tuple[list[ScheduledSeq], list[ScheduledSeq]]:
         """Decodes always run (at most max_num_seqs tokens, within the model's own budget);
-        prefill chunks and admissions share what is left of ``allowance``. Appends to ``fed``
-        each scheduled sequence with its ``num_computed`` once the step ran."""
+        prefill chunks and admissions share what is left of ``allowance``."""
         lim = q.limits
         decodes: list[ScheduledSeq] = []
         prefills: list[ScheduledSeq] = []
@@ -225,7 +222,6 @@ class Scheduler:
                         seq.seq_id, (out[-1] if out else seq.prompt_token_ids[-1],), start,
                         seq.table_tuple(), True, seq.params, len(out),
                         seq.tokens(0, n) if seq.needs_history else (), n - len(out)))
-                    fed.append((seq, n))
                     scheduled.add(seq.seq_id)
         budget = min(allowance, lim.max_num_batched_tokens) - len(decodes)
         for seq in running:
@@ -237,7 +233,6 @@ class Scheduler:
             if not self._reserve(seq, seq.num_computed + chunk, scheduled, preempted):
                 continue
             prefills.append(self._scheduled(seq, chunk))
-            fed.append((seq, seq.num_computed + chunk))
             scheduled.add(seq.seq_id)
             budget -= chunk
         # admissions: FCFS, no preemption on their behalf
@@ -252,7 +247,6 @@ class Scheduler:
             seq.status = SeqStatus.RUNNING
             bisect.insort(q.running, seq, key=_urgency)
             prefills.append(self._scheduled(seq, chunk))
-            fed.append((seq, seq.num_computed + chunk))
             scheduled.add(seq.seq_id)
             budget -= chunk
         return decodes, prefills
@@ -270,9 +264,10 @@ class Scheduler:
                             len(seq.prompt_token_ids))
 
     def after_step(self, plan: StepPlan) -> None:
-        """Advance ``num_computed`` for every sequence the plan fed that still runs (call before
-        appending tokens)."""
-        running = SeqStatus.RUNNING
-        for seq, computed in plan.fed:
-            if seq.status is running:
-                seq.num_computed = computed
+        """Advance ``num_computed`` for every sequence the plan fed (call before appending tokens)."""
+        by_id = {s.seq_id: s for q in self.queues.values() for s in q.running}
+        for batch in plan.batches:
+            for item in batch.seqs:
+                seq = by_id.get(item.seq_id)
+                if seq is not None:
+                    seq.num_computed = item.num_cached + len(item.token_ids)

@@ -113,9 +113,6 @@ class ModelBatch:
 class StepPlan:
     batches: tuple[ModelBatch, ...]
     preempted: tuple[str, ...] = ()
-    #: each sequence the batches feed, with its ``num_computed`` once the step ran, in batch
-    #: order (``Scheduler.after_step``)
-    fed: tuple[tuple[Sequence, int], ...] = ()
 
     @property
     def is_empty(self) -> bool:

@@ -34,9 +34,7 @@ metadata built on the CPU, packed into two pinned tensors (int64, int32), copied
 
 from __future__ import annotations
 
-import itertools
 import logging
-import operator
 import time
 from collections.abc import Sequence
 
@@ -129,14 +127,21 @@ class DecodeGraphs:
         ids, pos, blocks, offs, lens = (host[i * B:i * B + bs] for i in range(5))
         tables = host[5 * B:].reshape(B, M)
         if n:
-            toks, positions, row_tables = zip(*rows)  # columns, in C
-            self._stage_tables(tables, row_tables)
-            p = np.array(positions, dtype=np.int32)
-            ids[:n] = toks
-            pos[:n] = p
-            blocks[:n] = tables[np.arange(n), p // T]  # the block of each row's position
-            offs[:n] = p % T
-            lens[:n] = p + 1
+            positions = np.fromiter((r[1] for r in rows), dtype=np.int32, count=n)
+            ids[:n] = np.fromiter((r[0] for r in rows), dtype=np.int32, count=n)
+            pos[:n] = positions
+            blocks[:n] = np.fromiter((r[2][r[1] // T] for r in rows), dtype=np.int32, count=n)
+            offs[:n] = positions % T
+            lens[:n] = positions + 1
+        staged = self._row_tables
+        for i, row in enumerate(rows):
+            table = row[2]
+            if staged[i] is not table:
+                if i and table is rows[i - 1][2]:  # rows of one chunk share the table
+                    tables[i] = tables[i - 1]
+                else:
+                    tables[i, :len(table)] = table
+                staged[i] = table
         ids[n:] = 0
         pos[n:] = 0
         blocks[n:] = -1
@@ -144,58 +149,6 @@ class DecodeGraphs:
         lens[n:] = 0
         self._dev.copy_(self._host, non_blocking=True)
         self._copied.record()
-
-    def _stage_tables(self, tables: np.ndarray, row_tables: Sequence[tuple[int, ...]]) -> None:
-        """Write the rows' block tables into the pinned ``tables``, touching only what changed
-        since the last step: a row whose table object is the one it holds is skipped; a grown
-        table (its sequence took a block) gets its new entries; a table another row holds (rows
-        shift when a sequence before them finishes) is copied from that row; the rows of one
-        prompt chunk repeat the row before them; only a table not staged anywhere is converted
-        from its tuple (~3 us for 50 blocks, where a row copy is one numpy move)."""
-        staged = self._row_tables
-        # the rows whose table object changed, found in C (a steady decode step has none)
-        changed = list(itertools.compress(range(len(row_tables)),
-                                          map(operator.is_not, row_tables, staged)))
-        if not changed:
-            return
-        old = staged.copy()  # what each host row holds before this step
-        moved_dst: list[int] = []
-        moved_src: list[int] = []
-        grown: list[tuple[int, int]] = []
-        fresh: list[int] = []
-        repeat: list[int] = []
-        where = None
-        shift = 1  # rows after a finished sequence hold the table of the row `shift` below
-        for i in changed:
-            table = row_tables[i]
-            held = old[i]
-            staged[i] = table
-            if i and table is row_tables[i - 1]:  # rows of one chunk share the table
-                repeat.append(i)
-            elif held is not None and len(table) > len(held) and table[:len(held)] == held:
-                grown.append((i, len(held)))
-            else:
-                k = i + shift
-                if not 0 <= k < len(old) or old[k] is not table:
-                    if where is None:
-                        where = {id(t): r for r, t in enumerate(old) if t is not None}
-                    k = where.get(id(table))
-                if k is None:
-                    fresh.append(i)
-                else:
-                    shift = k - i
-                    moved_dst.append(i)
-                    moved_src.append(k)
-        if moved_dst:  # first, while every source row still holds what ``old`` says
-            tables[moved_dst] = tables[moved_src]  # fancy indexing: the sources are copied first
-        for i, start in grown:
-            table = row_tables[i]
-            tables[i, start:len(table)] = table[start:]
-        for i in fresh:
-            table = row_tables[i]
-            tables[i, :len(table)] = table
-        for i in repeat:  # in row order: the row before is final by now
-            tables[i] = tables[i - 1]
 
     @torch.inference_mode()
     def capture(self) -> None:
