@@ -4,13 +4,16 @@ machine without a GPU (no device time): per warp per iteration, and per 64 keys 
     PYTHONPATH=src python3 bench/sass_loop.py [--warps 1,2,4,8] [--stages 2,3] [--block-n 32,64,128]
         [--group 7] [--head-dim 64] [--T 16]
 
-Needs a Triton wheel with its NVIDIA backend (ptxas and nvdisasm ship in it; the version should
+Needs a Triton wheel with its NVIDIA backend (ptxas, nvdisasm and cuobjdump ship in it; the version should
 match the GPU machine's, e.g. ``pip download triton==3.6.0 --no-deps`` unpacked onto PYTHONPATH,
 with ``chmod +x triton/backends/nvidia/bin/*``). Pointers and strides are specialised as 16-byte
 divisible, as the launcher does on the GPU (without that, loads are not vectorised and the counts
 mean nothing). The loop is the innermost backward branch whose body holds an HMMA. Counts are
 static (each instruction of the loop once); Nsight Compute's dynamic mix on the GPU
 (``bench/gpu_attention_ncu.py``) agreed within ~30 % for the default config (session 12).
+Fewer instructions is not faster by itself: a variant with 15 % fewer a 64-key tile but 95
+registers a thread instead of 64 ran 1.3-1.7x slower (session 12), so the registers are printed
+too (``cuobjdump --dump-resource-usage``).
 """
 
 from __future__ import annotations
@@ -48,6 +51,22 @@ def disassemble(kernel) -> str:
                               check=True).stdout
     finally:
         os.unlink(path)
+
+
+def registers(kernel) -> int:
+    """Registers a thread (``cuobjdump --dump-resource-usage``): with the shared memory, what
+    decides how many programs an SM holds."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(kernel.asm["cubin"])
+        path = f.name
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+    try:
+        out = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True,
+                             text=True, check=True).stdout
+    finally:
+        os.unlink(path)
+    m = re.search(r"REG:(\d+)", out)
+    return int(m.group(1)) if m else -1
 
 
 def loop_opcodes(sass: str) -> collections.Counter:
@@ -121,7 +140,8 @@ def main() -> None:
                 print(f"warps {warps} stages {stages} BLOCK_N {block_n:3d}: {n:5d} a warp an "
                       f"iteration, {n * warps * 64 // block_n:5d} a program per 64 keys "
                       f"(integer {sum(ops[o] for o in INTEGER)}, HMMA {ops['HMMA']}, "
-                      f"BAR {ops['BAR']}); shared memory {kernel.metadata.shared} B")
+                      f"BAR {ops['BAR']}); {registers(kernel)} registers, shared memory "
+                      f"{kernel.metadata.shared} B")
 
 
 if __name__ == "__main__":
