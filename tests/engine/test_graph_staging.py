@@ -51,7 +51,8 @@ def _expected(rows, bs: int, B: int, M: int, T: int, prev_tables: np.ndarray) ->
 @pytest.mark.parametrize("shuffle", [True, False])
 def test_stage_matches_a_plain_fill_over_changing_steps(shuffle):
     """``shuffle``: rows in a new order each step; else in admission order, so the rows after a
-    finished sequence shift up (the common case, staged by copying rows the buffer holds)."""
+    finished sequence shift up (the common case in a decode batch: each of those rows now holds
+    the next sequence's table)."""
     rng = random.Random(0 if shuffle else 1)
     B, M, T = 16, 12, 4
     g = _graphs(B, M, T)
