@@ -204,11 +204,17 @@ def build_engine_skipping_failed(specs: Sequence[ModelSpec], *args, **kwargs) ->
 @dataclass
 class Completion:
     index: int
-    text: str = ""
+    #: the deltas' texts, joined once by ``text`` (``+=`` on a growing string copies all of it
+    #: per token: quadratic in the output)
+    parts: list[str] = field(default_factory=list, repr=False)
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None
     error: str | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
 
 
 @dataclass
@@ -234,7 +240,7 @@ class GenerationResult:
 
 def accumulate(result: GenerationResult, delta: CompletionDelta) -> None:
     out = result.outputs[delta.index]
-    out.text += delta.text
+    out.parts.append(delta.text)
     out.token_ids.extend(delta.token_ids)
     if delta.logprobs is not None:
         if out.logprobs is None:
