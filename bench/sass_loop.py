@@ -4,8 +4,8 @@ machine without a GPU (no device time): per warp per iteration, and per 64 keys 
     PYTHONPATH=src python3 bench/sass_loop.py [--warps 1,2,4,8] [--stages 2,3] [--block-n 32,64,128]
         [--group 7] [--head-dim 64] [--T 16]
 
-Needs a Triton wheel with its NVIDIA backend (ptxas, nvdisasm and cuobjdump ship in it; the version should
-match the GPU machine's, e.g. ``pip download triton==3.6.0 --no-deps`` unpacked onto PYTHONPATH,
+Needs a Triton wheel with its NVIDIA backend (ptxas, nvdisasm and cuobjdump ship in it; the
+version should match the GPU machine's, e.g. ``pip download triton==3.6.0 --no-deps`` unpacked onto PYTHONPATH,
 with ``chmod +x triton/backends/nvidia/bin/*``). Pointers and strides are specialised as 16-byte
 divisible, as the launcher does on the GPU (without that, loads are not vectorised and the counts
 mean nothing). The loop is the innermost backward branch whose body holds an HMMA. Counts are
@@ -41,31 +41,27 @@ def compile_sm90(fn, signature: dict, constexprs: dict, div16: list[str], num_wa
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
 
-def disassemble(kernel) -> str:
+def _cubin_tool(kernel, tool: str, *args: str) -> str:
+    """The output of one of the wheel's CUDA binary tools run on ``kernel``'s cubin."""
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(kernel.asm["cubin"])
         path = f.name
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/nvdisasm")
+    exe = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin", tool)
     try:
-        return subprocess.run([tool, "-c", path], capture_output=True, text=True,
+        return subprocess.run([exe, *args, path], capture_output=True, text=True,
                               check=True).stdout
     finally:
         os.unlink(path)
 
 
+def disassemble(kernel) -> str:
+    return _cubin_tool(kernel, "nvdisasm", "-c")
+
+
 def registers(kernel) -> int:
     """Registers a thread (``cuobjdump --dump-resource-usage``): with the shared memory, what
     decides how many programs an SM holds."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(kernel.asm["cubin"])
-        path = f.name
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
-    try:
-        out = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True,
-                             text=True, check=True).stdout
-    finally:
-        os.unlink(path)
-    m = re.search(r"REG:(\d+)", out)
+    m = re.search(r"REG:(\d+)", _cubin_tool(kernel, "cuobjdump", "--dump-resource-usage"))
     return int(m.group(1)) if m else -1
 
 
