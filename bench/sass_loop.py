@@ -2,7 +2,7 @@
 machine without a GPU (no device time): per warp per iteration, and per 64 keys per program.
 
     PYTHONPATH=src python3 bench/sass_loop.py [--warps 1,2,4,8] [--stages 2,3] [--block-n 32,64,128]
-        [--group 7] [--head-dim 64] [--T 16]
+        [--group 7] [--head-dim 64] [--T 16] [--kv-heads 2] [--layers 24]
 
 Needs a Triton wheel with its NVIDIA backend (ptxas, nvdisasm and cuobjdump ship in it; the
 version should match the GPU machine's, e.g. ``pip download triton==3.6.0 --no-deps`` unpacked onto PYTHONPATH,
@@ -97,9 +97,12 @@ def loop_opcodes(sass: str) -> collections.Counter:
     return counts
 
 
-def decode_attention_args(group: int, head_dim: int, T: int, block_n: int):
+def decode_attention_args(group: int, head_dim: int, T: int, block_n: int, kv_heads: int,
+                          layers: int):
+    """The kernel's signature for a model alone in its pool (``kv_pool.layer_views``'s strides:
+    a block holds every layer's K and V of T tokens)."""
     ints = ["window", "num_splits", "partition_size", "stride_qn", "stride_qh", "stride_on",
-            "stride_oh", "stride_cb", "stride_ct", "stride_ch", "stride_bt"]
+            "stride_oh", "stride_bt"]
     signature = {"q_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16",
                  "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32", "count_ptr": "*i32",
                  "out_ptr": "*bf16", "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32",
@@ -107,7 +110,9 @@ def decode_attention_args(group: int, head_dim: int, T: int, block_n: int):
     constexprs = {"T": T, "GROUP": group, "BLOCK_G": max(16, triton.next_power_of_2(group)),
                   "HEAD_DIM": head_dim, "BLOCK_D": max(16, triton.next_power_of_2(head_dim)),
                   "BLOCK_N": block_n, "USE_WINDOW": False, "USE_SOFTCAP": False, "DIRECT": False,
-                  "COUNTED": False, "PRECISION": "tf32", "USE_PDL": True, "PDL_EARLY": True}
+                  "COUNTED": False, "PRECISION": "tf32", "USE_PDL": True, "PDL_EARLY": True,
+                  "stride_cb": 2 * layers * T * kv_heads * head_dim,
+                  "stride_ct": kv_heads * head_dim, "stride_ch": head_dim}
     signature.update({name: "constexpr" for name in constexprs})
     div16 = [n for n, t in signature.items() if t.startswith("*")]
     div16 += [n for n in ints if n.startswith("stride") or n == "partition_size"]
@@ -122,6 +127,8 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=7, help="query heads per kv head")
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--T", type=int, default=16, help="tokens per block")
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=24)
     args = ap.parse_args()
     module = importlib.import_module("modelhive.kernels.triton.paged_attention")
     print(f"triton {triton.__version__}, decode attention, group {args.group}, head dim "
@@ -129,7 +136,8 @@ def main() -> None:
     for warps in map(int, args.warps.split(",")):
         for stages in map(int, args.stages.split(",")):
             for block_n in map(int, args.block_n.split(",")):
-                sig, cx, div16 = decode_attention_args(args.group, args.head_dim, args.T, block_n)
+                sig, cx, div16 = decode_attention_args(args.group, args.head_dim, args.T, block_n,
+                                                    args.kv_heads, args.layers)
                 kernel = compile_sm90(module._decode_kernel, sig, cx, div16, warps, stages)
                 ops = loop_opcodes(disassemble(kernel))
                 n = sum(ops.values())

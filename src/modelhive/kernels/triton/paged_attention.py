@@ -98,7 +98,7 @@ def _decode_kernel(
     out_ptr, part_acc_ptr, part_ml_ptr,
     scale, softcap, window, T: tl.constexpr, num_splits, partition_size,
     stride_qn, stride_qh, stride_on, stride_oh,
-    stride_cb, stride_ct, stride_ch, stride_bt,
+    stride_cb: tl.constexpr, stride_ct: tl.constexpr, stride_ch: tl.constexpr, stride_bt,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, DIRECT: tl.constexpr,

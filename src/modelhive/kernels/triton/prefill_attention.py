@@ -20,7 +20,8 @@ from modelhive.runner.attn_metadata import AttentionMetadata, prefill_block_m
 
 @triton.jit
 def _prefill_tile(q, m_i, l_i, acc, n0, hi, q_pos, k_cache_ptr, v_cache_ptr, table, kv_col,
-                  d_mask, scale, softcap, window, T: tl.constexpr, stride_cb, stride_ct,
+                  d_mask, scale, softcap, window, T: tl.constexpr, stride_cb: tl.constexpr,
+                  stride_ct: tl.constexpr,
                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, USE_WINDOW: tl.constexpr,
                   USE_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
     """One key tile of the prefill loop: the online-softmax update of (m_i, l_i, acc).
@@ -52,7 +53,7 @@ def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, tiles_ptr,
     out_ptr, scale, softcap, window, T: tl.constexpr, first_seq,
     stride_qn, stride_qh, stride_on, stride_oh,
-    stride_cb, stride_ct, stride_ch, stride_bt,
+    stride_cb: tl.constexpr, stride_ct: tl.constexpr, stride_ch: tl.constexpr, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, TILE_MAP: tl.constexpr,
