@@ -75,21 +75,24 @@ def graph_pool(dev: torch.device) -> tuple[int, int]:
 
 
 def capture_graphs(engine, dev: torch.device) -> dict[str, dict[str, int | None]]:
-    """Capture decode graphs model by model into one shared pool (as ``capture_cuda_graphs``
-    does); per model: growth of the graph pool, of allocations outside it (the capture stream's
+    """Capture decode graphs (and the multi-step ones) model by model into one shared pool (as
+    ``capture_cuda_graphs`` does); per model: growth of the graph pool, of allocations outside it (the capture stream's
     cuBLAS workspace) and of the non-torch memory (graph executables, kernels loaded)."""
     try:
-        from modelhive.runner import cuda_graphs  # noqa: F401
+        from modelhive.runner import cuda_graphs
     except ImportError:
         return {}
+    from modelhive.planner.estimates import DECODE_STEPS
+
     pool = torch.cuda.graph_pool_handle()
+    engine.scheduler.lookahead = cuda_graphs.decode_lookahead(DECODE_STEPS)
     grown = {}
     for name, loaded in engine.models.items():
         before, pool_before = reading(dev), graph_pool(dev)
         t0 = time.perf_counter()
         lim = loaded.limits
         loaded.runner.enable_cuda_graphs(lim.max_num_seqs, lim.max_model_len, pool,
-                                         lim.max_num_batched_tokens)
+                                         lim.max_num_batched_tokens, DECODE_STEPS)
         torch.cuda.empty_cache()  # as capture_cuda_graphs: the warm-up runs' cached blocks
         after, pool_after = reading(dev), graph_pool(dev)
         non_torch = None
@@ -100,6 +103,7 @@ def capture_graphs(engine, dev: torch.device) -> dict[str, dict[str, int | None]
         grown[name] = {"pool": pool_growth, "outside_pool": outside, "non_torch": non_torch,
                        "total": pool_growth + outside + (non_torch or 0),
                        "captures": len(loaded.runner.decode_graphs.graphs) + len(
+                           loaded.runner.decode_graphs.multi_graphs) + len(
                            getattr(loaded.runner.prefill_graphs, "graphs", ())),
                        "seconds": round(time.perf_counter() - t0, 2)}
     return grown

@@ -2,7 +2,7 @@
 host's time per step (schedule, runner, applying the tokens) and the GPU's busy time (a CUPTI
 trace of every kernel and copy), so a phase that leaves the GPU idle shows as host-bound.
 
-    PYTHONPATH=src python3 bench/gpu_throughput_trace.py [PRESET] [NUM_REQUESTS]
+    PYTHONPATH=src python3 bench/gpu_throughput_trace.py [PRESET] [NUM_REQUESTS] [DECODE_STEPS]
 
 The workload is ``bench throughput``'s (``offline.throughput_workload``; default
 preset:qwen2.5-0.5b, 256 requests); its first pass warms up, the second is traced. Phases: steps
@@ -29,9 +29,11 @@ from modelhive.engine.hive import settle_for_serving
 
 preset = sys.argv[1] if len(sys.argv) > 1 else "qwen2.5-0.5b"
 num_requests = int(sys.argv[2]) if len(sys.argv) > 2 else 256
+decode_steps = int(sys.argv[3]) if len(sys.argv) > 3 else None  # default: DECODE_STEPS
 
 work = throughput_workload(f"preset:{preset}", Setup(enforce_eager=False,
-                                                     bandwidth=measure_copy_bandwidth()),
+                                                     bandwidth=measure_copy_bandwidth(),
+                                                     decode_steps=decode_steps),
                            num_requests=num_requests)
 engine = work.engine
 queues = engine.scheduler.queues[work.name]

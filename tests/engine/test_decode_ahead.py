@@ -1,4 +1,5 @@
-"""DecodeAhead's contract, on a fake graph whose logits pick ``input id + 1``."""
+"""DecodeAhead's contract, on a fake graph whose logits pick ``input id + 1`` (and, for
+multi-step launches, ``input id + k + 1`` at step k)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,21 @@ class FakeGraphs:
     max_batch = 8
     tokens_per_block = 4
 
-    def __init__(self):
+    def __init__(self, steps: int = 1):
+        self.steps = steps
         self.replays: list[list[tuple]] = []
+        self.multi: list[list[tuple]] = []  # the multi-step replays' (token, position) rows
 
     def fits(self, rows):
         return len(rows) <= self.max_batch
+
+    def fits_steps(self, rows):  # as DecodeGraphs: every step of every row has its slot
+        T, S = self.tokens_per_block, self.steps
+        return S > 1 and self.fits(rows) and all(p + S <= len(t) * T for _, p, t in rows)
+
+    def replay_steps(self, rows, input_ids):
+        self.multi.append([(int(t), p) for t, (_, p, _) in zip(input_ids, rows, strict=True)])
+        return torch.stack([(input_ids + k + 1) % VOCAB for k in range(self.steps)])
 
     def replay(self, rows, input_ids=None):
         self.replays.append([(int(t), p) for t, (_, p, _) in zip(input_ids, rows, strict=True)])
@@ -140,3 +151,56 @@ def test_steps_whose_draw_needs_the_host_do_not_run_ahead():
     assert not can_run_ahead([ScheduledSeq("a", (1, 2), 3, (0,), False, GREEDY, 0)])
     penalised = ScheduledSeq("a", (1,), 3, (0,), True, GREEDY, 0, history=(1, 2, 3, 1))
     assert not can_run_ahead([penalised])
+
+
+def test_a_multi_step_launch_hands_out_its_steps_and_launches_the_next_at_the_first():
+    graphs = FakeGraphs(steps=3)
+    ahead = DecodeAhead(graphs, max_model_len=64)
+    out = ahead.finish([seq("a", 7, 5, blocks=8), seq("b", 9, 6, blocks=8)], torch.tensor([11, 20]))
+    assert [t.token_id for t in out] == [11, 20]
+    assert graphs.multi == [[(11, 6), (20, 7)]] and graphs.replays == []
+    # the first of its steps: the next launch starts after its last token (position 6 + 2)
+    assert [t.token_id for t in ahead.step([seq("a", 11, 6, blocks=8),
+                                            seq("b", 20, 7, blocks=8)])] == [12, 21]
+    assert graphs.multi[1:] == [[(14, 9), (23, 10)]]
+    # the later ones come from the host, with no replay; rows may drop out
+    assert [t.token_id for t in ahead.step([seq("a", 12, 7, blocks=8),
+                                            seq("b", 21, 8, blocks=8)])] == [13, 22]
+    assert [t.token_id for t in ahead.step([seq("b", 22, 9, blocks=8)])] == [23]
+    assert len(graphs.multi) == 2
+    # then the launch made at the first step: its kept rows
+    assert [t.token_id for t in ahead.step([seq("b", 23, 10, blocks=8)])] == [24]
+    assert graphs.multi[2:] == [[(26, 13)]]
+    assert ahead.used == 4 and ahead.multi_launched == 3
+
+
+def test_a_step_unlike_the_multi_step_launch_drops_it_and_the_next():
+    for other in ([seq("a", 12, 7, blocks=8), seq("c", 3, 2, blocks=8)],  # a new sequence
+                  [seq("b", 21, 8, blocks=8), seq("a", 12, 7, blocks=8)],  # reordered
+                  [seq("a", 12, 8, blocks=8)]):  # another position
+        graphs = FakeGraphs(steps=3)
+        ahead = DecodeAhead(graphs, max_model_len=64)
+        ahead.finish([seq("a", 7, 5, blocks=8), seq("b", 9, 6, blocks=8)], torch.tensor([11, 20]))
+        ahead.step([seq("a", 11, 6, blocks=8), seq("b", 20, 7, blocks=8)])
+        assert ahead.step(other) is None
+        assert ahead.step([seq("a", 12, 7, blocks=8), seq("b", 21, 8, blocks=8)]) is None
+        assert ahead.step([seq("a", 14, 9, blocks=8), seq("b", 23, 10, blocks=8)]) is None
+
+
+def test_sampled_rows_short_tables_or_ending_replies_launch_one_step():
+    greedy_short = [seq("a", 7, 5, blocks=2)]  # 8 slots: positions 6..8 need a third block
+    sampled = [seq("a", 7, 5, blocks=8, params=SamplingParams(temperature=0.7, seed=1))]
+    # 2 tokens left after this one (max_tokens 6, 3 out before it): 3 steps would waste one
+    ending = [seq("a", 7, 5, blocks=8, params=SamplingParams(max_tokens=6, temperature=0.0)),
+              seq("b", 9, 6, blocks=8, params=SamplingParams(max_tokens=5, temperature=0.0))]
+    for step in (greedy_short, sampled, ending):
+        graphs = FakeGraphs(steps=3)
+        ahead = DecodeAhead(graphs, max_model_len=64)
+        ahead.finish(step, torch.tensor([11, 12][:len(step)]))
+        assert graphs.multi == [] and len(graphs.replays) == 1
+        assert ahead.take([seq("a", 11, 6, blocks=8)]) is not None
+    graphs = FakeGraphs(steps=3)  # 3 left: all three steps are needed
+    DecodeAhead(graphs, max_model_len=64).finish(
+        [seq("a", 7, 5, blocks=8, params=SamplingParams(max_tokens=7, temperature=0.0))],
+        torch.tensor([11]))
+    assert len(graphs.multi) == 1

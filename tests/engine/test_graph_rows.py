@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from modelhive import Hive, SamplingParams
@@ -18,17 +19,33 @@ from tests.engine.conftest import THREE, budget_for_blocks
 
 
 class EagerRows:
-    """Stands in for ``runner.cuda_graphs.DecodeGraphs`` (``fits`` / ``replay``)."""
+    """Stands in for ``runner.cuda_graphs.DecodeGraphs`` (``fits`` / ``replay``, and the
+    multi-step ``fits_steps`` / ``replay_steps`` with ``steps`` > 1)."""
 
-    def __init__(self, runner, max_rows: int = 16):
+    def __init__(self, runner, max_rows: int = 16, steps: int = 1):
         self.runner = runner
         self.max_rows = self.max_batch = max_rows
         self.tokens_per_block = runner.layout.tokens_per_block
+        self.steps = steps
         self.calls = 0
         self.prompt_rows = 0  # rows that were not decodes (a chunk's tokens)
 
     def fits(self, rows):
         return len(rows) <= self.max_rows
+
+    def fits_steps(self, rows):
+        T, S = self.tokens_per_block, self.steps
+        return S > 1 and self.fits(rows) and all(p + S <= len(t) * T for _, p, t in rows)
+
+    def replay_steps(self, rows, input_ids):
+        """``steps`` decode steps, each fed the previous one's greedy tokens a position on."""
+        r, ids, out = self.runner, input_ids, []
+        for k in range(self.steps):
+            chunks = [SeqChunk(p + k, 1, table) for _, p, table in rows]
+            meta = build_attention_metadata(chunks, r.layout.tokens_per_block, "cpu")
+            ids = ops.argmax(r.model.compute_logits(r.model(ids, meta, r.kv_caches)))
+            out.append(ids)
+        return torch.stack(out)
 
     def replay(self, rows, input_ids=None):
         self.calls += 1
@@ -80,10 +97,12 @@ def test_graph_rows_match_eager_steps():
     assert all(s.calls > 0 and s.prompt_rows > 0 for s in stand_ins)
 
 
-def test_decode_ahead_matches_plain_steps():
+@pytest.mark.parametrize("steps", [1, 3])
+def test_decode_ahead_matches_plain_steps(steps):
     """Decode steps launched one step ahead (fed the sampled tokens on the device; greedy and
     seeded sampling), with everything that must drop them: prompts joining, stop tokens at
-    unpredictable points, models going idle, preemptions in a pool this small."""
+    unpredictable points, models going idle, preemptions in a pool this small. ``steps`` 3:
+    greedy batches launch three decode steps at once (multi-step graphs)."""
     rng = random.Random(11)
     work, params = [], []
     for i in range(24):
@@ -99,14 +118,16 @@ def test_decode_ahead_matches_plain_steps():
     memory = budget_for_blocks(THREE, 16)
     expected = staggered(Hive(THREE, device="cpu", memory=memory), work, params)
     hive = Hive(THREE, device="cpu", memory=memory)
-    hive.engine.scheduler.lookahead = 1
+    hive.engine.scheduler.lookahead = max(1, 2 * steps - 1)  # as ``capture_cuda_graphs``
     aheads = []
     for loaded in hive.engine.models.values():
-        loaded.runner.decode_graphs = EagerRows(loaded.runner)
+        loaded.runner.decode_graphs = EagerRows(loaded.runner, steps=steps)
         loaded.runner.ahead = DecodeAhead(loaded.runner.decode_graphs, loaded.limits.max_model_len,
                                           loaded.runner.generator)
         aheads.append(loaded.runner.ahead)
     assert staggered(hive, work, params) == expected
     assert sum(hive.engine.scheduler.num_preemptions.values()) > 0
     assert all(a.used > 0 for a in aheads), [(a.launched, a.used) for a in aheads]
-    assert sum(a.launched - a.used for a in aheads) > 0  # some were dropped
+    assert sum(a.launched - a.taken for a in aheads) > 0  # some were dropped
+    if steps > 1:
+        assert all(a.multi_launched > 0 for a in aheads)

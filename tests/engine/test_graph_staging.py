@@ -22,10 +22,10 @@ class _Event:
         pass
 
 
-def _graphs(B: int, M: int, T: int) -> DecodeGraphs:
+def _graphs(B: int, M: int, T: int, steps: int = 1) -> DecodeGraphs:
     g = DecodeGraphs.__new__(DecodeGraphs)  # no CUDA: only the staging state
-    g.max_batch, g.max_blocks, g.tokens_per_block = B, M, T
-    size = 5 * B + B * M
+    g.max_batch, g.max_blocks, g.tokens_per_block, g.steps = B, M, T, steps
+    size = 5 * B + B * M + 4 * B * (steps - 1)
     g._host = torch.zeros(size, dtype=torch.int32)
     g._host_np = g._host.numpy()
     g._dev = torch.zeros(size, dtype=torch.int32)
@@ -103,3 +103,21 @@ def test_stage_skips_a_table_already_in_its_row():
     assert tables[0, 0] == -5 and g._host_np[0] == 2 and g._host_np[B] == 6
     g._stage([(2, 6, tuple([7, 8, 9]))], 1)  # an equal but new tuple: written again
     assert tables[0, 0] == 7
+
+
+def test_stage_for_several_steps_puts_each_step_a_position_further():
+    B, M, T, S = 8, 6, 4, 3
+    g = _graphs(B, M, T, steps=S)
+    rows = [(5, 2, (10, 11)), (6, 7, (20, 21, 22)), (7, 3, (30, 31))]  # 3 + 2 crosses a block
+    g._stage(rows, 4, steps=S)
+    host = g._host_np
+    for k in range(S):
+        base = B if k == 0 else 5 * B + B * M + 4 * B * (k - 1)
+        pos, blocks, offs, lens = (host[base + i * B:base + i * B + 4] for i in range(4))
+        want = [p + k for _, p, _ in rows]
+        assert list(pos[:3]) == want and list(lens[:3]) == [p + 1 for p in want]
+        assert list(blocks[:3]) == [t[(p + k) // T] for _, p, t in rows]
+        assert list(offs[:3]) == [p % T for p in want]
+        assert (pos[3], blocks[3], offs[3], lens[3]) == (0, -1, 0, 0)  # padding, every step
+    assert list(host[:4]) == [5, 6, 7, 0]
+    assert torch.equal(g._dev, g._host)

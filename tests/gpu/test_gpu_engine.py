@@ -46,10 +46,12 @@ def cpu_results() -> tuple[Hive, list[list[int]]]:
     return hive, [r.token_ids for r in hive.generate_many(workload(), GREEDY)]
 
 
-@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "cuda-graphs"])
-def test_gpu_greedy_matches_cpu_reference(cpu_results, graphs):
+@pytest.mark.parametrize("graphs,steps", [(False, None), (True, 1), (True, None)],
+                         ids=["eager", "cuda-graphs", "cuda-graphs-multi-step"])
+def test_gpu_greedy_matches_cpu_reference(cpu_results, graphs, steps):
     cpu_hive, expected = cpu_results
-    gpu = Hive(specs(), device="cuda", memory="3GiB", enforce_eager=not graphs)
+    gpu = Hive(specs(), device="cuda", memory="3GiB", enforce_eager=not graphs,
+               decode_steps=steps)
     for name in PRESETS:
         src = cpu_hive.engine.models[name].runner.model.state_dict()
         gpu.engine.models[name].runner.model.load_state_dict(src)
@@ -62,3 +64,6 @@ def test_gpu_greedy_matches_cpu_reference(cpu_results, graphs):
         # steps of 17-96 tokens (several prompts at once) replayed prefill graphs
         prefill = [m.runner.prefill_graphs for m in gpu.engine.models.values()]
         assert all(p is not None and p.replays for p in prefill)
+        # greedy decode batches ran several steps a replay (runner/decode_ahead.py)
+        multi = [m.runner.ahead.multi_launched for m in gpu.engine.models.values()]
+        assert all(multi) if steps is None else not any(multi), multi

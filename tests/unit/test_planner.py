@@ -16,7 +16,15 @@ from modelhive.cli.main import main
 from modelhive.config import ModelSpec
 from modelhive.errors import ConfigError
 from modelhive.models.arch import ArchConfig
-from modelhive.planner.estimates import CUDA_OVERHEAD_BYTES, GiB, activation_bytes, graph_bytes
+from modelhive.planner.estimates import (
+    CUDA_OVERHEAD_BYTES,
+    DECODE_STEPS,
+    GRAPH_BYTES_PER_CAPTURE,
+    GiB,
+    activation_bytes,
+    graph_batch_sizes,
+    graph_bytes,
+)
 from modelhive.planner.memory import plan_memory
 
 from .hf_configs import QWEN2_5_3B, SMOLLM2_135M, TINYLLAMA_1_1B, YI_6B
@@ -219,7 +227,8 @@ def test_emit_vllm_utilizations_by_hand(capsys):
     fixed = [m.weight_bytes + m.activation_bytes + 128 * 2**20 for m in plan.models]
     outside = [512 * 2**20 + graph_bytes(m.arch, m.dtype, max_num_seqs=m.max_num_seqs,
                                           max_model_len=m.max_model_len, device="cuda",
-                                          enforce_eager=False) for m in plan.models]
+                                          enforce_eager=False, decode_steps=1)
+               for m in plan.models]
     kv_total = usable - sum(fixed) - sum(outside)
     weights = [32 * 1024 * 22_528, 24 * 1536 * 36_864, 16 * 2048 * 65_536]
     for util, f, w in zip(utils, fixed, weights, strict=True):
@@ -280,3 +289,15 @@ def test_graph_bytes_count_the_prefill_graphs():
     assert both > decode + transient // 2
     assert graph_bytes(arch, "bfloat16", max_num_seqs=32, max_model_len=2048, device="cuda",
                        enforce_eager=True, max_num_batched_tokens=4096) == 0
+
+
+def test_graph_bytes_count_the_multi_step_decode_graphs():
+    arch = ARCHS["qwen"]
+    kw = dict(max_num_seqs=32, max_model_len=2048, device="cuda", enforce_eager=False)
+    single = graph_bytes(arch, "bfloat16", decode_steps=1, **kw)
+    buckets = len(graph_batch_sizes(32))
+    # each bucket's 4-step graph: one more capture, and its tokens [4, 32] outside the pool
+    assert graph_bytes(arch, "bfloat16", decode_steps=4, **kw) == \
+        single + buckets * GRAPH_BYTES_PER_CAPTURE + 8 * 4 * 32
+    assert graph_bytes(arch, "bfloat16", **kw) == graph_bytes(arch, "bfloat16",
+                                                              decode_steps=DECODE_STEPS, **kw)

@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve_command.add_arguments(sub.add_parser("serve", help="load a running server over HTTP"))
     for p in (lat, thr, three):
         p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+        p.add_argument("--decode-steps", type=int, default=None,
+                       help="greedy decode steps per multi-step CUDA graph (1: none; default "
+                            "planner.estimates.DECODE_STEPS)")
         p.add_argument("--json", help="write the results to this file")
         p.add_argument("--plot", help="write a PNG bar chart here (needs matplotlib)")
 
@@ -97,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
     from modelhive.bench.roofline import measure_copy_bandwidth
 
     bandwidth = measure_copy_bandwidth()
-    setup = offline.Setup(enforce_eager=args.enforce_eager, bandwidth=bandwidth)
+    setup = offline.Setup(enforce_eager=args.enforce_eager, bandwidth=bandwidth,
+                          decode_steps=args.decode_steps)
     results = []
     if args.bench == "latency":
         for model in args.model or ["preset:tinyllama-1.1b"]:

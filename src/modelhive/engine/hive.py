@@ -25,6 +25,7 @@ from modelhive.engine.output import CompletionDelta, TokenLogprob
 from modelhive.engine.scheduler import ModelLimits
 from modelhive.errors import ConfigError, ModelhiveError, PlanError
 from modelhive.models import loader
+from modelhive.planner.estimates import DECODE_STEPS
 from modelhive.planner.memory import plan_memory
 from modelhive.runner.model_runner import ModelRunner
 from modelhive.sampling_params import SamplingParams
@@ -89,14 +90,16 @@ def build_engine(specs: Sequence[ModelSpec], device: str | torch.device = "auto"
                  enforce_eager: bool = True,
                  on_model_loaded: Callable[[str], None] | None = None,
                  max_waiting_total: int = 4096, measure_memory: bool = True,
-                 capture_graphs: bool | None = None) -> Engine:
+                 capture_graphs: bool | None = None, decode_steps: int | None = None) -> Engine:
     """Resolve sources, plan memory (refusing to load when it does not fit), load, make the pool.
 
     ``measure_memory``: record what each load took and run one dry step per model at its token
     budget once the pool exists (``engine/memory_report.py``); the result is ``engine.load_memory``,
     read by ``modelhive ps`` and ``/metrics``. False skips the dry steps (parameter bytes only).
     ``capture_graphs``: capture decode CUDA graphs for every model into one shared graph pool
-    (default: on CUDA unless ``enforce_eager``; the planner reserved their memory).
+    (default: on CUDA unless ``enforce_eager``; the planner reserved their memory);
+    ``decode_steps``: greedy decode steps per multi-step graph (``runner/cuda_graphs.py``; 1:
+    none; None: ``DECODE_STEPS``).
     """
     if not specs:
         raise ConfigError("no models to serve", key="models")
@@ -105,9 +108,11 @@ def build_engine(specs: Sequence[ModelSpec], device: str | torch.device = "auto"
         raise ConfigError(f"model names must be unique, got {names}", key="name")
     dev = resolve_device(device)
     sources = {s.name: resolve_source(s.source) for s in specs}
+    if decode_steps is None:
+        decode_steps = DECODE_STEPS
     plan = plan_memory(specs, {n: src.arch for n, src in sources.items()}, device=dev.type,
                        budget=memory, total_device_bytes=total_device_bytes(dev), policy=policy,
-                       enforce_eager=enforce_eager)
+                       enforce_eager=enforce_eager, decode_steps=decode_steps)
     if not plan.fits:
         raise PlanError(plan.problem)
     loaded: dict[str, LoadedModel] = {}
@@ -144,7 +149,7 @@ def build_engine(specs: Sequence[ModelSpec], device: str | torch.device = "auto"
     if capture_graphs:
         from modelhive.runner.cuda_graphs import capture_cuda_graphs
 
-        capture_cuda_graphs(engine)
+        capture_cuda_graphs(engine, decode_steps)
     engine.load_memory = probe.result()  # measured beside the plan: engine/memory_report.py
     return engine
 
@@ -256,8 +261,9 @@ class Hive:
 
     def __init__(self, models: Sequence[ModelSpec], device: str = "auto",
                  memory: str | int | float | None = None, policy: str = "shared",
-                 enforce_eager: bool = True):
-        self.engine = build_engine(models, device, memory, policy, enforce_eager)
+                 enforce_eager: bool = True, decode_steps: int | None = None):
+        self.engine = build_engine(models, device, memory, policy, enforce_eager,
+                                   decode_steps=decode_steps)
 
     @property
     def model_names(self) -> list[str]:

@@ -104,11 +104,12 @@ def vllm_model_name(source: str) -> str:
 
 def _decode_graph_bytes(m: ModelPlan) -> int:
     """The graph memory of a vLLM instance of ``m``: our estimate for decode graphs only (its
-    piecewise graphs keep no prefill-sized activations of their own)."""
+    piecewise graphs keep no prefill-sized activations of their own, and no multi-step ones)."""
     if m.graph_bytes == 0:
         return 0
     return graph_bytes(m.arch, m.dtype, max_num_seqs=m.max_num_seqs,
-                       max_model_len=m.max_model_len, device="cuda", enforce_eager=False)
+                       max_model_len=m.max_model_len, device="cuda", enforce_eager=False,
+                       decode_steps=1)
 
 
 def vllm_instances(plan: MemoryPlan, total_bytes: int, *, ports: Ports = None,

@@ -25,6 +25,10 @@ CUDA_OVERHEAD_BYTES = 992 * MiB
 #: 94 MiB for 18 graphs), the capture stream's cuBLAS workspace and the pool's segment rounding.
 #: Fitted on H200 (above): graph pool 92 MiB + non-torch 94 MiB for 18 captures of three models.
 GRAPH_BYTES_PER_CAPTURE = 4 * MiB
+#: greedy decode steps per multi-step decode graph (``runner/cuda_graphs.py``; 1: none). Each
+#: decode bucket gets one more graph of this many forwards, planned as one more capture: with
+#: them the three-model example measured 170 MiB non-torch for 56 captures (H200, 2026-11-28)
+DECODE_STEPS = 4
 #: staging buffers, attention metadata and allocator rounding of one step (measured: 0.1 to
 #: 1.1 MiB above the largest phase at 2,048 tokens)
 ACTIVATION_SLACK_BYTES = 2 * MiB
@@ -138,6 +142,7 @@ def graph_bytes(
     device: str,
     enforce_eager: bool,
     max_num_batched_tokens: int = 0,
+    decode_steps: int = DECODE_STEPS,
 ) -> int:
     """One model's CUDA-graph memory: 0 on CPU or with ``enforce_eager``.
 
@@ -147,6 +152,10 @@ def graph_bytes(
     rows' hidden states ``[S, h]``; the largest capture's transients (``activation_bytes`` at
     the largest prefill size, else T = S = ``graph_max_rows``; all models share one graph pool,
     so the sum over models bounds it from above); ``GRAPH_BYTES_PER_CAPTURE`` per captured size.
+    With ``decode_steps`` S > 1, each decode bucket's S-step graph is one more capture, plus its
+    int64 tokens ``[S, b]`` outside the pool; its transients are one forward's at a time
+    (within the transient term). Measured with them (three-model example, H200): 414 MiB
+    (graph pool 244, non-torch 170) for 56 captures, planned 734 MiB.
     The prefill graphs' transients sit in the pool for good, so with them the eager activation
     peak (``activation_bytes``, still reserved for the capture's warm-up and for sampling) is
     planned twice: an upper bound.
@@ -168,7 +177,11 @@ def graph_bytes(
         max_model_len=max_model_len,
         device=device,
     )
-    return outputs + transient + GRAPH_BYTES_PER_CAPTURE * (len(sizes) + len(prefill))
+    captures = len(sizes) + len(prefill)
+    if decode_steps > 1:
+        captures += len(sizes)
+        outputs += 8 * decode_steps * sizes[-1]
+    return outputs + transient + GRAPH_BYTES_PER_CAPTURE * captures
 
 
 def packed_head_bytes(arch: ArchConfig, dtype: str, device: str) -> int:

@@ -108,7 +108,8 @@ def _static_shares(weights: list[int], num_blocks: int) -> list[int]:
 
 
 def _resolve_model(
-    spec: ModelSpec, arch: ArchConfig, device: str, block_bytes: int, enforce_eager: bool
+    spec: ModelSpec, arch: ArchConfig, device: str, block_bytes: int, enforce_eager: bool,
+    decode_steps: int,
 ) -> dict:
     dtype = resolve_dtype(spec.dtype, arch, device)
     if spec.max_model_len is not None and spec.max_model_len > arch.max_position_embeddings:
@@ -138,6 +139,7 @@ def _resolve_model(
         device=device,
         enforce_eager=enforce_eager,
         max_num_batched_tokens=batched,
+        decode_steps=decode_steps,
     )
     return dict(
         name=spec.name,
@@ -166,6 +168,7 @@ def plan_memory(
     total_device_bytes: int | None,
     policy: str = "shared",
     enforce_eager: bool = True,
+    decode_steps: int = estimates.DECODE_STEPS,
 ) -> MemoryPlan:
     """Plan the device memory of ``specs`` (``archs`` maps model name -> ArchConfig).
 
@@ -173,7 +176,8 @@ def plan_memory(
     device's TOTAL memory, as vLLM v1 reads ``--gpu-memory-utilization``). ``None``: on CUDA 0.9 x
     total; on CPU the fixed terms plus a KV pool that holds every model's ``max_num_seqs`` sequences
     of ``max_model_len`` tokens, that pool capped at 4 GiB (``CPU_DEFAULT_KV_CAP_BYTES``) so a
-    default CPU plan stays within a laptop's RAM.
+    default CPU plan stays within a laptop's RAM. ``decode_steps``: the CUDA graphs' greedy
+    decode steps per multi-step graph (``estimates.graph_bytes``).
     Raises ConfigError for invalid inputs; a plan that does not fit is returned with ``fits=False``.
     """
     if device not in DEVICES:
@@ -199,7 +203,8 @@ def plan_memory(
         for s in specs
     ]
     block_bytes = choose_block_bytes(per_token)
-    fields = [_resolve_model(s, archs[s.name], device, block_bytes, enforce_eager) for s in specs]
+    fields = [_resolve_model(s, archs[s.name], device, block_bytes, enforce_eager, decode_steps)
+              for s in specs]
 
     weights = sum(f["weight_bytes"] for f in fields)
     activation = max(f["activation_bytes"] for f in fields)

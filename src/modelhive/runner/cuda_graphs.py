@@ -11,10 +11,17 @@ the logits projection and each row's greedy token (``ops.argmax``: a greedy step
 outside the graph) into static buffers:
 
     input_ids [B] | positions [B] | slot_blocks [B] | slot_offsets [B] | seq_lens [B] | tables [B, M]
+      | (positions, slot_blocks, slot_offsets, seq_lens) [B each] for steps 1 .. S-1
 
 all int32, laid out in ONE device buffer, filled from ONE pinned host buffer with ONE
 ``non_blocking`` copy per step (``M = cdiv(max_model_len, T)``: block tables are padded to the
-longest sequence the model allows). The graph-safe metadata keeps shapes fixed per bucket: the
+longest sequence the model allows).
+
+Multi-step graphs (``steps`` S > 1): each bucket also gets a graph of S decode steps in a row,
+step k+1 fed the greedy tokens of step k on the device, at the rows' positions + k (their
+metadata staged by the host with step 0's, in the same copy). ``runner/decode_ahead.py`` runs
+them for all-greedy decode batches: one replay and one host round trip per S tokens, and the
+step boundaries inside the graph run back to back (no staging copy, no launch between them). The graph-safe metadata keeps shapes fixed per bucket: the
 attention kernels size their split-K grid from the table width, never from host lengths. Rows
 past ``n`` are padding: block id -1 (store-KV skips them, so padding never touches the pool) and
 length 0 (attention writes zeros).
@@ -44,7 +51,7 @@ import torch
 from modelhive.engine.sequence import ScheduledSeq
 from modelhive.kernels import ops
 from modelhive.models.base import CausalLM, KVCaches
-from modelhive.planner.estimates import graph_batch_sizes
+from modelhive.planner.estimates import DECODE_STEPS, graph_batch_sizes
 from modelhive.runner.attn_metadata import AttentionMetadata, SeqChunk, metadata_arrays
 
 log = logging.getLogger("modelhive.runner")
@@ -70,7 +77,7 @@ class DecodeGraphs:
 
     def __init__(self, model: CausalLM, kv_caches: KVCaches, tokens_per_block: int,
                  max_num_seqs: int, max_model_len: int, device: torch.device,
-                 batch_sizes: Sequence[int] | None = None, pool=None):
+                 batch_sizes: Sequence[int] | None = None, pool=None, steps: int = 1):
         self.model = model
         self.kv_caches = kv_caches
         self.tokens_per_block = tokens_per_block
@@ -78,8 +85,9 @@ class DecodeGraphs:
         self.batch_sizes = sorted(set(batch_sizes or graph_batch_sizes(max_num_seqs)))
         self.max_batch = self.batch_sizes[-1]
         self.max_blocks = -(-max_model_len // tokens_per_block)
+        self.steps = steps
         B, M = self.max_batch, self.max_blocks
-        size = 5 * B + B * M
+        size = 5 * B + B * M + 4 * B * (steps - 1)
         self._host = torch.zeros(size, dtype=torch.int32, pin_memory=True)
         self._host_np = self._host.numpy()
         self._row_tables: list = [None] * B  # the table object each host row holds
@@ -88,34 +96,48 @@ class DecodeGraphs:
         self._copied.record()
         regions = [self._dev[i * B:(i + 1) * B] for i in range(5)]
         self.input_ids, self.positions, self.slot_blocks, self.slot_offsets, self.seq_lens = regions
-        self.block_tables = self._dev[5 * B:].view(B, M)
+        self.block_tables = self._dev[5 * B:5 * B + B * M].view(B, M)
         self.query_start_loc = torch.arange(B + 1, dtype=torch.int32, device=device)
         # Every bucket's greedy tokens, OUTSIDE the graph pool: a graph's static outputs in the
         # pool may lie where an earlier capture (of any model) had transients, so any replay
         # can overwrite them; these tokens must outlive the other models' replays until this
         # model's next step takes them (``runner/decode_ahead.py``).
         self.greedy = torch.zeros(B, dtype=torch.int64, device=device)
+        # the multi-step graphs' tokens, step by step (outside the pool for the same reason)
+        self.step_tokens = torch.zeros(steps, B, dtype=torch.int64, device=device)
         # bucket -> (graph, its static logits [bs, vocab], its static greedy tokens [bs])
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self.multi_graphs: dict[int, torch.cuda.CUDAGraph] = {}  # bucket -> its S-step graph
         self.pool = pool if pool is not None else torch.cuda.graph_pool_handle()
 
-    def _meta(self, bs: int) -> AttentionMetadata:
+    def _step_regions(self, k: int) -> list[torch.Tensor]:
+        """Step ``k``'s (positions, slot_blocks, slot_offsets, seq_lens) regions of the buffer."""
+        B = self.max_batch
+        if k == 0:
+            return [self.positions, self.slot_blocks, self.slot_offsets, self.seq_lens]
+        base = 5 * B + B * self.max_blocks + 4 * B * (k - 1)
+        return [self._dev[base + i * B:base + (i + 1) * B] for i in range(4)]
+
+    def _meta(self, bs: int, k: int = 0) -> AttentionMetadata:
         bound = self.max_blocks * self.tokens_per_block
+        positions, slot_blocks, slot_offsets, seq_lens = self._step_regions(k)
         return AttentionMetadata(
             tokens_per_block=self.tokens_per_block,
             num_decodes=bs,
-            positions=self.positions[:bs],
-            slot_blocks=self.slot_blocks[:bs],
-            slot_offsets=self.slot_offsets[:bs],
+            positions=positions[:bs],
+            slot_blocks=slot_blocks[:bs],
+            slot_offsets=slot_offsets[:bs],
             query_start_loc=self.query_start_loc[:bs + 1],
-            seq_lens=self.seq_lens[:bs],
+            seq_lens=seq_lens[:bs],
             block_tables=self.block_tables[:bs],
             query_start_loc_host=tuple(range(bs + 1)),
             seq_lens_host=(bound,) * bs,  # an upper bound: graph kernels never read it
         )
 
-    def _stage(self, rows: Sequence[GraphRow], bs: int) -> None:
-        """Fill the pinned buffer for ``rows`` padded to ``bs`` rows and copy it once.
+    def _stage(self, rows: Sequence[GraphRow], bs: int, steps: int = 1) -> None:
+        """Fill the pinned buffer for ``rows`` padded to ``bs`` rows and copy it once;
+        ``steps`` > 1: also steps 1 .. steps-1, each row one position further a step (its table
+        covers them: the caller checked).
 
         A row's block table is written only when it is not the table object that row already
         holds: the scheduler hands out the same tuple while a sequence's table is unchanged
@@ -124,15 +146,26 @@ class DecodeGraphs:
         self._copied.synchronize()  # the previous step's copy has read the pinned buffer
         host = self._host_np
         n = len(rows)
-        ids, pos, blocks, offs, lens = (host[i * B:i * B + bs] for i in range(5))
-        tables = host[5 * B:].reshape(B, M)
+        ids = host[:bs]
+        tables = host[5 * B:5 * B + B * M].reshape(B, M)
         if n:
             positions = np.fromiter((r[1] for r in rows), dtype=np.int32, count=n)
             ids[:n] = np.fromiter((r[0] for r in rows), dtype=np.int32, count=n)
-            pos[:n] = positions
-            blocks[:n] = np.fromiter((r[2][r[1] // T] for r in rows), dtype=np.int32, count=n)
-            offs[:n] = positions % T
-            lens[:n] = positions + 1
+        ids[n:] = 0
+        for k in range(steps):
+            base = B if k == 0 else 5 * B + B * M + 4 * B * (k - 1)
+            pos, blocks, offs, lens = (host[base + i * B:base + i * B + bs] for i in range(4))
+            if n:
+                at = positions + k if k else positions
+                pos[:n] = at
+                blocks[:n] = np.fromiter((r[2][(r[1] + k) // T] for r in rows), dtype=np.int32,
+                                         count=n)
+                offs[:n] = at % T
+                lens[:n] = at + 1
+            pos[n:] = 0
+            blocks[n:] = -1
+            offs[n:] = 0
+            lens[n:] = 0
         staged = self._row_tables
         for i, row in enumerate(rows):
             table = row[2]
@@ -142,11 +175,6 @@ class DecodeGraphs:
                 else:
                     tables[i, :len(table)] = table
                 staged[i] = table
-        ids[n:] = 0
-        pos[n:] = 0
-        blocks[n:] = -1
-        offs[n:] = 0
-        lens[n:] = 0
         self._dev.copy_(self._host, non_blocking=True)
         self._copied.record()
 
@@ -168,13 +196,48 @@ class DecodeGraphs:
                 logits = self.model.compute_logits(self.model(ids, meta, self.kv_caches))
                 ops.argmax(logits, greedy)
             self.graphs[bs] = (graph, logits, greedy)
+            if self.steps > 1:
+                self._stage((), bs, self.steps)
+                self._run_steps(bs)  # eager warm-up: later steps' metadata may differ in alignment
+                torch.cuda.synchronize(self.device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._run_steps(bs)
+                self.multi_graphs[bs] = graph
         torch.cuda.synchronize(self.device)
-        log.info("captured %d decode graphs (batch sizes %s) in %.1f s", len(self.graphs),
-                 self.batch_sizes, time.perf_counter() - start)
+        log.info("captured %d decode graphs (batch sizes %s%s) in %.1f s",
+                 len(self.graphs) + len(self.multi_graphs), self.batch_sizes,
+                 f"; each also {self.steps} steps in one graph" if self.multi_graphs else "",
+                 time.perf_counter() - start)
+
+    def _run_steps(self, bs: int) -> None:
+        """The multi-step graph's body: ``steps`` forwards, step k + 1 fed step k's tokens."""
+        for k in range(self.steps):
+            ids = self.input_ids[:bs] if k == 0 else self.step_tokens[k - 1, :bs]
+            logits = self.model.compute_logits(self.model(ids, self._meta(bs, k), self.kv_caches))
+            ops.argmax(logits, self.step_tokens[k, :bs])
+            del logits  # the next step reuses its memory
 
     def fits(self, rows: Sequence[GraphRow]) -> bool:
         """The rows fit a captured bucket (count, and block-table width)."""
         return len(rows) <= self.max_batch and all(len(r[2]) <= self.max_blocks for r in rows)
+
+    def fits_steps(self, rows: Sequence[GraphRow]) -> bool:
+        """The rows fit a captured multi-step graph, each row's table covering every step."""
+        T, S = self.tokens_per_block, self.steps
+        return S > 1 and self.fits(rows) and all(r[1] + S <= len(r[2]) * T for r in rows)
+
+    def replay_steps(self, rows: Sequence[GraphRow], input_ids: torch.Tensor) -> torch.Tensor:
+        """Greedy tokens ``[steps, len(rows)]`` (int64) of ``steps`` decode steps from ``rows``
+        (each row's token fed at its position, then its own greedy tokens one position further
+        a step); ``input_ids``: the first step's ids on the device. The caller checked
+        ``fits_steps``. A static buffer: it holds until this model's next replay."""
+        n = len(rows)
+        bs = next(b for b in self.batch_sizes if b >= n)
+        self._stage(rows, bs, self.steps)
+        self.input_ids[:n].copy_(input_ids)
+        self.multi_graphs[bs].replay()
+        return self.step_tokens[:, :n]
 
     def replay(self, rows: Sequence[GraphRow], input_ids: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,7 +294,14 @@ def stage_eager_inputs(chunks: list[SeqChunk], token_ids: Sequence[int], tokens_
     return dev_meta, longs_dev[:n]
 
 
-def capture_cuda_graphs(engine) -> int:
+def decode_lookahead(decode_steps: int) -> int:
+    """KV slots a decode needs reserved past its token (``Scheduler.lookahead``): decode-ahead
+    writes the next token's; a multi-step launch taken at a step launches the next one from
+    there, ``2 S - 1`` tokens past it."""
+    return max(1, 2 * decode_steps - 1)
+
+
+def capture_cuda_graphs(engine, decode_steps: int = DECODE_STEPS) -> int:
     """Capture the graphs of every model of ``engine`` on CUDA (``build_engine`` does, unless
     ``enforce_eager``; the planner reserved their memory); returns how many graphs."""
     total = 0
@@ -243,12 +313,12 @@ def capture_cuda_graphs(engine) -> int:
         pool = pool if pool is not None else torch.cuda.graph_pool_handle()
         limits = loaded.limits
         runner.enable_cuda_graphs(limits.max_num_seqs, limits.max_model_len, pool,
-                                  limits.max_num_batched_tokens)
-        total += len(runner.decode_graphs.graphs)
+                                  limits.max_num_batched_tokens, decode_steps)
+        total += len(runner.decode_graphs.graphs) + len(runner.decode_graphs.multi_graphs)
         if runner.prefill_graphs is not None:
             total += len(runner.prefill_graphs.graphs)
     if total:
-        engine.scheduler.lookahead = 1  # decode-ahead needs the next token's slot reserved
+        engine.scheduler.lookahead = decode_lookahead(decode_steps)
         # the warm-up runs before each capture left their activations in the allocator's
         # cache; the graphs now hold theirs in the pool
         torch.cuda.empty_cache()

@@ -21,8 +21,17 @@ is wasted work), so that it does not stall the rest; only when every row finishe
 launched. The engine drops the step of a model that has no batch in a step
 (``ModelRunner.skip_step``): a step launched ahead is only ever used by the very next step.
 
-Needs one more KV slot per decode than the step itself (``Scheduler.lookahead = 1``, set by
-``build_engine`` with CUDA graphs) so that position + 1 always has a slot. Penalties and
+Multi-step launches: when every row is greedy, some row still needs at least S more tokens,
+and the model has S-step graphs (``DecodeGraphs.steps``, ``planner.estimates.DECODE_STEPS``), the
+step launched ahead is S decode steps in one replay. The engine step that takes it waits for all
+S tokens (one host round trip), hands out the first, and the next S - 1 engine steps hand out
+the rest from the host (``_later``: same rows less finished ones, same positions) without
+touching the device; the next launch (1 or S steps) leaves when the first of them is taken, so
+the GPU runs the next S steps while the host walks through these. A reply's last tokens (fewer
+than S left in every row) go one step a replay, so its end waits for no steps past it.
+
+Needs KV slots past the step itself: ``Scheduler.lookahead`` = 2 S - 1 (1 without multi-step
+graphs), set by ``capture_cuda_graphs``, so that every position launched ahead has a slot. Penalties and
 logprobs take the ordinary path (they need the host). A step launched ahead and then dropped
 (or a row of it) has consumed draws of the runner's generator: unseeded sampling stays a correct
 sample, and seeded rows (keyed by seed and token index) are unaffected.
@@ -50,7 +59,7 @@ def can_run_ahead(seqs: Sequence[ScheduledSeq]) -> bool:
 @dataclass
 class _Ahead:
     key: tuple[tuple[str, int], ...]  # (seq_id, position) of each row
-    tokens: torch.Tensor  # [rows] int64, on the device
+    tokens: torch.Tensor  # [rows] int64, on the device; of a multi-step launch [steps, rows]
 
 
 def device_index(idx: list[int], device: torch.device) -> torch.Tensor:
@@ -78,20 +87,59 @@ def _kept_rows(key: tuple, ahead_key: tuple) -> list[int] | None:
 
 
 class DecodeAhead:
-    """One model's step launched ahead (at most one), over its ``DecodeGraphs``."""
+    """One model's step launched ahead (at most one), over its ``DecodeGraphs``; after a
+    multi-step launch, also the host copy of its later steps' tokens."""
 
     def __init__(self, graphs, max_model_len: int, generator: torch.Generator | None = None):
         self.graphs = graphs
         self.max_model_len = max_model_len
         self.generator = generator  # the runner's, for unseeded draws
         self._pending: _Ahead | None = None
-        self._host = None  # pinned int64 [max rows]: this step's tokens, copied before the launch
+        # a multi-step launch's later steps, on the host: per row (seq_id, its ``num_cached``
+        # at the first of those steps, its tokens of those steps)
+        self._later: list[tuple[str, int, list[int]]] | None = None
+        self._later_step = 0
+        self._host = None  # pinned int64 [steps * max rows]: this step's tokens, copied before the launch
         self._copied = None
-        self.launched = 0
-        self.used = 0
+        self.launched = 0  # steps launched ahead (one or several steps each)
+        self.taken = 0  # of those, taken by the step they were launched for (the rest dropped)
+        self.multi_launched = 0  # of those, multi-step launches
+        self.used = 0  # engine steps whose tokens were computed ahead
 
     def drop(self) -> None:
         self._pending = None
+        self._later = None
+
+    def step(self, seqs: Sequence[ScheduledSeq]) -> list[SampledToken] | None:
+        """This step's tokens if they were computed ahead: a later step of a multi-step launch
+        (already on the host), or the step launched ahead (then the next one is launched before
+        waiting); else None, and whatever was computed ahead is dropped."""
+        if self._later is not None:
+            return self._take_later(seqs)
+        tokens = self.take(seqs)
+        return None if tokens is None else self.finish(seqs, tokens)
+
+    def _take_later(self, seqs: Sequence[ScheduledSeq]) -> list[SampledToken] | None:
+        later, j = self._later, self._later_step
+        if len(seqs) != len(later) or any(
+                s.seq_id != seq_id or s.num_cached != pos + j or len(s.token_ids) != 1
+                for s, (seq_id, pos, _) in zip(seqs, later, strict=False)):
+            # rows dropped (finished, preempted): the rest in order at their positions
+            kept, i = [], 0
+            for s in seqs:
+                while i < len(later) and later[i][0] != s.seq_id:
+                    i += 1
+                if i == len(later) or s.num_cached != later[i][1] + j or len(s.token_ids) != 1:
+                    self.drop()  # anything else: both the buffer and the step launched ahead
+                    return None
+                kept.append(later[i])
+                i += 1
+            self._later = later = kept
+        self._later_step = j + 1
+        if j + 1 == len(later[0][2]):
+            self._later = None
+        self.used += 1
+        return [SampledToken(seq_id, toks[j]) for seq_id, _, toks in later]
 
     def take(self, seqs: Sequence[ScheduledSeq]) -> torch.Tensor | None:
         """The device tokens of the step launched ahead if this step is that step, or that step
@@ -108,6 +156,7 @@ class DecodeAhead:
                     break
             else:
                 self.used += 1
+                self.taken += 1
                 return ahead.tokens
         if not can_run_ahead(seqs) or any(len(s.token_ids) != 1 for s in seqs):
             return None
@@ -116,47 +165,67 @@ class DecodeAhead:
         if idx is None:
             return None
         self.used += 1
-        return ahead.tokens[device_index(idx, ahead.tokens.device)]
+        self.taken += 1
+        return ahead.tokens[..., device_index(idx, ahead.tokens.device)]
 
     def finish(self, seqs: Sequence[ScheduledSeq], tokens: torch.Tensor) -> list[SampledToken]:
-        """Return this step's ``tokens`` (device, one per sequence) as SampledTokens;
-        before waiting for them, launch the next step ahead when it is worth it."""
+        """Return this step's ``tokens`` (device, one per sequence; ``[steps, rows]`` from a
+        multi-step launch, whose later steps ``step`` then hands out) as SampledTokens; before
+        waiting for them, launch the next step ahead when it is worth it."""
         n = len(seqs)
+        steps = tokens.shape[0] if tokens.dim() == 2 else 1
         if tokens.is_cuda:
             if self._host is None:
-                self._host = torch.empty(self.graphs.max_batch, dtype=torch.int64,
-                                         pin_memory=True)
+                self._host = torch.empty(self.graphs.steps * self.graphs.max_batch,
+                                         dtype=torch.int64, pin_memory=True)
                 self._copied = torch.cuda.Event()
-            host = self._host[:n]
-            host.copy_(tokens[:n], non_blocking=True)
+            host = self._host[:steps * n].view(tokens.shape)
+            host.copy_(tokens, non_blocking=True)
             self._copied.record()
-        self._launch(seqs, tokens)
+        self._launch(seqs, tokens, steps)
         if tokens.is_cuda:
             self._copied.synchronize()  # the copy only: the step launched ahead keeps running
             ids = host.tolist()
         else:
-            ids = tokens[:n].tolist()
-        return [SampledToken(s.seq_id, t) for s, t in zip(seqs, ids, strict=True)]
+            ids = tokens.tolist()
+        if steps == 1:
+            return [SampledToken(s.seq_id, t) for s, t in zip(seqs, ids, strict=True)]
+        self._later = [(s.seq_id, s.num_cached + 1, [ids[k][i] for k in range(1, steps)])
+                       for i, s in enumerate(seqs)]
+        self._later_step = 0
+        return [SampledToken(s.seq_id, t) for s, t in zip(seqs, ids[0], strict=True)]
 
-    def _launch(self, seqs: Sequence[ScheduledSeq], tokens: torch.Tensor) -> None:
+    def _launch(self, seqs: Sequence[ScheduledSeq], tokens: torch.Tensor, steps: int) -> None:
+        """Launch the step after the ``steps`` known tokens of ``seqs``: S decode steps in one
+        replay when every row is greedy and the graphs have them (``DecodeGraphs.steps``), else
+        one."""
         T = self.graphs.tokens_per_block
         max_len = self.max_model_len
-        rows = []  # one row per sequence at the position of the token sampled now
+        rows = []  # one row per sequence at the position of its last known token
         key = []
-        continues = False  # some row does not finish now for sure (else the replay is wasted)
+        longest = 0  # the most tokens a row may still need past the known ones
+        greedy_only = True
         for s in seqs:
-            nxt = s.num_cached + len(s.token_ids)
+            nxt = s.num_cached + len(s.token_ids) + steps - 1
             table = s.block_table
             if nxt >= len(table) * T or nxt >= max_len:
                 return  # no slot for its next token (none at max_model_len or past it)
-            if not continues:
-                continues = s.num_generated + 1 < s.params.max_tokens and nxt + 1 < max_len
+            left = min(s.params.max_tokens - s.num_generated - steps, max_len - 1 - nxt)
+            longest = max(longest, left)
+            greedy_only = greedy_only and s.params.temperature == 0.0
             rows.append((0, nxt, table))
             key.append((s.seq_id, nxt))
-        if not continues or not self.graphs.fits(rows):
-            return
-        logits, greedy = self.graphs.replay(rows, input_ids=tokens[:len(seqs)])
-        # the sequences one token further: a seeded draw is keyed by its token index
-        self._pending = _Ahead(tuple(key), choose(logits, seqs, self.generator, ahead=1,
-                                                  greedy=greedy))
+        if longest <= 0 or not self.graphs.fits(rows):
+            return  # every row finishes by then for sure: the replay would be wasted
+        last = tokens[steps - 1] if tokens.dim() == 2 else tokens
+        # several steps only when some row needs them all (a reply's last tokens take one
+        # step a replay, so its end does not wait for steps past it)
+        if greedy_only and longest >= self.graphs.steps and self.graphs.fits_steps(rows):
+            self._pending = _Ahead(tuple(key), self.graphs.replay_steps(rows, last[:len(seqs)]))
+            self.multi_launched += 1
+        else:
+            logits, greedy = self.graphs.replay(rows, input_ids=last[:len(seqs)])
+            # the sequences ``steps`` tokens further: a seeded draw is keyed by its token index
+            self._pending = _Ahead(tuple(key), choose(logits, seqs, self.generator,
+                                                      ahead=steps, greedy=greedy))
         self.launched += 1

@@ -41,17 +41,18 @@ class ModelRunner:
             pack_linears_for_cpu(model)
 
     def enable_cuda_graphs(self, max_num_seqs: int, max_model_len: int, pool=None,
-                           max_num_batched_tokens: int = 0) -> None:
+                           max_num_batched_tokens: int = 0, decode_steps: int = 1) -> None:
         """Capture decode graphs for batch buckets up to ``max_num_seqs``, and prefill graphs
         for longer steps up to ``max_num_batched_tokens`` tokens (CUDA only); ``pool``: a CUDA
-        graph memory pool shared with the other models of the engine."""
+        graph memory pool shared with the other models of the engine; ``decode_steps`` > 1:
+        each bucket also gets a graph of that many greedy decode steps in a row."""
         from modelhive.planner.estimates import prefill_graph_sizes
         from modelhive.runner.cuda_graphs import DecodeGraphs
         from modelhive.runner.prefill_graphs import PrefillGraphs
 
         T = self.layout.tokens_per_block
         graphs = DecodeGraphs(self.model, self.kv_caches, T, max_num_seqs, max_model_len,
-                              self.device, pool=pool)
+                              self.device, pool=pool, steps=decode_steps)
         graphs.capture()
         self.decode_graphs = graphs
         self.ahead = DecodeAhead(graphs, max_model_len, self.generator)
@@ -71,8 +72,8 @@ class ModelRunner:
     def execute(self, batch: ModelBatch) -> list[SampledToken]:
         if self.decode_graphs is not None:
             ahead = self.ahead
-            if ahead is not None and (tokens := ahead.take(batch.seqs)) is not None:
-                return ahead.finish(batch.seqs, tokens)  # this step was launched ahead
+            if ahead is not None and (out := ahead.step(batch.seqs)) is not None:
+                return out  # this step was launched ahead
             # a step of more tokens than the largest decode graph skips building its rows (1.4
             # ms for an 8,192-token prompt step on the CPU, while the GPU waits)
             small = sum(len(s.token_ids) for s in batch.seqs) <= self.decode_graphs.max_batch
