@@ -63,11 +63,10 @@ class CPUDecodeGraphs(DecodeGraphs):
         self.tokens_per_block = tokens_per_block
         self.batch_sizes = sorted(set(graph_batch_sizes(max_num_seqs)))
         self.max_batch = B = self.batch_sizes[-1]
-        self.max_blocks = M = -(-max_model_len // tokens_per_block)
+        self.max_blocks = -(-max_model_len // tokens_per_block)
         self.steps = 1  # no multi-step graphs
-        self._host = torch.zeros(5 * B + B * M, dtype=torch.int32)
-        self._host_np = self._host.numpy()
-        self._row_tables = [None] * B
+        self._host = torch.zeros(self.buffer_size(), dtype=torch.int32)
+        self._host_views()
         self._dev = torch.zeros_like(self._host)
         self._copied = _NoEvent()
         self.input_ids = self._dev[:B]

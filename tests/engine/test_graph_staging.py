@@ -25,12 +25,10 @@ class _Event:
 def _graphs(B: int, M: int, T: int, steps: int = 1) -> DecodeGraphs:
     g = DecodeGraphs.__new__(DecodeGraphs)  # no CUDA: only the staging state
     g.max_batch, g.max_blocks, g.tokens_per_block, g.steps = B, M, T, steps
-    size = 5 * B + B * M + 4 * B * (steps - 1)
-    g._host = torch.zeros(size, dtype=torch.int32)
-    g._host_np = g._host.numpy()
-    g._dev = torch.zeros(size, dtype=torch.int32)
+    g._host = torch.zeros(g.buffer_size(), dtype=torch.int32)
+    g._host_views()
+    g._dev = torch.zeros_like(g._host)
     g._copied = _Event()
-    g._row_tables = [None] * B
     return g
 
 
@@ -112,7 +110,7 @@ def test_stage_for_several_steps_puts_each_step_a_position_further():
     g._stage(rows, 4, steps=S)
     host = g._host_np
     for k in range(S):
-        base = B if k == 0 else 5 * B + B * M + 4 * B * (k - 1)
+        base = B + 4 * B * k  # ids [B], then (pos, block, offset, len) [B each] a step
         pos, blocks, offs, lens = (host[base + i * B:base + i * B + 4] for i in range(4))
         want = [p + k for _, p, _ in rows]
         assert list(pos[:3]) == want and list(lens[:3]) == [p + 1 for p in want]
@@ -120,4 +118,6 @@ def test_stage_for_several_steps_puts_each_step_a_position_further():
         assert list(offs[:3]) == [p % T for p in want]
         assert (pos[3], blocks[3], offs[3], lens[3]) == (0, -1, 0, 0)  # padding, every step
     assert list(host[:4]) == [5, 6, 7, 0]
+    tables = host[B + 4 * B * S:].reshape(B, M)
+    assert [list(tables[i, :len(t)]) for i, (_, _, t) in enumerate(rows)] == [list(t) for _, _, t in rows]
     assert torch.equal(g._dev, g._host)

@@ -10,12 +10,13 @@ steps replay a prefill graph (``runner/prefill_graphs.py``). Each graph runs the
 the logits projection and each row's greedy token (``ops.argmax``: a greedy step needs no kernel
 outside the graph) into static buffers:
 
-    input_ids [B] | positions [B] | slot_blocks [B] | slot_offsets [B] | seq_lens [B] | tables [B, M]
-      | (positions, slot_blocks, slot_offsets, seq_lens) [B each] for steps 1 .. S-1
+    input_ids [B] | (positions, slot_blocks, slot_offsets, seq_lens) [S, 4, B] | tables [B, M]
 
 all int32, laid out in ONE device buffer, filled from ONE pinned host buffer with ONE
 ``non_blocking`` copy per step (``M = cdiv(max_model_len, T)``: block tables are padded to the
-longest sequence the model allows).
+longest sequence the model allows; S = 1 without multi-step graphs). The host fills it with a
+few numpy operations whatever the row count: the rows' tables first, then every step's slot
+blocks gathered from them (one fancy index), not one Python lookup per row and step.
 
 Multi-step graphs (``steps`` S > 1): each bucket also gets a graph of S decode steps in a row,
 step k+1 fed the greedy tokens of step k on the device, at the rows' positions + k (their
@@ -72,6 +73,11 @@ def token_rows(seqs: Sequence[ScheduledSeq]) -> tuple[list[GraphRow], list[int]]
     return rows, last
 
 
+#: a padding row's (position, slot block, slot offset, length): block -1 makes store-KV skip it,
+#: length 0 makes attention write zeros
+_PADDING = np.array([0, -1, 0, 0], dtype=np.int32)[:, None]
+
+
 class DecodeGraphs:
     """Captured graphs of one model; ``replay(rows)`` runs the smallest bucket that holds them."""
 
@@ -87,16 +93,15 @@ class DecodeGraphs:
         self.max_blocks = -(-max_model_len // tokens_per_block)
         self.steps = steps
         B, M = self.max_batch, self.max_blocks
-        size = 5 * B + B * M + 4 * B * (steps - 1)
-        self._host = torch.zeros(size, dtype=torch.int32, pin_memory=True)
-        self._host_np = self._host.numpy()
-        self._row_tables: list = [None] * B  # the table object each host row holds
-        self._dev = torch.zeros(size, dtype=torch.int32, device=device)
+        self._host = torch.zeros(self.buffer_size(), dtype=torch.int32, pin_memory=True)
+        self._host_views()
+        self._dev = torch.zeros_like(self._host, device=device)
         self._copied = torch.cuda.Event()
         self._copied.record()
-        regions = [self._dev[i * B:(i + 1) * B] for i in range(5)]
-        self.input_ids, self.positions, self.slot_blocks, self.slot_offsets, self.seq_lens = regions
-        self.block_tables = self._dev[5 * B:5 * B + B * M].view(B, M)
+        self.input_ids = self._dev[:B]
+        self._dev_meta = self._dev[B:B + 4 * B * steps].view(steps, 4, B)
+        self.positions, self.slot_blocks, self.slot_offsets, self.seq_lens = self._dev_meta[0]
+        self.block_tables = self._dev[B + 4 * B * steps:].view(B, M)
         self.query_start_loc = torch.arange(B + 1, dtype=torch.int32, device=device)
         # Every bucket's greedy tokens, OUTSIDE the graph pool: a graph's static outputs in the
         # pool may lie where an earlier capture (of any model) had transients, so any replay
@@ -110,17 +115,24 @@ class DecodeGraphs:
         self.multi_graphs: dict[int, torch.cuda.CUDAGraph] = {}  # bucket -> its S-step graph
         self.pool = pool if pool is not None else torch.cuda.graph_pool_handle()
 
-    def _step_regions(self, k: int) -> list[torch.Tensor]:
-        """Step ``k``'s (positions, slot_blocks, slot_offsets, seq_lens) regions of the buffer."""
+    def buffer_size(self) -> int:
+        """int32 words of the staging buffer (module docstring)."""
         B = self.max_batch
-        if k == 0:
-            return [self.positions, self.slot_blocks, self.slot_offsets, self.seq_lens]
-        base = 5 * B + B * self.max_blocks + 4 * B * (k - 1)
-        return [self._dev[base + i * B:base + (i + 1) * B] for i in range(4)]
+        return B + 4 * B * self.steps + B * self.max_blocks
+
+    def _host_views(self) -> None:
+        """numpy views of the pinned buffer ``self._host`` that ``_stage`` fills."""
+        B, S = self.max_batch, self.steps
+        host = self._host_np = self._host.numpy()
+        self._host_meta = host[B:B + 4 * B * S].reshape(S, 4, B)
+        self._host_tables = host[B + 4 * B * S:].reshape(B, self.max_blocks)
+        self._row_tables: list = [None] * B  # the table object each host row holds
+        self._row_index = np.arange(B)
+        self._step_offsets = np.arange(S, dtype=np.int32)[:, None]  # step k: positions + k
 
     def _meta(self, bs: int, k: int = 0) -> AttentionMetadata:
         bound = self.max_blocks * self.tokens_per_block
-        positions, slot_blocks, slot_offsets, seq_lens = self._step_regions(k)
+        positions, slot_blocks, slot_offsets, seq_lens = self._dev_meta[k]
         return AttentionMetadata(
             tokens_per_block=self.tokens_per_block,
             num_decodes=bs,
@@ -142,30 +154,10 @@ class DecodeGraphs:
         A row's block table is written only when it is not the table object that row already
         holds: the scheduler hands out the same tuple while a sequence's table is unchanged
         (``Sequence.table_tuple``), so a steady decode batch restages only its scalars."""
-        B, M, T = self.max_batch, self.max_blocks, self.tokens_per_block
+        T = self.tokens_per_block
         self._copied.synchronize()  # the previous step's copy has read the pinned buffer
-        host = self._host_np
         n = len(rows)
-        ids = host[:bs]
-        tables = host[5 * B:5 * B + B * M].reshape(B, M)
-        if n:
-            positions = np.fromiter((r[1] for r in rows), dtype=np.int32, count=n)
-            ids[:n] = np.fromiter((r[0] for r in rows), dtype=np.int32, count=n)
-        ids[n:] = 0
-        for k in range(steps):
-            base = B if k == 0 else 5 * B + B * M + 4 * B * (k - 1)
-            pos, blocks, offs, lens = (host[base + i * B:base + i * B + bs] for i in range(4))
-            if n:
-                at = positions + k if k else positions
-                pos[:n] = at
-                blocks[:n] = np.fromiter((r[2][(r[1] + k) // T] for r in rows), dtype=np.int32,
-                                         count=n)
-                offs[:n] = at % T
-                lens[:n] = at + 1
-            pos[n:] = 0
-            blocks[n:] = -1
-            offs[n:] = 0
-            lens[n:] = 0
+        tables = self._host_tables
         staged = self._row_tables
         for i, row in enumerate(rows):
             table = row[2]
@@ -175,6 +167,21 @@ class DecodeGraphs:
                 else:
                     tables[i, :len(table)] = table
                 staged[i] = table
+        ids = self._host_np[:bs]
+        meta = self._host_meta[:steps, :, :bs]  # [steps, (pos, block, offset, len), rows]
+        if n:
+            ids[:n] = np.fromiter((r[0] for r in rows), dtype=np.int32, count=n)
+            at = np.fromiter((r[1] for r in rows), dtype=np.int32, count=n)
+            if steps > 1:
+                at = at + self._step_offsets[:steps]  # [steps, n]
+            live = meta[:, :, :n]
+            live[:, 0] = at
+            # each row's slot block from the table just staged (it covers every step's slot)
+            live[:, 1] = tables[self._row_index[:n], at // T]
+            live[:, 2] = at % T
+            live[:, 3] = at + 1
+        ids[n:] = 0
+        meta[:, :, n:] = _PADDING
         self._dev.copy_(self._host, non_blocking=True)
         self._copied.record()
 
