@@ -140,3 +140,16 @@ def test_serving_gc_settings_apply_and_undo(roomy_hive: Hive):
     finally:
         undo_serving_gc(previous)
     assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+
+
+def test_serving_gc_block_restores_the_collector_when_the_block_raises():
+    """``serving_gc`` (the benchmarks' timed runs) undoes its settings even when the run fails."""
+    import gc
+
+    from modelhive.engine.hive import SERVING_GC_THRESHOLD, serving_gc
+
+    before = gc.get_threshold()
+    with pytest.raises(RuntimeError), serving_gc():
+        assert gc.get_threshold()[0] == SERVING_GC_THRESHOLD and gc.get_freeze_count() > 0
+        raise RuntimeError("a failed timed run")
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0

@@ -29,7 +29,7 @@ from modelhive.bench.hf_baseline import build_hf_model, hf_generate_seconds
 from modelhive.bench.roofline import decode_step_bytes
 from modelhive.config import ModelSpec
 from modelhive.engine.engine import Engine
-from modelhive.engine.hive import build_engine, settle_for_serving, undo_serving_gc
+from modelhive.engine.hive import build_engine, serving_gc
 from modelhive.models.arch import ArchConfig
 from modelhive.models.loader import resolve_source
 from modelhive.planner.estimates import DECODE_STEPS
@@ -130,16 +130,17 @@ def latency(source: str, setup: Setup, batch: int = 1, prompt_len: int = 128,
     for p in prompts:
         engine.add_request(name, p, params)
     decode_times, other_times, generated = [], [], 0
-    t0 = time.perf_counter()
-    step = 0
-    while engine.has_work:
-        elapsed, deltas = _step_timed(engine)
-        n = sum(len(d.token_ids) for d in deltas)
-        generated += n
-        # the first step prefills (and samples the first token); the rest decode the batch
-        (other_times if step == 0 else decode_times).append(elapsed)
-        step += 1
-    total = time.perf_counter() - t0
+    with serving_gc():  # as `modelhive serve` runs once the engine is built
+        t0 = time.perf_counter()
+        step = 0
+        while engine.has_work:
+            elapsed, deltas = _step_timed(engine)
+            n = sum(len(d.token_ids) for d in deltas)
+            generated += n
+            # the first step prefills (and samples the first token); the rest decode the batch
+            (other_times if step == 0 else decode_times).append(elapsed)
+            step += 1
+        total = time.perf_counter() - t0
     assert generated == batch * new_tokens, (generated, batch * new_tokens)
     decode_tokens = batch * (len(decode_times))
     decode_s = sum(decode_times)
@@ -255,12 +256,11 @@ def throughput(source: str, setup: Setup, num_requests: int = 256, min_len: int 
     # does not; on a machine with a cold kernel cache those compiles would land in the timed
     # run (measured: 13,175 vs 26,302 tok/s for the same code, H200). The second pass is timed.
     work.run()
-    gc_thresholds = settle_for_serving()  # as `modelhive serve` does once the engine is built
     ideal.update(bytes=0, steps=0, prompt_steps=0, execute_s=0.0, prompt_s=0.0)
     ahead = runner.ahead
     used0 = ahead.used if ahead is not None else 0
-    generated, seconds = work.run()
-    undo_serving_gc(gc_thresholds)  # the engine goes next: its cycles must be collectable
+    with serving_gc():  # as `modelhive serve` runs once the engine is built
+        generated, seconds = work.run()
     assert generated == sum(output_lens)
     ideal_s = ideal["bytes"] / setup.bandwidth
     result = {
@@ -307,21 +307,22 @@ def three_models(sources: list[str], setup: Setup, new_tokens: int = 10, rounds:
     ids = {n: engine.tokenize(n, "Hello") for n in names}
     times: dict[str, list[float]] = {n: [] for n in names}
     firsts: dict[str, list[float]] = {n: [] for n in names}  # to the first token (prompt step)
-    for r in range(rounds + 1):
-        for n in names:
-            start = time.perf_counter()
-            engine.add_request(n, ids[n], params)
-            got = 0
-            first = None
-            while engine.has_work:
-                got += sum(len(d.token_ids) for d in engine.step())
-                if got and first is None:
-                    first = time.perf_counter() - start
-            elapsed = time.perf_counter() - start
-            assert got == new_tokens
-            if r:  # round 0 warms up
-                times[n].append(elapsed)
-                firsts[n].append(first)
+    with serving_gc():  # as `modelhive serve` runs once the engine is built
+        for r in range(rounds + 1):
+            for n in names:
+                start = time.perf_counter()
+                engine.add_request(n, ids[n], params)
+                got = 0
+                first = None
+                while engine.has_work:
+                    got += sum(len(d.token_ids) for d in engine.step())
+                    if got and first is None:
+                        first = time.perf_counter() - start
+                elapsed = time.perf_counter() - start
+                assert got == new_tokens
+                if r:  # round 0 warms up
+                    times[n].append(elapsed)
+                    firsts[n].append(first)
     result = {"bench": "three-models", "models": sources, "new_tokens": new_tokens,
               "rounds": rounds, "enforce_eager": setup.enforce_eager,
               "decode_steps": setup.decode_steps, "per_model": {}}

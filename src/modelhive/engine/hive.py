@@ -180,6 +180,17 @@ def undo_serving_gc(previous: tuple[int, int, int]) -> None:
     gc.set_threshold(*previous)
 
 
+@contextmanager
+def serving_gc() -> Iterator[None]:
+    """The collector as while serving (``settle_for_serving``) for a block, such as a benchmark's
+    timed run, then back (``undo_serving_gc``)."""
+    previous = settle_for_serving()
+    try:
+        yield
+    finally:
+        undo_serving_gc(previous)
+
+
 def build_engine_skipping_failed(specs: Sequence[ModelSpec], *args, **kwargs) -> Engine:
     """``build_engine``, leaving out every model whose source fails to resolve or load.
 
