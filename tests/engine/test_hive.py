@@ -80,6 +80,26 @@ def test_n_completions_stop_tokens_and_stop_strings(roomy_hive: Hive):
         assert res.finish_reason == "stop" and res.text == text[: text.index(stop)]
 
 
+def test_seeded_n_choices_differ_and_reproduce(roomy_hive: Hive):
+    """With a seed, choice i draws with seed + i (vLLM's parallel sampling): the choices differ,
+    the request reproduces, and choice 0 is the same request with n = 1."""
+    p = SamplingParams(max_tokens=12, temperature=1.0, seed=11, n=3, ignore_eos=True)
+    first = [o.token_ids for o in roomy_hive.generate("llama", [[5, 6, 7]], p)[0].outputs]
+    again = [o.token_ids for o in roomy_hive.generate("llama", [[5, 6, 7]], p)[0].outputs]
+    assert first == again and len(set(map(tuple, first))) == 3
+    one = roomy_hive.generate("llama", [[5, 6, 7]], SamplingParams(
+        max_tokens=12, temperature=1.0, seed=12, ignore_eos=True))[0].token_ids
+    assert first[1] == one  # choice 1 of seed 11 is seed 12's draw
+
+
+def test_choice_seed_stays_a_valid_seed():
+    from modelhive.engine.engine import choice_params
+
+    top = SamplingParams(seed=2**64 - 1, n=3)
+    assert choice_params(top, 0) is top and choice_params(top, 2).seed == 1
+    assert choice_params(SamplingParams(n=2), 1).seed is None
+
+
 def test_abort_returns_blocks(roomy_hive: Hive):
     eng = roomy_hive.engine
     rid = eng.add_request("gemma3", [3, 4, 5, 6], SamplingParams(max_tokens=50, ignore_eos=True))

@@ -12,7 +12,7 @@ import itertools
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -64,6 +64,16 @@ class _Live:
     #: "length" once this many tokens are out: max_tokens, or what max_model_len leaves the prompt
     max_output: int
     num_prompt_tokens: int
+
+
+def choice_params(params: SamplingParams, index: int) -> SamplingParams:
+    """The params of choice ``index`` of a request: with a seed, choice i draws with seed + i
+    (as vLLM's parallel sampling does), so the n choices differ and the request stays
+    reproducible; choice 0 is the request itself."""
+    if params.seed is None or index == 0:
+        return params
+    seed = params.seed + index
+    return replace(params, seed=seed - 2**64 if seed >= 2**64 else seed)
 
 
 class Engine:
@@ -135,8 +145,8 @@ class Engine:
         max_output = min(params.max_tokens, m.limits.max_model_len - len(ids))
         for i in range(params.n):
             seq = Sequence(seq_id=f"{request_id}#{i}", request_id=request_id, index=i, model=model,
-                           prompt_token_ids=ids, params=params, arrival=next(self._arrivals),
-                           priority=prio)
+                           prompt_token_ids=ids, params=choice_params(params, i),
+                           arrival=next(self._arrivals), priority=prio)
             seqs.append(seq)
             detok = Detokenizer(params.stop, params.include_stop_str_in_output)
             self._live[seq.seq_id] = _Live(seq, req, detok, m.tokenizer, stop_ids,
