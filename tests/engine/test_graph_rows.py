@@ -14,6 +14,7 @@ import torch
 from modelhive import Hive, SamplingParams
 from modelhive.kernels import ops
 from modelhive.runner.attn_metadata import SeqChunk, build_attention_metadata
+from modelhive.runner.cuda_graphs import decode_lookahead
 from modelhive.runner.decode_ahead import DecodeAhead
 from tests.engine.conftest import THREE, budget_for_blocks
 
@@ -118,7 +119,7 @@ def test_decode_ahead_matches_plain_steps(steps):
     memory = budget_for_blocks(THREE, 16)
     expected = staggered(Hive(THREE, device="cpu", memory=memory), work, params)
     hive = Hive(THREE, device="cpu", memory=memory)
-    hive.engine.scheduler.lookahead = max(1, 2 * steps - 1)  # as ``capture_cuda_graphs``
+    hive.engine.scheduler.lookahead = decode_lookahead(steps)  # as ``capture_cuda_graphs``
     aheads = []
     for loaded in hive.engine.models.values():
         loaded.runner.decode_graphs = EagerRows(loaded.runner, steps=steps)
