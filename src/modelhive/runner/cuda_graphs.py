@@ -16,16 +16,16 @@ all int32, laid out in ONE device buffer, filled from ONE pinned host buffer wit
 ``non_blocking`` copy per step (``M = cdiv(max_model_len, T)``: block tables are padded to the
 longest sequence the model allows; S = 1 without multi-step graphs). The host fills it with a
 few numpy operations whatever the row count: the rows' tables first, then every step's slot
-blocks gathered from them (one fancy index), not one Python lookup per row and step.
+blocks gathered from them (one fancy index), not one Python lookup per row and step. The
+graph-safe metadata keeps shapes fixed per bucket: the attention kernels size their split-K grid
+from the table width, never from host lengths. Rows past ``n`` are padding: block id -1
+(store-KV skips them, so padding never touches the pool) and length 0 (attention writes zeros).
 
 Multi-step graphs (``steps`` S > 1): each bucket also gets a graph of S decode steps in a row,
 step k+1 fed the greedy tokens of step k on the device, at the rows' positions + k (their
 metadata staged by the host with step 0's, in the same copy). ``runner/decode_ahead.py`` runs
 them for all-greedy decode batches: one replay and one host round trip per S tokens, and the
-step boundaries inside the graph run back to back (no staging copy, no launch between them). The graph-safe metadata keeps shapes fixed per bucket: the
-attention kernels size their split-K grid from the table width, never from host lengths. Rows
-past ``n`` are padding: block id -1 (store-KV skips them, so padding never touches the pool) and
-length 0 (attention writes zeros).
+step boundaries inside the graph run back to back (no staging copy, no launch between them).
 
 All graphs of all models of one engine share one CUDA graph memory pool (``capture_cuda_graphs``
 passes it): steps run one model at a time and each step reads its logits before the next replay,
@@ -99,8 +99,8 @@ class DecodeGraphs:
         self._copied = torch.cuda.Event()
         self._copied.record()
         self.input_ids = self._dev[:B]
+        # per step: positions, slot_blocks, slot_offsets, seq_lens (``_meta``)
         self._dev_meta = self._dev[B:B + 4 * B * steps].view(steps, 4, B)
-        self.positions, self.slot_blocks, self.slot_offsets, self.seq_lens = self._dev_meta[0]
         self.block_tables = self._dev[B + 4 * B * steps:].view(B, M)
         self.query_start_loc = torch.arange(B + 1, dtype=torch.int32, device=device)
         # Every bucket's greedy tokens, OUTSIDE the graph pool: a graph's static outputs in the

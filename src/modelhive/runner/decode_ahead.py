@@ -125,16 +125,13 @@ class DecodeAhead:
                 s.seq_id != seq_id or s.num_cached != pos + j or len(s.token_ids) != 1
                 for s, (seq_id, pos, _) in zip(seqs, later, strict=False)):
             # rows dropped (finished, preempted): the rest in order at their positions
-            kept, i = [], 0
-            for s in seqs:
-                while i < len(later) and later[i][0] != s.seq_id:
-                    i += 1
-                if i == len(later) or s.num_cached != later[i][1] + j or len(s.token_ids) != 1:
-                    self.drop()  # anything else: both the buffer and the step launched ahead
-                    return None
-                kept.append(later[i])
-                i += 1
-            self._later = later = kept
+            idx = None if any(len(s.token_ids) != 1 for s in seqs) else _kept_rows(
+                tuple((s.seq_id, s.num_cached) for s in seqs),
+                tuple((seq_id, pos + j) for seq_id, pos, _ in later))
+            if idx is None:
+                self.drop()  # anything else: both the buffer and the step launched ahead
+                return None
+            self._later = later = [later[i] for i in idx]
         self._later_step = j + 1
         if j + 1 == len(later[0][2]):
             self._later = None
