@@ -26,10 +26,11 @@ import torch
 from modelhive.bench.offline import Setup, throughput_workload
 from modelhive.bench.roofline import measure_copy_bandwidth
 from modelhive.engine.hive import settle_for_serving
+from modelhive.planner.estimates import DECODE_STEPS
 
 preset = sys.argv[1] if len(sys.argv) > 1 else "qwen2.5-0.5b"
 num_requests = int(sys.argv[2]) if len(sys.argv) > 2 else 256
-decode_steps = int(sys.argv[3]) if len(sys.argv) > 3 else None  # default: DECODE_STEPS
+decode_steps = int(sys.argv[3]) if len(sys.argv) > 3 else DECODE_STEPS
 
 work = throughput_workload(f"preset:{preset}", Setup(enforce_eager=False,
                                                      bandwidth=measure_copy_bandwidth(),

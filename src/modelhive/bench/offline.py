@@ -44,7 +44,7 @@ class Setup:
     enforce_eager: bool
     bandwidth: float  # bytes/s, measured
     device: str = "cuda"
-    decode_steps: int | None = None  # greedy decode steps per multi-step graph (None: default)
+    decode_steps: int = DECODE_STEPS  # greedy decode steps per multi-step graph (1: none)
 
 
 def preset_name(source: str) -> str:
@@ -54,14 +54,14 @@ def preset_name(source: str) -> str:
 
 
 def budget_for(specs: list[ModelSpec], kv_tokens: dict[str, int], enforce_eager: bool,
-               decode_steps: int | None = None) -> int:
+               decode_steps: int = DECODE_STEPS) -> int:
     """A memory budget that leaves the KV pool room for ``kv_tokens[model]`` tokens of each model
     (x1.25 + 64 blocks), so the transformers baseline fits beside the hive."""
     archs = {s.name: resolve_source(s.source).arch for s in specs}
     total = torch.cuda.get_device_properties(0).total_memory
     big = plan_memory(specs, archs, device="cuda", budget=int(0.9 * total),
                       total_device_bytes=total, enforce_eager=enforce_eager,
-                      decode_steps=DECODE_STEPS if decode_steps is None else decode_steps)
+                      decode_steps=decode_steps)
     fixed = big.budget_bytes - big.kv_pool_bytes
     kv = sum(archs[n].kv_bytes_per_token(DTYPE) * t for n, t in kv_tokens.items())
     return int(fixed + 1.25 * kv + 64 * big.block_bytes)

@@ -13,6 +13,7 @@ import json
 import sys
 
 from modelhive.errors import ConfigError
+from modelhive.planner.estimates import DECODE_STEPS
 
 THREE = ["preset:tinyllama-1.1b", "preset:qwen2.5-3b", "preset:yi-6b"]
 
@@ -44,9 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve_command.add_arguments(sub.add_parser("serve", help="load a running server over HTTP"))
     for p in (lat, thr, three):
         p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-        p.add_argument("--decode-steps", type=int, default=None,
+        p.add_argument("--decode-steps", type=int, default=DECODE_STEPS,
                        help="greedy decode steps per multi-step CUDA graph (1: none; default "
-                            "planner.estimates.DECODE_STEPS)")
+                            "%(default)s, planner.estimates.DECODE_STEPS)")
         p.add_argument("--json", help="write the results to this file")
         p.add_argument("--plot", help="write a PNG bar chart here (needs matplotlib)")
 

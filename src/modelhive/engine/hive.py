@@ -90,7 +90,7 @@ def build_engine(specs: Sequence[ModelSpec], device: str | torch.device = "auto"
                  enforce_eager: bool = True,
                  on_model_loaded: Callable[[str], None] | None = None,
                  max_waiting_total: int = 4096, measure_memory: bool = True,
-                 capture_graphs: bool | None = None, decode_steps: int | None = None) -> Engine:
+                 capture_graphs: bool | None = None, decode_steps: int = DECODE_STEPS) -> Engine:
     """Resolve sources, plan memory (refusing to load when it does not fit), load, make the pool.
 
     ``measure_memory``: record what each load took and run one dry step per model at its token
@@ -99,7 +99,7 @@ def build_engine(specs: Sequence[ModelSpec], device: str | torch.device = "auto"
     ``capture_graphs``: capture decode CUDA graphs for every model into one shared graph pool
     (default: on CUDA unless ``enforce_eager``; the planner reserved their memory);
     ``decode_steps``: greedy decode steps per multi-step graph (``runner/cuda_graphs.py``; 1:
-    none; None: ``DECODE_STEPS``).
+    none).
     """
     if not specs:
         raise ConfigError("no models to serve", key="models")
@@ -108,8 +108,6 @@ def build_engine(specs: Sequence[ModelSpec], device: str | torch.device = "auto"
         raise ConfigError(f"model names must be unique, got {names}", key="name")
     dev = resolve_device(device)
     sources = {s.name: resolve_source(s.source) for s in specs}
-    if decode_steps is None:
-        decode_steps = DECODE_STEPS
     plan = plan_memory(specs, {n: src.arch for n, src in sources.items()}, device=dev.type,
                        budget=memory, total_device_bytes=total_device_bytes(dev), policy=policy,
                        enforce_eager=enforce_eager, decode_steps=decode_steps)
@@ -272,7 +270,7 @@ class Hive:
 
     def __init__(self, models: Sequence[ModelSpec], device: str = "auto",
                  memory: str | int | float | None = None, policy: str = "shared",
-                 enforce_eager: bool = True, decode_steps: int | None = None):
+                 enforce_eager: bool = True, decode_steps: int = DECODE_STEPS):
         self.engine = build_engine(models, device, memory, policy, enforce_eager,
                                    decode_steps=decode_steps)
 
