@@ -140,6 +140,9 @@ def test_bad_specs_fail_before_loading():
         Hive([ModelSpec(name="x", source="preset:no-such-preset")], device="cpu")
     with pytest.raises(PlanError):
         Hive(THREE, device="cpu", memory="1MiB")
+    for steps in (None, 0, 2.5, True):
+        with pytest.raises(ConfigError, match="decode_steps"):
+            Hive(THREE, device="cpu", decode_steps=steps)
 
 
 def test_serving_gc_settings_apply_and_undo(roomy_hive: Hive):

@@ -46,8 +46,10 @@ LINEAR_SHAPES = [(2560, 2048), (96, 40), (2048, 5632), (200, 72), (8200, 256)]
 @pytest.mark.parametrize("op", ["norm_linear", "norm_linear_bias", "linear_add", "norm_silu",
                                 "norm_gelu_tanh"])
 def test_fused_linears(dtype_name, m, op):
-    """The GEMV with fused prologue/epilogue (up to ``GEMV_MAX_ROWS`` rows) and RMSNorm + cuBLAS (+ act-and-mul),
-    addmm (residual in cuBLAS's epilogue) above, against the reference composition. ``norm_*``:
+    """The GEMV with fused prologue/epilogue (up to ``GEMV_MAX_ROWS`` rows), the RMSNorm kernel +
+    the swap-AB stream (bf16, up to ``SKINNY_ROWS`` rows; down-shaped weights: cuBLAS) and
+    RMSNorm + cuBLAS (+ act-and-mul), addmm (residual in cuBLAS's epilogue) above, against the
+    reference composition. ``norm_*``:
     RMSNorm + a fused gate_up ``[2I, K]`` + the gated activation (in the GEMV's epilogue)."""
     dtype = DTYPES[dtype_name]
     needs_gpu_numerics(dtype, libdevice=op.endswith("gelu_tanh"))
@@ -121,11 +123,46 @@ def test_gemv_persistent_programs(dtype_name):
         assert rel_err(got, reference.linear_add(x, weight, res.clone())) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [3, 16, 31, 64])
+def test_skinny_linear(dtype, m):
+    """The swap-AB stream (``skinny_gemm.py``) alone, on shapes that are not multiples of its
+    tiles and on the tall gated config: bias, residual in place, both gated activations, a
+    row-strided input."""
+    from modelhive.kernels.triton.skinny_gemm import skinny_linear
+
+    needs_gpu_numerics(torch.bfloat16)
+    torch.manual_seed(m)
+    for n, k in [(200, 72), (2560, 2048), (96, 1000), (2 * 8200, 4096)]:
+        weight = torch.randn(n, k, dtype=dtype, device=DEVICE) / k ** 0.5
+        qkv = torch.randn(m, k + 24, dtype=dtype, device=DEVICE)
+        x = qkv[:, :k]  # rows with a stride
+        bias = torch.randn(n, dtype=dtype, device=DEVICE)
+        poison_allocator()
+        assert rel_err(skinny_linear(x, weight, bias),
+                       reference.linear(x.contiguous(), weight, bias)) < 1e-2, (n, k)
+        res = torch.randn(m, n, dtype=dtype, device=DEVICE)
+        want = reference.linear_add(x.contiguous(), weight, res.clone())
+        got = skinny_linear(x, weight, residual=res, out=res)
+        assert got is res and rel_err(got, want) < 1e-2, (n, k)
+        for act, ref_act in (("silu", reference.silu_and_mul),
+                             ("gelu_tanh", reference.gelu_tanh_and_mul)):
+            want = ref_act(reference.linear(x.contiguous(), weight, bias))
+            poison_allocator()
+            got = skinny_linear(x, weight, bias, act=act)
+            assert got.shape == (m, n // 2) and rel_err(got, want) < 1e-2, (n, k, act)
+    with pytest.raises(ValueError, match="at most"):
+        skinny_linear(torch.zeros(65, 8, dtype=dtype, device=DEVICE),
+                      torch.zeros(8, 8, dtype=dtype, device=DEVICE))
+
+
 @pytest.mark.skipif(INTERPRET, reason="CUDA graphs and PDL need the GPU")
-def test_gemv_chain_in_cuda_graph_matches_reference():
-    """Eight layers of dependent GEMVs (norm+qkv, o + residual in place, norm+gate_up+act,
+@pytest.mark.parametrize("rows", [1, 8])
+def test_gemv_chain_in_cuda_graph_matches_reference(rows):
+    """Eight layers of dependent linears (norm+qkv, o + residual in place, norm+gate_up+act,
     down + residual in place) captured in one CUDA graph and replayed: with PDL each kernel starts
-    before the previous one ends, so a missing wait would read stale activations here."""
+    before the previous one ends, so a missing wait would read stale activations here. One row:
+    the GEMV; eight: the RMSNorm kernel, the swap-AB stream and cuBLAS (down)."""
     torch.manual_seed(3)
     dtype, h, inter, layers = torch.bfloat16, 512, 1408, 8
     mk = lambda *s: torch.randn(*s, dtype=dtype, device=DEVICE) / s[-1] ** 0.5  # noqa: E731
@@ -140,7 +177,7 @@ def test_gemv_chain_in_cuda_graph_matches_reference():
             hs = ops.linear_add(act, down_w, hs)
         return hs
 
-    start = torch.randn(1, h, dtype=dtype, device=DEVICE)
+    start = torch.randn(rows, h, dtype=dtype, device=DEVICE)
     want = run(reference, start.clone())
     state = start.clone()
     s = torch.cuda.Stream()

@@ -103,6 +103,9 @@ def build_engine(specs: Sequence[ModelSpec], device: str | torch.device = "auto"
     """
     if not specs:
         raise ConfigError("no models to serve", key="models")
+    if isinstance(decode_steps, bool) or not isinstance(decode_steps, int) or decode_steps < 1:
+        raise ConfigError(f"decode_steps must be an integer >= 1 (1: no multi-step graphs), "
+                          f"got {decode_steps!r}", key="decode_steps")
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ConfigError(f"model names must be unique, got {names}", key="name")

@@ -1,0 +1,156 @@
+"""Linears for a few rows (3 to ``linears.SKINNY_ROWS``) on the tensor cores: "swap-AB" weight streams.
+
+Contracts (``reference.linear_add`` / ``norm_linear_act`` after the RMSNorm; x ``[M, K]``,
+weight ``[N, K]``, bf16 or fp16):
+
+    out = [residual +] x @ weight.T [+ bias]
+    gated: out = act(x @ gate.T) * (x @ up.T)   (weight = [gate; up], the MLP's gate_up)
+
+At 3-64 rows a decode linear is still a weight stream (each weight is used by a few rows only),
+and the MMA's wide side must be the weights, not the rows: each program computes the transposed
+tile ``out.T[BLOCK_N, BLOCK_M] = W[BLOCK_N, K] @ x.T[K, BLOCK_M]``, so BLOCK_N (64 or 128) weight
+rows are the MMA's M side (Hopper's warpgroup MMA takes M = 64 per warpgroup) and the few x rows,
+padded to 16-64, its N side. The K loop is software-pipelined through shared memory
+(``tl.range(num_stages=...)``), which keeps ``STAGES`` weight tiles in flight per program.
+Launched with PDL (``pdl.py``), the programs are resident before the kernel ahead of them ends;
+they wait before their first load (a first weight tile loaded ahead of the wait would need its
+own shared-memory buffers beside the pipeline's).
+
+Rounding as the unfused ops round: products accumulate in float32; bias and residual are added in
+float32 and the sum rounded once (cuBLAS's epilogue); gated: gate and up rounded to the model
+dtype (the unfused linear's output), then ``activation.gated_act``.
+
+Measured (H200, bf16; docs/benchmarks.md, session 15): alone (8 weight copies a CUDA graph),
+gate_up with its activation at 8 / 32 rows, TinyLlama 14.3 / 15.3 us against cuBLAS +
+act-and-mul 20.1 / 20.4, Yi-6B 45.1 / 46.4 against 55.1 / 55.1 (~4 TB/s, the copy rate); q/k/v
+and o at parity with cuBLAS alone, and the down projection slower (too few weight tiles for its
+long rows). In a layer stack (PDL between the kernels), q/k/v, o and gate_up here and down in
+cuBLAS: Qwen2.5-0.5B 723 -> 625 us at 32 rows, TinyLlama 980 -> 911, Qwen2.5-3B 2,188 -> 2,148,
+Yi-6B 3,390 -> 3,261.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from modelhive.kernels.triton import pdl
+from modelhive.kernels.triton.activation import gated_act
+
+#: the most rows the kernel takes (the MMA's N side, padded to a power of two >= 16); where it
+#: is used instead of cuBLAS: ``linears.SKINNY_ROWS``
+SKINNY_MAX_ROWS = 64
+
+#: shared memory the pipeline's stages may take (H100/H200: 227 KiB a block, less some room for
+#: the epilogue's layout conversion)
+SMEM_BUDGET = 220 * 1024
+_GATED = {None: 0, "silu": 1, "gelu_tanh": 2}
+DTYPES = (torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def _skinny_kernel(
+    x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
+    M, N, K, stride_xm, stride_wn, stride_rm, stride_om,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GATED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+    USE_PDL: tl.constexpr, PDL_EARLY: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    dtype = x_ptr.dtype.element_ty
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    n_mask = rn < N
+    m_mask = rm < M
+    w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_wn
+    up_rows = w_rows + N * stride_wn  # GATED: the up half's rows, N below the gate rows
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
+    pdl.wait(USE_PDL, PDL_EARLY)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    acc_up = acc
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+        kk = k0 + rk
+        k_mask = kk < K
+        w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0,
+                    eviction_policy="evict_first")
+        x = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = tl.dot(w, tl.trans(x), acc)
+        if GATED > 0:
+            u = tl.load(up_rows + kk[None, :], mask=n_mask[:, None] & k_mask[None, :],
+                        other=0.0, eviction_policy="evict_first")
+            acc_up = tl.dot(u, tl.trans(x), acc_up)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        if GATED > 0:
+            acc_up += tl.load(bias_ptr + N + rn, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+    if GATED > 0:
+        acc = gated_act(acc.to(dtype), acc_up.to(dtype), dtype, GATED == 2).to(tl.float32)
+    out_mask = n_mask[:, None] & m_mask[None, :]
+    if HAS_RES:
+        acc += tl.load(res_ptr + rm.to(tl.int64)[None, :] * stride_rm + rn[:, None],
+                       mask=out_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rm.to(tl.int64)[None, :] * stride_om + rn[:, None],
+             acc.to(dtype).to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+def pick_config(m: int, n: int, k: int, gated: bool) -> dict:
+    """Tiles from the session-15 sweep (H200; docs/benchmarks.md): 64 weight rows x 128 keys,
+    5 stages; tall gated streams (gate + up >= 16k rows, K >= 4096) 128 x 128, 3 stages. Fewer
+    stages where a stage's weight and x tiles would not fit ``SMEM_BUDGET`` bytes."""
+    if gated and n >= 16384 and k >= 4096:
+        cfg = {"BLOCK_N": 128, "BLOCK_K": 128, "STAGES": 3, "num_warps": 4}
+    else:
+        cfg = {"BLOCK_N": 64, "BLOCK_K": 128, "STAGES": 5, "num_warps": 4}
+    block_m = max(16, triton.next_power_of_2(m))
+    stage = (cfg["BLOCK_N"] * (2 if gated else 1) + block_m) * cfg["BLOCK_K"] * 2
+    cfg["STAGES"] = max(2, min(cfg["STAGES"], SMEM_BUDGET // stage))
+    return cfg
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                  residual: torch.Tensor | None = None, act: str | None = None,
+                  out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    """``[residual +] x @ weight.T [+ bias]``, or with ``act`` ("silu" / "gelu_tanh") a fused
+    gate_up ``[2N, K]`` weight's ``act(gate) * up`` ``[M, N]``; ``out`` may be ``residual``
+    itself (each program reads its residual tile before it writes it). ``config`` overrides
+    ``pick_config`` (benchmarks)."""
+    m, k = x.shape
+    rows = weight.shape[0]
+    gated = _GATED.get(act)
+    if gated is None:
+        raise ValueError(f"unknown gated activation {act!r}")
+    if m > SKINNY_MAX_ROWS:
+        raise ValueError(f"skinny_linear takes at most {SKINNY_MAX_ROWS} rows, got {m}")
+    if gated and (rows % 2 or residual is not None):
+        raise ValueError("a gated skinny_linear takes a [2N, K] gate_up weight and no residual")
+    if weight.shape[1] != k:
+        raise ValueError(f"x of shape {tuple(x.shape)} does not fit a weight of shape "
+                         f"{tuple(weight.shape)}")
+    n = rows // 2 if gated else rows
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    if residual is not None and residual.stride(-1) != 1:
+        residual = residual.contiguous()
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    elif out.shape != (m, n) or out.stride(-1) != 1:
+        raise ValueError(f"out must be a [{m}, {n}] tensor with contiguous rows")
+    if m == 0:
+        return out
+    cfg = dict(config or pick_config(m, rows, k, bool(gated)))
+    use_pdl = pdl.enabled(x)
+    _skinny_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
+        x, weight, bias if bias is not None else weight,
+        residual if residual is not None else out, out,
+        m, n, k, x.stride(0), weight.stride(0),
+        residual.stride(0) if residual is not None else 0, out.stride(0),
+        HAS_BIAS=bias is not None, HAS_RES=residual is not None, GATED=gated,
+        BLOCK_M=max(16, triton.next_power_of_2(m)), USE_PDL=use_pdl, PDL_EARLY=pdl.EARLY,
+        launch_pdl=use_pdl, **cfg,
+    )
+    return out
