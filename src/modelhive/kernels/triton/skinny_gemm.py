@@ -10,7 +10,8 @@ At 3-64 rows a decode linear is still a weight stream (each weight is used by a 
 and the MMA's wide side must be the weights, not the rows: each program computes the transposed
 tile ``out.T[BLOCK_N, BLOCK_M] = W[BLOCK_N, K] @ x.T[K, BLOCK_M]``, so BLOCK_N (64 or 128) weight
 rows are the MMA's M side (Hopper's warpgroup MMA takes M = 64 per warpgroup) and the few x rows,
-padded to 16-64, its N side. The K loop is software-pipelined through shared memory
+padded to 16-64, its N side (more rows: one program per weight tile and 64-row tile, correct for
+any row count; ``linears.py`` uses it up to 32). The K loop is software-pipelined through shared memory
 (``tl.range(num_stages=...)``), which keeps ``STAGES`` weight tiles in flight per program.
 Launched with PDL (``pdl.py``), the programs are resident before the kernel ahead of them ends;
 they wait before their first load (a first weight tile loaded ahead of the wait would need its
@@ -26,7 +27,10 @@ act-and-mul 20.1 / 20.4, Yi-6B 45.1 / 46.4 against 55.1 / 55.1 (~4 TB/s, the cop
 and o at parity with cuBLAS alone, and the down projection slower (too few weight tiles for its
 long rows). In a layer stack (PDL between the kernels), q/k/v, o and gate_up here and down in
 cuBLAS: Qwen2.5-0.5B 723 -> 625 us at 32 rows, TinyLlama 980 -> 911, Qwen2.5-3B 2,188 -> 2,148,
-Yi-6B 3,390 -> 3,261.
+Yi-6B 3,390 -> 3,261. Past 32 rows it stops paying: at 64 rows 0.5B 749 -> 660 and TinyLlama
+1,046 -> 984 but Qwen2.5-3B 2,297 -> 2,350 and Yi-6B 3,527 -> 4,118; at 128 and 232 rows cuBLAS
+wins on every stack (0.5B 944-978 vs 1,073 at 232), and the throughput workload read the same
+with the stream up to 256 rows (74,641 vs 74,172 tok/s, one run each).
 """
 
 from __future__ import annotations
@@ -38,9 +42,9 @@ import triton.language as tl
 from modelhive.kernels.triton import pdl
 from modelhive.kernels.triton.activation import gated_act
 
-#: the most rows the kernel takes (the MMA's N side, padded to a power of two >= 16); where it
-#: is used instead of cuBLAS: ``linears.SKINNY_ROWS``
-SKINNY_MAX_ROWS = 64
+#: rows a program takes (the MMA's N side, padded to a power of two >= 16); more rows take more
+#: programs per weight tile. Where the kernel is used instead of cuBLAS: ``linears.SKINNY_ROWS``
+MAX_BLOCK_M = 64
 
 #: shared memory the pipeline's stages may take (H100/H200: 227 KiB a block, less some room for
 #: the epilogue's layout conversion)
@@ -57,10 +61,14 @@ def _skinny_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
     USE_PDL: tl.constexpr, PDL_EARLY: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    # one program per (weight tile, tile of BLOCK_M rows), the row tiles of a weight tile side
+    # by side so all but one read it from L2
+    num_m = tl.cdiv(M, BLOCK_M)
+    pid_n = tl.program_id(0) // num_m
+    pid_m = tl.program_id(0) % num_m
     dtype = x_ptr.dtype.element_ty
-    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
     n_mask = rn < N
     m_mask = rm < M
@@ -96,6 +104,10 @@ def _skinny_kernel(
              acc.to(dtype).to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
+def _block_m(m: int) -> int:
+    return min(MAX_BLOCK_M, max(16, triton.next_power_of_2(m)))
+
+
 def pick_config(m: int, n: int, k: int, gated: bool) -> dict:
     """Tiles from the session-15 sweep (H200; docs/benchmarks.md): 64 weight rows x 128 keys,
     5 stages; tall gated streams (gate + up >= 16k rows, K >= 4096) 128 x 128, 3 stages. Fewer
@@ -104,7 +116,7 @@ def pick_config(m: int, n: int, k: int, gated: bool) -> dict:
         cfg = {"BLOCK_N": 128, "BLOCK_K": 128, "STAGES": 3, "num_warps": 4}
     else:
         cfg = {"BLOCK_N": 64, "BLOCK_K": 128, "STAGES": 5, "num_warps": 4}
-    block_m = max(16, triton.next_power_of_2(m))
+    block_m = _block_m(m)
     stage = (cfg["BLOCK_N"] * (2 if gated else 1) + block_m) * cfg["BLOCK_K"] * 2
     cfg["STAGES"] = max(2, min(cfg["STAGES"], SMEM_BUDGET // stage))
     return cfg
@@ -122,8 +134,6 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     gated = _GATED.get(act)
     if gated is None:
         raise ValueError(f"unknown gated activation {act!r}")
-    if m > SKINNY_MAX_ROWS:
-        raise ValueError(f"skinny_linear takes at most {SKINNY_MAX_ROWS} rows, got {m}")
     if gated and (rows % 2 or residual is not None):
         raise ValueError("a gated skinny_linear takes a [2N, K] gate_up weight and no residual")
     if weight.shape[1] != k:
@@ -144,13 +154,14 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         return out
     cfg = dict(config or pick_config(m, rows, k, bool(gated)))
     use_pdl = pdl.enabled(x)
-    _skinny_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
+    block_m = _block_m(m)
+    _skinny_kernel[(triton.cdiv(n, cfg["BLOCK_N"]) * triton.cdiv(m, block_m),)](
         x, weight, bias if bias is not None else weight,
         residual if residual is not None else out, out,
         m, n, k, x.stride(0), weight.stride(0),
         residual.stride(0) if residual is not None else 0, out.stride(0),
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, GATED=gated,
-        BLOCK_M=max(16, triton.next_power_of_2(m)), USE_PDL=use_pdl, PDL_EARLY=pdl.EARLY,
+        BLOCK_M=block_m, USE_PDL=use_pdl, PDL_EARLY=pdl.EARLY,
         launch_pdl=use_pdl, **cfg,
     )
     return out
