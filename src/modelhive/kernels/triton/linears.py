@@ -34,7 +34,8 @@ from modelhive.kernels.triton.skinny_gemm import DTYPES, skinny_linear
 
 _ACT_AND_MUL = {"silu": silu_and_mul, "gelu_tanh": gelu_tanh_and_mul}
 #: the most rows the swap-AB stream takes (``skinny_gemm.py``); above, cuBLAS. At 64 rows it
-#: lost on the 4096-wide Yi-6B stack (3,527 -> 4,118 us) and drew level on Qwen2.5-3B's.
+#: lost on the 4096-wide Yi-6B stack (3,527 -> 4,118 us) and on Qwen2.5-3B's (1-2 %), at
+#: 128-232 rows on every stack (H200, docs/benchmarks.md session 15).
 SKINNY_ROWS = 32
 #: ``MODELHIVE_SKINNY=0``: cuBLAS at 3..SKINNY_ROWS rows too (A/B measurements)
 USE_SKINNY = os.environ.get("MODELHIVE_SKINNY", "1") != "0"
