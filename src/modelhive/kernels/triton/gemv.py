@@ -265,6 +265,35 @@ def _pick(n: int, k: int, prologue: str | None) -> dict:
     return chunked(8, 1024, 4)
 
 
+def linear_operands(name: str, x: torch.Tensor, weight: torch.Tensor,
+                    residual: torch.Tensor | None, act: str | None, out: torch.Tensor | None):
+    """The checks and layouts ``gemv`` and ``skinny_gemm.skinny_linear`` share: rows with unit
+    stride, a ``[2N, K]`` gate_up weight without residual when ``act`` is set, ``out`` allocated or
+    checked. Returns ``(x, weight, residual, out, n, gated)`` (``gated``: the ``act`` code)."""
+    m, k = x.shape[0], weight.shape[1]
+    rows = weight.shape[0]
+    gated = _GATED.get(act)
+    if gated is None:
+        raise ValueError(f"unknown gated activation {act!r}")
+    if gated and (rows % 2 or residual is not None):
+        raise ValueError(f"a gated {name} takes a [2N, K] gate_up weight and no residual")
+    if x.shape[1] != k:
+        raise ValueError(f"{name}: x of shape {tuple(x.shape)} does not fit a weight of shape "
+                         f"{tuple(weight.shape)}")
+    n = rows // 2 if gated else rows
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    if residual is not None and residual.stride(-1) != 1:
+        residual = residual.contiguous()
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    elif out.shape != (m, n) or out.stride(-1) != 1:
+        raise ValueError(f"out must be a [{m}, {n}] tensor with contiguous rows")
+    return x, weight, residual, out, n, gated
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
          prologue: str | None = None, norm_weight: torch.Tensor | None = None,
          eps: float = 0.0, offset: float = 0.0, residual: torch.Tensor | None = None,
@@ -282,25 +311,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     code = _PROLOGUES.get(prologue)
     if code is None:
         raise ValueError(f"unknown prologue {prologue!r}")
-    gated = _GATED.get(act)
-    if gated is None:
-        raise ValueError(f"unknown gated activation {act!r}")
-    if gated and (rows % 2 or residual is not None):
-        raise ValueError("a gated gemv takes a [2N, K] gate_up weight and no residual")
-    n = rows // 2 if gated else rows
-    if x.shape[1] != k:
-        raise ValueError(f"x of shape {tuple(x.shape)} does not fit a weight of shape "
-                         f"{tuple(weight.shape)} with prologue {prologue!r}")
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    if weight.stride(-1) != 1:
-        weight = weight.contiguous()
-    if residual is not None and residual.stride(-1) != 1:
-        residual = residual.contiguous()
-    if out is None:
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    elif out.shape != (m, n) or out.stride(-1) != 1:
-        raise ValueError(f"out must be a [{m}, {n}] tensor with contiguous rows")
+    x, weight, residual, out, n, gated = linear_operands("gemv", x, weight, residual, act, out)
     if m == 0:
         return out
     cfg = dict(config or pick_config(rows, k, prologue, gated=bool(gated)))

@@ -41,6 +41,7 @@ import triton.language as tl
 
 from modelhive.kernels.triton import pdl
 from modelhive.kernels.triton.activation import gated_act
+from modelhive.kernels.triton.gemv import linear_operands
 
 #: rows a program takes (the MMA's N side, padded to a power of two >= 16); more rows take more
 #: programs per weight tile. Where the kernel is used instead of cuBLAS: ``linears.SKINNY_ROWS``
@@ -49,7 +50,6 @@ MAX_BLOCK_M = 64
 #: shared memory the pipeline's stages may take (H100/H200: 227 KiB a block, less some room for
 #: the epilogue's layout conversion)
 SMEM_BUDGET = 220 * 1024
-_GATED = {None: 0, "silu": 1, "gelu_tanh": 2}
 DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -131,25 +131,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     ``pick_config`` (benchmarks)."""
     m, k = x.shape
     rows = weight.shape[0]
-    gated = _GATED.get(act)
-    if gated is None:
-        raise ValueError(f"unknown gated activation {act!r}")
-    if gated and (rows % 2 or residual is not None):
-        raise ValueError("a gated skinny_linear takes a [2N, K] gate_up weight and no residual")
-    if weight.shape[1] != k:
-        raise ValueError(f"x of shape {tuple(x.shape)} does not fit a weight of shape "
-                         f"{tuple(weight.shape)}")
-    n = rows // 2 if gated else rows
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    if weight.stride(-1) != 1:
-        weight = weight.contiguous()
-    if residual is not None and residual.stride(-1) != 1:
-        residual = residual.contiguous()
-    if out is None:
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    elif out.shape != (m, n) or out.stride(-1) != 1:
-        raise ValueError(f"out must be a [{m}, {n}] tensor with contiguous rows")
+    x, weight, residual, out, n, gated = linear_operands("skinny_linear", x, weight, residual,
+                                                         act, out)
     if m == 0:
         return out
     cfg = dict(config or pick_config(m, rows, k, bool(gated)))
