@@ -13,6 +13,11 @@ rows are the MMA's M side (Hopper's warpgroup MMA takes M = 64 per warpgroup) an
 padded to 16-64, its N side (more rows: one program per weight tile and 64-row tile, correct for
 any row count; ``linears.py`` uses it up to 32). The K loop is software-pipelined through shared memory
 (``tl.range(num_stages=...)``), which keeps ``STAGES`` weight tiles in flight per program.
+A stream with few weight tiles for the chip (q/k/v and o of 0.5-3B models: 14-40 tiles of 64
+rows on 132 SMs) splits K over 3-4 programs per tile (``split_k``): each stores its float32
+partial tile in a per-device workspace and counts itself in; the tile's last split sums the
+partials in split order (so the bits do not depend on which split finishes last), resets the
+counter and runs the epilogue (H200, batch 32: TinyLlama +3.0 %, Qwen2.5-3B +4.4 % end to end).
 Launched with PDL (``pdl.py``), the programs are resident before the kernel ahead of them ends;
 they wait before their first load (a first weight tile loaded ahead of the wait would need its
 own shared-memory buffers beside the pipeline's).
