@@ -20,6 +20,7 @@ from modelhive.planner.estimates import (
     CUDA_OVERHEAD_BYTES,
     DECODE_STEPS,
     GRAPH_BYTES_PER_CAPTURE,
+    SPLIT_K_WORKSPACE_BYTES,
     GiB,
     activation_bytes,
     graph_batch_sizes,
@@ -75,7 +76,8 @@ def test_three_model_plan_terms_add_up():
     assert [m.tokens_per_block for m in plan.models] == [46, 28, 16]
     assert plan.weights_bytes == 2 * (1_100_048_384 + 3_085_938_688 + 6_061_035_520)
     assert plan.activation_bytes == max(m.activation_bytes for m in plan.models)
-    assert plan.graph_bytes == 0 and plan.overhead_bytes == CUDA_OVERHEAD_BYTES
+    assert plan.graph_bytes == 0 and plan.overhead_bytes == (CUDA_OVERHEAD_BYTES
+                                                             + SPLIT_K_WORKSPACE_BYTES)
     rest = plan.budget_bytes - plan.weights_bytes - plan.activation_bytes - plan.overhead_bytes
     assert plan.num_blocks == rest // plan.block_bytes
     assert plan.kv_pool_bytes == plan.num_blocks * plan.block_bytes

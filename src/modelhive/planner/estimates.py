@@ -21,6 +21,11 @@ GiB = 2**30
 #: 961 MiB in a later run (2026-11-27, bench/gpu_memory_check.py, with the short-prompt graph
 #: replays of runner/model_runner.py): planned with ~3 % headroom over the larger reading.
 CUDA_OVERHEAD_BYTES = 992 * MiB
+#: the split-K workspace of the swap-AB linears (``kernels/triton/skinny_gemm.py``: float32
+#: partial tiles and one int32 counter per tile; one per device, shared by every model), added
+#: on top of the measured overhead above (which predates it)
+SPLIT_K_WORKSPACE_TILES = 4096
+SPLIT_K_WORKSPACE_BYTES = 2 * MiB + 4 * SPLIT_K_WORKSPACE_TILES
 #: per captured decode graph: graph executable and decode kernels loaded for capture (non-torch,
 #: 94 MiB for 18 graphs), the capture stream's cuBLAS workspace and the pool's segment rounding.
 #: Fitted on H200 (above): graph pool 92 MiB + non-torch 94 MiB for 18 captures of three models.
@@ -194,5 +199,6 @@ def packed_head_bytes(arch: ArchConfig, dtype: str, device: str) -> int:
 
 
 def overhead_bytes(device: str) -> int:
-    """Device memory outside the other terms: 0 on CPU, ``CUDA_OVERHEAD_BYTES`` on CUDA."""
-    return CUDA_OVERHEAD_BYTES if device == "cuda" else 0
+    """Device memory outside the other terms: 0 on CPU; on CUDA ``CUDA_OVERHEAD_BYTES`` and the
+    split-K workspace of the few-rows linears."""
+    return CUDA_OVERHEAD_BYTES + SPLIT_K_WORKSPACE_BYTES if device == "cuda" else 0

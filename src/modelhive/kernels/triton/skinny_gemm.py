@@ -49,6 +49,7 @@ import triton.language as tl
 from modelhive.kernels.triton import pdl
 from modelhive.kernels.triton.activation import gated_act
 from modelhive.kernels.triton.gemv import _sm_count, linear_operands
+from modelhive.planner.estimates import SPLIT_K_WORKSPACE_BYTES, SPLIT_K_WORKSPACE_TILES
 
 #: rows a program takes (the MMA's N side, padded to a power of two >= 16); more rows take more
 #: programs per weight tile. Where the kernel is used instead of cuBLAS: ``linears.SKINNY_ROWS``
@@ -61,14 +62,15 @@ DTYPES = (torch.bfloat16, torch.float16)
 #: split-K: a stream with few weight tiles for the SMs (q/k/v and o of 0.5-3B models: 14-40
 #: tiles of 64 rows on 132 SMs) splits its K range over up to MAX_SPLIT_K programs per tile, each at
 #: least two key tiles long; the partial tiles meet in a per-device float32 workspace of
-#: WORKSPACE_BYTES (the split is skipped where it would not fit) and WORKSPACE_TILES counters.
+#: WORKSPACE_BYTES (the split is skipped where it would not fit) and WORKSPACE_TILES counters,
+#: planned with the device overhead (``planner.estimates.SPLIT_K_WORKSPACE_BYTES``).
 #: ``MODELHIVE_SPLIT_K=0`` turns it off (A/B measurements).
 MAX_SPLIT_K = 4
 #: ... and only where it at least triples the programs: Yi-6B's o projection (64 tiles) split
 #: in two ran 0.5 % slower end to end (H200, session 16)
 MIN_SPLIT_K = 3
-WORKSPACE_BYTES = 2 << 20
-WORKSPACE_TILES = 4096
+WORKSPACE_TILES = SPLIT_K_WORKSPACE_TILES
+WORKSPACE_BYTES = SPLIT_K_WORKSPACE_BYTES - 4 * WORKSPACE_TILES
 USE_SPLIT_K = os.environ.get("MODELHIVE_SPLIT_K", "1") != "0"
 _workspaces: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
