@@ -206,7 +206,7 @@ def _gemv_kernel(
 
 
 @functools.cache
-def _sm_count(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # Triton's CPU interpreter
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -321,7 +321,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     per_sm = cfg.pop("PERSIST", 0)  # persistent programs loop over whole rows only
     per_sm = per_sm if cfg["FULL_K"] else 0
     if per_sm:
-        programs = min(programs, per_sm * _sm_count(x.device))
+        programs = min(programs, per_sm * sm_count(x.device))
     grid = (m * programs,)
     _gemv_kernel[grid](
         x, weight, bias if bias is not None else weight,

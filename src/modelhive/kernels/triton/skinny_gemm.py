@@ -48,7 +48,7 @@ import triton.language as tl
 
 from modelhive.kernels.triton import pdl
 from modelhive.kernels.triton.activation import gated_act
-from modelhive.kernels.triton.gemv import _sm_count, linear_operands
+from modelhive.kernels.triton.gemv import linear_operands, sm_count
 from modelhive.planner.estimates import SPLIT_K_WORKSPACE_BYTES, SPLIT_K_WORKSPACE_TILES
 
 #: rows a program takes (the MMA's N side, padded to a power of two >= 16); more rows take more
@@ -220,7 +220,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     tiles = triton.cdiv(n, cfg["BLOCK_N"]) * triton.cdiv(m, block_m)
     split = cfg.pop("SPLIT_K", None)
     if split is None:
-        split = split_k(tiles, k, cfg, block_m, bool(gated), _sm_count(x.device))
+        split = split_k(tiles, k, cfg, block_m, bool(gated), sm_count(x.device))
     ws = _workspace(x.device) if split > 1 else None
     if ws is None:
         split = 1
