@@ -24,8 +24,9 @@ CUDA_OVERHEAD_BYTES = 992 * MiB
 #: the split-K workspace of the swap-AB linears (``kernels/triton/skinny_gemm.py``: float32
 #: partial tiles and one int32 counter per tile; one per device, shared by every model), added
 #: on top of the measured overhead above (which predates it)
+SPLIT_K_PARTIAL_BYTES = 2 * MiB
 SPLIT_K_WORKSPACE_TILES = 4096
-SPLIT_K_WORKSPACE_BYTES = 2 * MiB + 4 * SPLIT_K_WORKSPACE_TILES
+SPLIT_K_WORKSPACE_BYTES = SPLIT_K_PARTIAL_BYTES + 4 * SPLIT_K_WORKSPACE_TILES
 #: per captured decode graph: graph executable and decode kernels loaded for capture (non-torch,
 #: 94 MiB for 18 graphs), the capture stream's cuBLAS workspace and the pool's segment rounding.
 #: Fitted on H200 (above): graph pool 92 MiB + non-torch 94 MiB for 18 captures of three models.

@@ -49,7 +49,7 @@ import triton.language as tl
 from modelhive.kernels.triton import pdl
 from modelhive.kernels.triton.activation import gated_act
 from modelhive.kernels.triton.gemv import linear_operands, sm_count
-from modelhive.planner.estimates import SPLIT_K_WORKSPACE_BYTES, SPLIT_K_WORKSPACE_TILES
+from modelhive.planner.estimates import SPLIT_K_PARTIAL_BYTES, SPLIT_K_WORKSPACE_TILES
 
 #: rows a program takes (the MMA's N side, padded to a power of two >= 16); more rows take more
 #: programs per weight tile. Where the kernel is used instead of cuBLAS: ``linears.SKINNY_ROWS``
@@ -70,7 +70,7 @@ MAX_SPLIT_K = 4
 #: in two ran 0.5 % slower end to end (H200, session 16)
 MIN_SPLIT_K = 3
 WORKSPACE_TILES = SPLIT_K_WORKSPACE_TILES
-WORKSPACE_BYTES = SPLIT_K_WORKSPACE_BYTES - 4 * WORKSPACE_TILES
+WORKSPACE_BYTES = SPLIT_K_PARTIAL_BYTES
 USE_SPLIT_K = os.environ.get("MODELHIVE_SPLIT_K", "1") != "0"
 _workspaces: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -190,13 +190,18 @@ def _workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None
     return ws
 
 
+def _split_fits(tiles: int, split: int, cfg: dict, block_m: int) -> bool:
+    """The partial tiles and counters of ``split`` splits per tile fit the workspace."""
+    return (tiles <= WORKSPACE_TILES
+            and tiles * split * cfg["BLOCK_N"] * block_m * 4 <= WORKSPACE_BYTES)
+
+
 def split_k(tiles: int, k: int, cfg: dict, block_m: int, gated: bool, sms: int) -> int:
     """K splits per tile for a stream of ``tiles`` tiles over K keys (1: no split)."""
     if gated or not USE_SPLIT_K:
         return 1
     split = min(MAX_SPLIT_K, sms // tiles, k // (2 * cfg["BLOCK_K"]))
-    if split < MIN_SPLIT_K or tiles > WORKSPACE_TILES or (
-            tiles * split * cfg["BLOCK_N"] * block_m * 4 > WORKSPACE_BYTES):
+    if split < MIN_SPLIT_K or not _split_fits(tiles, split, cfg, block_m):
         return 1
     return split
 
@@ -221,6 +226,9 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     split = cfg.pop("SPLIT_K", None)
     if split is None:
         split = split_k(tiles, k, cfg, block_m, bool(gated), sm_count(x.device))
+    elif split > 1 and (gated or not _split_fits(tiles, split, cfg, block_m)):
+        raise ValueError(f"SPLIT_K={split} does not apply here (a gated stream, or "
+                         f"{tiles} tiles too many for the workspace)")
     ws = _workspace(x.device) if split > 1 else None
     if ws is None:
         split = 1
