@@ -68,3 +68,28 @@ def test_gpu_greedy_matches_cpu_reference(cpu_results, graphs, steps):
         # greedy decode batches ran several steps a replay (runner/decode_ahead.py)
         multi = [m.runner.ahead.multi_launched for m in gpu.engine.models.values()]
         assert all(multi) if steps > 1 else not any(multi), multi
+
+
+def test_gpu_prompt_logprobs_match_cpu_reference(cpu_results):
+    """Prompt logprobs (eager steps amid graph replays and decodes launched ahead) equal the CPU
+    path's, and the plain requests beside them keep their greedy tokens."""
+    cpu_hive, expected = cpu_results
+    gpu = Hive(specs(), device="cuda", memory="3GiB", enforce_eager=False)
+    for name in PRESETS:
+        src = cpu_hive.engine.models[name].runner.model.state_dict()
+        gpu.engine.models[name].runner.model.load_state_dict(src)
+    work = workload()
+    scored = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, prompt_logprobs=2)
+    params = [scored if i % 3 == 0 else GREEDY for i in range(len(work))]
+    want = cpu_hive.generate_many(work, params)
+    got = gpu.generate_many(work, params, check_integrity=True)
+    assert [r.token_ids for r in got] == expected
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        gl, wl = g.outputs[0].prompt_logprobs, w.outputs[0].prompt_logprobs
+        if i % 3:
+            assert gl is None
+            continue
+        assert [lp.token_id for lp in gl] == work[i][1][1:] == [lp.token_id for lp in wl]
+        for a, b in zip(gl, wl, strict=True):
+            assert abs(a.logprob - b.logprob) < 1e-3
+            assert [t[0] for t in a.top] == [t[0] for t in b.top]

@@ -19,7 +19,13 @@ import torch
 from modelhive.engine.kv_pool import BlockAllocator, KVLayout, KVPool
 from modelhive.engine.output import CompletionDelta, Detokenizer, TokenLogprob
 from modelhive.engine.scheduler import ModelLimits, Scheduler
-from modelhive.engine.sequence import SampledToken, SeqStatus, Sequence, StepResult
+from modelhive.engine.sequence import (
+    PromptScores,
+    SampledToken,
+    SeqStatus,
+    Sequence,
+    StepResult,
+)
 from modelhive.errors import CapacityError, InvalidRequestError, ModelNotFoundError
 from modelhive.models.tokenizer import Tokenizer
 from modelhive.planner.memory import MemoryPlan
@@ -64,6 +70,9 @@ class _Live:
     #: "length" once this many tokens are out: max_tokens, or what max_model_len leaves the prompt
     max_output: int
     num_prompt_tokens: int
+    #: with ``params.prompt_logprobs``: the prompt tokens' logprobs so far (positions 1..),
+    #: handed out with the first output token
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 def choice_params(params: SamplingParams, index: int) -> SamplingParams:
@@ -149,8 +158,9 @@ class Engine:
                            arrival=next(self._arrivals), priority=prio)
             seqs.append(seq)
             detok = Detokenizer(params.stop, params.include_stop_str_in_output)
-            self._live[seq.seq_id] = _Live(seq, req, detok, m.tokenizer, stop_ids,
-                                           params.min_tokens, max_output, len(ids))
+            self._live[seq.seq_id] = _Live(
+                seq, req, detok, m.tokenizer, stop_ids, params.min_tokens, max_output, len(ids),
+                None if params.prompt_logprobs is None else [])
             self.scheduler.add(seq)
         self.prompt_tokens_total[model] += len(ids)
         self._requests[request_id] = req
@@ -183,10 +193,13 @@ class Engine:
             return []
         outputs: list[tuple[str, list[SampledToken]]] = []  # (model, its sampled tokens)
         failed: dict[str, str] = {}  # model -> error message, for each model whose forward raised
+        scores: list[PromptScores] = []
         for batch in plan.batches:
             m = self.models[batch.model]
             try:
                 outputs.append((batch.model, m.runner.execute(batch)))
+                if batch.scores_prompt:
+                    scores.extend(m.runner.take_prompt_scores())
                 m.consecutive_failures = 0
             except Exception as exc:  # one model failing must not take the others down
                 log.exception("model %s failed in forward", batch.model)
@@ -196,7 +209,7 @@ class Engine:
                     m.healthy = False
         self.scheduler.after_step(plan)
         self.num_steps += 1
-        return self._apply(StepResult(tuple(outputs), failed), plan)
+        return self._apply(StepResult(tuple(outputs), failed, tuple(scores)), plan)
 
     def _apply(self, result: StepResult, plan) -> list[CompletionDelta]:
         deltas: list[CompletionDelta] = []
@@ -210,6 +223,10 @@ class Engine:
                         deltas.append(self._delta(live.req, live.seq, (), "", None,
                                                   error=failed[batch.model]))
                         self._forget_if_done(live.req)
+        for sc in result.prompt_scores:
+            live = self._live.get(sc.seq_id)
+            if live is not None and live.prompt_logprobs is not None:
+                self._add_prompt_scores(live, sc)
         now = time.monotonic()
         running = SeqStatus.RUNNING
         for model, tokens in result.tokens:
@@ -267,10 +284,27 @@ class Engine:
         # positional, in field order (one per token: keywords cost more)
         delta = CompletionDelta(live.req.request_id, seq.index, (token_id,), new_text, reason,
                                 logprobs, live.num_prompt_tokens, n_out, None)
+        if n_out == 1 and live.prompt_logprobs is not None:
+            delta.prompt_logprobs = tuple(live.prompt_logprobs)
         if reason is not None:  # else this sequence runs on, so its request stays
             self.scheduler.finish(seq, reason)
             self._forget_if_done(live.req)
         return delta
+
+    @staticmethod
+    def _add_prompt_scores(live: _Live, sc: PromptScores) -> None:
+        """Append the scores of prompt positions not scored yet (a sequence preempted before its
+        first token recomputes its prompt, and scores it again)."""
+        have = live.prompt_logprobs
+        skip = 1 + len(have) - sc.position  # entries of positions already held
+        if skip < 0:  # chunks run in order from position 0, so this does not happen
+            log.error("prompt scores of %s skip positions %d..%d", live.seq.seq_id,
+                      1 + len(have), sc.position - 1)
+            return
+        tk = live.tokenizer
+        for token_id, logprob, top in sc.entries[skip:]:
+            have.append(TokenLogprob(token_id, tk.id_to_token(token_id), logprob,
+                                     tuple((i, tk.id_to_token(i), lp) for i, lp in top)))
 
     def _delta(self, req: _Request, seq: Sequence, token_ids, text, reason,
                logprobs=None, error: str | None = None) -> CompletionDelta:

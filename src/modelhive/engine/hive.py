@@ -136,7 +136,8 @@ def build_engine(specs: Sequence[ModelSpec], device: str | torch.device = "auto"
         if spec.chat_template:
             tokenizer = tokenizer.with_chat_template(spec.chat_template)
         layout = KVLayout.for_model(src.arch, mp.dtype, plan.block_bytes)
-        runner = ModelRunner(spec.name, models[spec.name], layout, pool.layer_views(layout), dev)
+        runner = ModelRunner(spec.name, models[spec.name], layout, pool.layer_views(layout), dev,
+                             score_rows=mp.max_num_seqs)
         limits = ModelLimits(layout, mp.max_num_seqs, mp.max_num_batched_tokens, mp.max_model_len)
         if measure_memory:
             probe.dry_step(runner, dry_step_batch(
@@ -227,6 +228,8 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None
+    #: with ``SamplingParams.prompt_logprobs``: the prompt's tokens 1.. (token 0 has none)
+    prompt_logprobs: list[TokenLogprob] | None = None
     error: str | None = None
 
     @property
@@ -259,6 +262,8 @@ def accumulate(result: GenerationResult, delta: CompletionDelta) -> None:
     out = result.outputs[delta.index]
     out.parts.append(delta.text)
     out.token_ids.extend(delta.token_ids)
+    if delta.prompt_logprobs is not None:
+        out.prompt_logprobs = list(delta.prompt_logprobs)
     if delta.logprobs is not None:
         if out.logprobs is None:
             out.logprobs = []

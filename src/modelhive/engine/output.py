@@ -27,6 +27,9 @@ class CompletionDelta:
     num_prompt_tokens: int
     num_output_tokens: int  # total generated so far
     error: str | None = None
+    #: with ``prompt_logprobs``: the prompt tokens' logprobs (positions 1..; position 0 has
+    #: none), on the delta of the first output token
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass

@@ -190,7 +190,8 @@ class Scheduler:
             decodes, prefills = self._schedule_model(self.queues[name], allowance[name],
                                                      scheduled, preempted)
             if decodes or prefills:
-                batches_by_model[name] = ModelBatch(name, tuple(decodes + prefills))
+                batches_by_model[name] = ModelBatch(name, tuple(decodes + prefills),
+                                                    any(p.prompt_targets for p in prefills))
         return StepPlan(tuple(batches_by_model[name] for name in demand if name in batches_by_model),
                         tuple(preempted))
 
@@ -258,10 +259,14 @@ class Scheduler:
         reaches_end = start + chunk == num_tokens
         token_ids = (seq.token_at(start),) if chunk == 1 else seq.tokens(start, start + chunk)
         history = seq.tokens(0, num_tokens) if seq.needs_history and reaches_end else ()
+        n_prompt = len(seq.prompt_token_ids)
+        targets = ()  # prompt tokens to score: until the first output token (then all are)
+        if seq.params.prompt_logprobs is not None and start + 1 < n_prompt \
+                and not seq.output_token_ids:
+            targets = seq.tokens(start + 1, min(start + chunk + 1, n_prompt))
         # positional, in field order (one per sequence per step: keywords cost more)
         return ScheduledSeq(seq.seq_id, token_ids, start, seq.table_tuple(), reaches_end,
-                            seq.params, len(seq.output_token_ids), history,
-                            len(seq.prompt_token_ids))
+                            seq.params, len(seq.output_token_ids), history, n_prompt, targets)
 
     def after_step(self, plan: StepPlan) -> None:
         """Advance ``num_computed`` for every sequence the plan fed (call before appending tokens)."""

@@ -3,7 +3,8 @@
 - ``StepPlan``: what the scheduler decided for one step: per model, which sequences feed which
   tokens and which blocks hold their KV.
 - ``SampledToken``: what a runner answers for its model's batch, one per sequence that asked for
-  one (a model whose forward raised answers nothing: the engine fails its sequences).
+  one (a model whose forward raised answers nothing: the engine fails its sequences); beside
+  them, ``PromptScores`` for chunks whose prompt logprobs were asked for.
 - ``StepResult``: the step's answers, per model, and the models whose forward raised.
 """
 
@@ -97,12 +98,17 @@ class ScheduledSeq:
     #: prompt + output tokens so far, only when penalties need them (else empty)
     history: tuple[int, ...] = ()
     num_prompt_tokens: int = 0
+    #: with ``params.prompt_logprobs``: the prompt tokens this chunk's rows predict (row i
+    #: predicts the token at ``num_cached + 1 + i``), while the sequence has no output yet
+    prompt_targets: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
 class ModelBatch:
     model: str
     seqs: tuple[ScheduledSeq, ...]  # decodes first, then prefill/extend chunks
+    #: some chunk has ``prompt_targets`` (the runner then runs the step eagerly and scores them)
+    scores_prompt: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -125,6 +131,8 @@ class StepResult:
     tokens: tuple[tuple[str, list[SampledToken]], ...]
     #: model -> error message, for each model whose forward raised this step
     failed_models: dict[str, str]
+    #: the prompt logprobs the runners computed this step
+    prompt_scores: tuple[PromptScores, ...] = ()
 
 
 @dataclass(slots=True)
@@ -134,3 +142,14 @@ class SampledToken:  # a record, not frozen (built per token: see ScheduledSeq)
     logprob: float | None = None
     top_logprobs: tuple[tuple[int, float], ...] | None = None
 
+
+
+@dataclass(frozen=True)
+class PromptScores:
+    """Logprobs of a run of one sequence's prompt tokens (``ScheduledSeq.prompt_targets``):
+    ``entries[i]`` = (token id, its logprob, the top alternatives as (id, logprob)) for the
+    prompt token at ``position + i``."""
+
+    seq_id: str
+    position: int
+    entries: tuple[tuple[int, float, tuple[tuple[int, float], ...]], ...]

@@ -8,6 +8,11 @@ short prompt chunks, or both) replays one captured graph, one row per token
 (``runner/prefill_graphs.py``); without graphs they run eagerly, their inputs staged in one
 copy. Graph steps whose draws the device can make alone launch the next decode before returning
 (``runner/decode_ahead.py``).
+
+Steps that score prompt tokens (``ModelBatch.scores_prompt``: prompt logprobs were asked for) run
+eagerly, since the graphs keep only the sampled rows' hidden states: the logits of the scored rows
+are computed ``score_rows`` rows at a time (the model's ``max_num_seqs``, so within the plan's
+logits phase) and returned by ``take_prompt_scores``.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import torch
 
 from modelhive.engine.kv_pool import KVLayout
 from modelhive.engine.sampler import choose, sample
-from modelhive.engine.sequence import ModelBatch, SampledToken
+from modelhive.engine.sequence import ModelBatch, PromptScores, SampledToken, ScheduledSeq
 from modelhive.models.base import CausalLM, KVCaches
 from modelhive.models.layers import pack_linears_for_cpu
 from modelhive.runner.attn_metadata import SeqChunk, build_attention_metadata
@@ -26,7 +31,7 @@ from modelhive.runner.decode_ahead import DecodeAhead, can_run_ahead, device_ind
 
 class ModelRunner:
     def __init__(self, name: str, model: CausalLM, layout: KVLayout, kv_caches: KVCaches,
-                 device: torch.device):
+                 device: torch.device, score_rows: int = 32):
         self.name = name
         self.model = model
         self.layout = layout
@@ -37,6 +42,8 @@ class ModelRunner:
         self.decode_graphs = None  # runner.cuda_graphs.DecodeGraphs once captured
         self.prefill_graphs = None  # runner.prefill_graphs.PrefillGraphs once captured
         self.ahead = None  # runner.decode_ahead.DecodeAhead over those graphs
+        self.score_rows = max(1, score_rows)
+        self._prompt_scores: list[PromptScores] = []
         if device.type == "cpu":  # bf16/fp16 linears on oneDNN-packed weights (reference.py)
             pack_linears_for_cpu(model)
 
@@ -68,8 +75,15 @@ class ModelRunner:
         if self.ahead is not None:
             self.ahead.drop()
 
+    def take_prompt_scores(self) -> list[PromptScores]:
+        """The prompt logprobs of the last ``execute`` (then forgotten)."""
+        scores, self._prompt_scores = self._prompt_scores, []
+        return scores
+
     @torch.inference_mode()
     def execute(self, batch: ModelBatch) -> list[SampledToken]:
+        if batch.scores_prompt:
+            return self._execute_scoring(batch)
         if self.decode_graphs is not None:
             ahead = self.ahead
             if ahead is not None and (out := ahead.step(batch.seqs)) is not None:
@@ -99,6 +113,17 @@ class ModelRunner:
                 return []
             return sample(self.model.compute_logits(hidden), [batch.seqs[i] for i in rows],
                           self.generator)
+        return self._execute_eager(batch, chunks, flat)
+
+    def _execute_scoring(self, batch: ModelBatch) -> list[SampledToken]:
+        """An eager step that also scores the chunks' ``prompt_targets``."""
+        if self.ahead is not None:
+            self.ahead.drop()  # a decode launched ahead does not match this step
+        chunks = [SeqChunk(s.num_cached, len(s.token_ids), s.block_table) for s in batch.seqs]
+        return self._execute_eager(batch, chunks, [t for s in batch.seqs for t in s.token_ids])
+
+    def _execute_eager(self, batch: ModelBatch, chunks: list[SeqChunk],
+                       flat: list[int]) -> list[SampledToken]:
         if self.device.type == "cuda":
             from modelhive.runner.cuda_graphs import stage_eager_inputs
 
@@ -108,12 +133,41 @@ class ModelRunner:
             meta = build_attention_metadata(chunks, self.layout.tokens_per_block, self.device)
             input_ids = torch.tensor(flat, dtype=torch.long, device=self.device)
         hidden = self.model(input_ids, meta, self.kv_caches)
+        if batch.scores_prompt:
+            self._score_prompts(hidden, batch.seqs)
         rows = [i for i, s in enumerate(batch.seqs) if s.sample]
         if not rows:
             return []
         last = meta.logits_indices()[device_index(rows, self.device)]
         logits = self.model.compute_logits(hidden[last])
         return sample(logits, [batch.seqs[i] for i in rows], self.generator)
+
+    def _score_prompts(self, hidden: torch.Tensor, seqs: tuple[ScheduledSeq, ...]) -> None:
+        """Logprobs of each chunk's ``prompt_targets`` from the rows before them (row i of a
+        chunk predicts its token i + 1), raw (log_softmax of the model's logits), with the
+        top ``params.prompt_logprobs`` alternatives."""
+        start = 0
+        for s in seqs:
+            targets = s.prompt_targets
+            if targets:
+                entries = []
+                k = s.params.prompt_logprobs or 0
+                for lo in range(0, len(targets), self.score_rows):
+                    part = targets[lo:lo + self.score_rows]
+                    logits = self.model.compute_logits(hidden[start + lo:start + lo + len(part)])
+                    logprobs = torch.log_softmax(logits.float(), dim=-1)
+                    ids = torch.tensor(part, dtype=torch.long, device=logprobs.device)
+                    chosen = logprobs.gather(1, ids[:, None])[:, 0].tolist()
+                    if k:
+                        vals, top_ids = torch.topk(logprobs, k, dim=-1)
+                        tops = [tuple(zip(i, v, strict=True))
+                                for i, v in zip(top_ids.tolist(), vals.tolist(), strict=True)]
+                    else:
+                        tops = [()] * len(part)
+                    entries.extend(zip(part, chosen, tops, strict=True))
+                self._prompt_scores.append(PromptScores(s.seq_id, s.num_cached + 1,
+                                                        tuple(entries)))
+            start += len(s.token_ids)
 
     def _sample_rows(self, logits: torch.Tensor, last: list[int],
                      batch: ModelBatch) -> list[SampledToken]:
