@@ -86,6 +86,57 @@ def test_usage_counts_are_real_token_counts(server, model):
     assert all(len(t.top_logprobs) == 2 for t in c.choices[0].logprobs.content)
 
 
+@pytest.mark.parametrize("model", MODELS)
+def test_echo_with_logprobs_scores_the_prompt(server, model):
+    """lm-eval's loglikelihood request (token ids, ``echo``, ``logprobs``, ``max_tokens`` 1): the
+    prompt's tokens come first, the first without a logprob, each other one scored given the
+    tokens before it: the same distribution a completion of that prefix reports."""
+    client = server.client()
+    ids = tokenize(server, model=model, prompt="The bees fly over the quiet river at dawn")
+    r = client.completions.create(model=model, prompt=ids, max_tokens=1, temperature=0,
+                                  logprobs=2, echo=True)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(ids) + 1 == len(lp.token_logprobs) == len(lp.top_logprobs)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(isinstance(v, float) and v <= 0 for v in lp.token_logprobs[1:])
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == 1
+    for i in (1, len(ids) // 2, len(ids) - 1):
+        prefix = client.completions.create(model=model, prompt=ids[:i], max_tokens=1,
+                                           temperature=0, logprobs=2)
+        want = prefix.choices[0].logprobs.top_logprobs[0]
+        got = lp.top_logprobs[i]
+        assert set(got) == set(want)
+        assert all(abs(got[t] - want[t]) < 1e-4 for t in want)
+    # the generated token is the greedy one after the whole prompt
+    plain = client.completions.create(model=model, prompt=ids, max_tokens=1, temperature=0)
+    assert r.choices[0].text.endswith(plain.choices[0].text)
+    assert len(r.choices[0].text) > len(plain.choices[0].text)
+
+    # streamed: the prompt (and its logprobs) with the first chunk, the same text and tokens
+    chunks = [c for c in client.completions.create(model=model, prompt=ids, max_tokens=3,
+                                                   temperature=0, logprobs=2, echo=True,
+                                                   stream=True) if c.choices]
+    full = client.completions.create(model=model, prompt=ids, max_tokens=3, temperature=0,
+                                     logprobs=2, echo=True).choices[0]
+    assert "".join(c.choices[0].text for c in chunks) == full.text
+    assert [t for c in chunks for t in c.choices[0].logprobs.tokens] == full.logprobs.tokens
+    assert [o for c in chunks for o in c.choices[0].logprobs.text_offset] == \
+        full.logprobs.text_offset
+    assert len(chunks[0].choices[0].logprobs.tokens) >= len(ids)
+
+
+def test_echo_prepends_each_prompt(server):
+    client = server.client()
+    r = client.completions.create(model="tiny-qwen2", prompt=["Hello bees", "Quiet river"],
+                                  max_tokens=4, temperature=0, n=2, echo=True,
+                                  extra_body={"ignore_eos": True})
+    texts = {c.index: c.text for c in r.choices}
+    assert [texts[i][:10] for i in range(4)] == ["Hello bees"] * 2 + ["Quiet rive"] * 2
+    assert texts[2].startswith("Quiet river") and len(texts[0]) > len("Hello bees")
+    assert r.choices[0].logprobs is None
+
+
 def test_include_usage_adds_final_chunk(server):
     client = server.client()
     args = dict(model="tiny-qwen2", messages=CHAT, max_tokens=5, temperature=0,

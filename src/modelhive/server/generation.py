@@ -38,6 +38,8 @@ class Choice:
     finish_reason: str | None = None
     num_tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    #: the prompt's tokens 1.. when they were scored (``SamplingParams.prompt_logprobs``)
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
 
     @property
     def text(self) -> str:
@@ -118,7 +120,8 @@ async def stream_choices(state: ServerState, rids: list[str], n: int,
         async for prompt_index, delta in deltas:
             if delta.finish_reason == "error":
                 raise generation_error(state, delta)
-            if delta.text or delta.finish_reason is not None or delta.logprobs:
+            if delta.text or delta.finish_reason is not None or delta.logprobs \
+                    or delta.prompt_logprobs:
                 yield prompt_index * n + delta.index, delta
     timer.finish()
 
@@ -139,6 +142,8 @@ async def collect(state: ServerState, rids: list[str], n: int,
             choice.num_tokens = delta.num_output_tokens
             if delta.logprobs:
                 choice.logprobs.extend(delta.logprobs)
+            if delta.prompt_logprobs:
+                choice.prompt_logprobs = delta.prompt_logprobs
             if delta.finish_reason is not None:
                 choice.finish_reason = delta.finish_reason
     return choices

@@ -78,6 +78,10 @@ class _SamplingRequest(BaseModel):
         """(top alternatives per token or None, the field's name): each endpoint spells it."""
         raise NotImplementedError
 
+    def _prompt_logprobs(self) -> int | None:
+        """Top alternatives per prompt token, or None: the prompt is not scored."""
+        return None
+
     def check_unsupported(self) -> None:
         if self.logit_bias:
             raise InvalidRequestError("logit_bias is not supported; remove it", param="logit_bias")
@@ -122,6 +126,7 @@ class _SamplingRequest(BaseModel):
                 ignore_eos=self.ignore_eos,
                 min_tokens=self.min_tokens,
                 logprobs=logprobs,
+                prompt_logprobs=self._prompt_logprobs(),
                 include_stop_str_in_output=self.include_stop_str_in_output,
                 skip_special_tokens=self.skip_special_tokens,
                 n=self.n,
@@ -146,10 +151,13 @@ class CompletionRequest(_SamplingRequest):
     def _logprobs(self) -> tuple[int | None, str]:
         return self.logprobs, "logprobs"
 
+    def _prompt_logprobs(self) -> int | None:
+        # echo with logprobs: the prompt's tokens get logprobs too (what lm-eval's loglikelihood
+        # requests read), as many alternatives as the output's
+        return self.logprobs if self.echo else None
+
     def check_unsupported(self) -> None:
         super().check_unsupported()
-        if self.echo:
-            raise InvalidRequestError("echo is not supported; remove it", param="echo")
         if self.suffix:
             raise InvalidRequestError("suffix is not supported; remove it", param="suffix")
 

@@ -1,10 +1,17 @@
-"""POST /v1/completions: one prompt or a list (text or token ids), ``n`` completions each."""
+"""POST /v1/completions: one prompt or a list (text or token ids), ``n`` completions each.
+
+``echo``: each choice's text starts with its prompt (as given, or decoded from token ids); with
+``logprobs``, the logprobs start with the prompt's tokens too, the first without a logprob
+(nothing precedes it), the others scored by the engine (``SamplingParams.prompt_logprobs``).
+Streamed, the prompt comes with each choice's first chunk.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -40,6 +47,35 @@ def completion_logprobs(logprobs: list[TokenLogprob] | tuple[TokenLogprob, ...],
             "text_offset": text_offset}
 
 
+def echo_logprobs(first_token: str, prompt: tuple[TokenLogprob, ...],
+                  logprobs: list[TokenLogprob] | tuple[TokenLogprob, ...]) -> dict[str, Any]:
+    """The logprobs object of an echoed choice: the prompt's first token (no logprob), its
+    scored tokens, then the output's."""
+    scored = completion_logprobs(tuple(prompt) + tuple(logprobs), len(first_token))
+    return {"tokens": [first_token] + scored["tokens"],
+            "token_logprobs": [None] + scored["token_logprobs"],
+            "top_logprobs": [None] + scored["top_logprobs"],
+            "text_offset": [0] + scored["text_offset"]}
+
+
+@dataclass(frozen=True)
+class _Echo:
+    """What echoing one prompt adds: its text and its first token's text."""
+
+    text: str
+    first_token: str
+
+
+def _echoes(state: ServerState, model: str, body: CompletionRequest,
+            prompts: list[list[int]]) -> list[_Echo] | None:
+    if not body.echo:
+        return None
+    tokenizer = state.loaded(model).tokenizer
+    return [_Echo(p if isinstance(p, str) else tokenizer.decode(ids, skip_special_tokens=False),
+                  tokenizer.id_to_token(ids[0]))
+            for p, ids in zip(body.prompts(), prompts, strict=True)]
+
+
 @router.post("/v1/completions")
 async def create_completion(body: CompletionRequest, request: Request):
     state = get_state(request)
@@ -52,34 +88,55 @@ async def create_completion(body: CompletionRequest, request: Request):
     request_id = state.new_id("cmpl")
     rids = await submit_prompts(state, model, prompts, params, request_id, body.priority)
     prompt_tokens = sum(len(ids) for ids in prompts)
+    echoes = _echoes(state, model, body, prompts)
     if body.stream:
-        return SSEResponse(_chunks(state, body, model, request_id, rids, prompt_tokens, timer))
+        return SSEResponse(_chunks(state, body, model, request_id, rids, prompt_tokens, timer,
+                                   echoes))
     choices = await cancel_on_disconnect(request, collect(state, rids, body.n, timer))
+    out = []
+    for c in choices:
+        text, logprobs = c.text, None
+        if echoes is not None:
+            echo = echoes[c.index // body.n]
+            text = echo.text + text
+            if body.logprobs is not None:
+                logprobs = echo_logprobs(echo.first_token, c.prompt_logprobs, c.logprobs)
+        elif body.logprobs is not None:
+            logprobs = completion_logprobs(c.logprobs)
+        out.append({"index": c.index, "text": text, "finish_reason": c.finish_reason,
+                    "logprobs": logprobs})
     return {
         "id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
-                     "logprobs": completion_logprobs(c.logprobs) if body.logprobs is not None
-                     else None} for c in choices],
-        "usage": usage(prompt_tokens, sum(c.num_tokens for c in choices)),
+        "choices": out, "usage": usage(prompt_tokens, sum(c.num_tokens for c in choices)),
     }
 
 
 async def _chunks(state: ServerState, body: CompletionRequest, model: str, request_id: str,
-                  rids: list[str], prompt_tokens: int,
-                  timer: RequestTimer) -> AsyncIterator[dict[str, Any]]:
+                  rids: list[str], prompt_tokens: int, timer: RequestTimer,
+                  echoes: list[_Echo] | None) -> AsyncIterator[dict[str, Any]]:
     created = int(time.time())
     tokens: dict[int, int] = {}
     offsets: dict[int, int] = {}
     async with aclosing(stream_choices(state, rids, body.n, timer)) as deltas:
         async for index, delta in deltas:
+            first = index not in tokens
             tokens[index] = delta.num_output_tokens
-            logprobs = None
-            if body.logprobs is not None:
+            text, logprobs = delta.text, None
+            if echoes is not None and first:  # the prompt comes with the choice's first chunk
+                echo = echoes[index // body.n]
+                text = echo.text + text
+                if body.logprobs is not None:
+                    logprobs = echo_logprobs(echo.first_token, delta.prompt_logprobs or (),
+                                             delta.logprobs or ())
+                    offsets[index] = len(echo.first_token) + sum(
+                        len(lp.token) for lp in (delta.prompt_logprobs or ())
+                        + (delta.logprobs or ()))
+            elif body.logprobs is not None:
                 logprobs = completion_logprobs(delta.logprobs or (), offsets.get(index, 0))
                 offsets[index] = offsets.get(index, 0) + sum(len(lp.token)
                                                              for lp in delta.logprobs or ())
             yield {"id": request_id, "object": "text_completion", "created": created,
-                   "model": model, "choices": [{"index": index, "text": delta.text,
+                   "model": model, "choices": [{"index": index, "text": text,
                                                 "logprobs": logprobs,
                                                 "finish_reason": delta.finish_reason}]}
     if body.include_usage:
