@@ -92,3 +92,24 @@ def test_prefill_logits_close_to_transformers(hive, hf_model_and_tokenizer):
     for tid, _, lp in top.top:
         assert abs(lp - float(ref_lp[tid])) < 1e-4
     assert ours_model.arch.num_layers == 30
+
+
+def test_prompt_logprobs_equal_transformers(hive, hf_model_and_tokenizer):
+    """What lm-eval's loglikelihood reads (echo + logprobs): every prompt token's logprob given
+    the tokens before it, on the real weights."""
+    model, tok = hf_model_and_tokenizer
+    ids = tok("The capital of France is Paris, and the capital of Spain is Madrid.",
+              return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = torch.log_softmax(model(ids).logits[0].float(), -1)
+    res = hive.generate("smol", [ids[0].tolist()], SamplingParams(
+        max_tokens=1, temperature=0.0, prompt_logprobs=5))[0]
+    got = res.outputs[0].prompt_logprobs
+    targets = ids[0, 1:]
+    assert [lp.token_id for lp in got] == targets.tolist()
+    want = ref[torch.arange(len(targets)), targets]
+    assert torch.allclose(torch.tensor([lp.logprob for lp in got]), want, atol=1e-4)
+    for pos, lp in enumerate(got):
+        vals, top_ids = torch.topk(ref[pos], 5)
+        assert [t[0] for t in lp.top] == top_ids.tolist()
+        assert torch.allclose(torch.tensor([t[2] for t in lp.top]), vals, atol=1e-4)
