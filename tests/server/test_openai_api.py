@@ -126,6 +126,28 @@ def test_echo_with_logprobs_scores_the_prompt(server, model):
     assert len(chunks[0].choices[0].logprobs.tokens) >= len(ids)
 
 
+def test_echo_with_max_tokens_0_returns_the_prompt_alone(server):
+    """lm-eval's older loglikelihood request (``max_tokens`` 0), as vLLM answers it."""
+    client = server.client()
+    ids = tokenize(server, model="tiny-llama", prompt="Bees hum in the warm afternoon")
+    args = dict(model="tiny-llama", prompt=ids, max_tokens=0, echo=True, logprobs=1)
+    r = client.completions.create(**args)
+    full = client.completions.create(**{**args, "max_tokens": 1})
+    c, f = r.choices[0], full.choices[0]
+    assert c.finish_reason == "length" and r.usage.completion_tokens == 0
+    assert len(c.logprobs.tokens) == len(ids) and c.logprobs.tokens == f.logprobs.tokens[:-1]
+    assert c.logprobs.token_logprobs == f.logprobs.token_logprobs[:-1]
+    assert f.text.startswith(c.text) and len(f.text) > len(c.text)
+    chunks = [x for x in client.completions.create(**args, stream=True,
+                                                   stream_options={"include_usage": True})]
+    assert [x.choices[0].text for x in chunks if x.choices] == [c.text]
+    assert chunks[0].choices[0].logprobs.token_logprobs == c.logprobs.token_logprobs
+    assert chunks[-1].usage.completion_tokens == 0
+    plain = httpx.post(server.url() + "/v1/completions", timeout=30,
+                       json={"model": "tiny-llama", "prompt": "x", "max_tokens": 0})
+    assert plain.status_code == 400 and plain.json()["error"]["param"] == "max_tokens"
+
+
 def test_echo_prepends_each_prompt(server):
     client = server.client()
     r = client.completions.create(model="tiny-qwen2", prompt=["Hello bees", "Quiet river"],

@@ -151,6 +151,15 @@ class CompletionRequest(_SamplingRequest):
     def _logprobs(self) -> tuple[int | None, str]:
         return self.logprobs, "logprobs"
 
+    @property
+    def echo_only(self) -> bool:
+        """``echo`` with ``max_tokens`` 0: the prompt (and its logprobs) back and nothing else,
+        as vLLM answers; the engine generates one token, which the response leaves out."""
+        return self.echo and self.max_tokens == 0
+
+    def _requested_max_tokens(self) -> tuple[int | None, str]:
+        return (1 if self.echo_only else self.max_tokens), "max_tokens"
+
     def _prompt_logprobs(self) -> int | None:
         # echo with logprobs: the prompt's tokens get logprobs too (what lm-eval's loglikelihood
         # requests read), as many alternatives as the output's

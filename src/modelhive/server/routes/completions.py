@@ -3,7 +3,8 @@
 ``echo``: each choice's text starts with its prompt (as given, or decoded from token ids); with
 ``logprobs``, the logprobs start with the prompt's tokens too, the first without a logprob
 (nothing precedes it), the others scored by the engine (``SamplingParams.prompt_logprobs``).
-Streamed, the prompt comes with each choice's first chunk.
+Streamed, the prompt comes with each choice's first chunk. ``echo`` with ``max_tokens`` 0: the
+prompt alone (``finish_reason`` "length", no completion tokens), as vLLM answers it.
 """
 
 from __future__ import annotations
@@ -94,16 +95,20 @@ async def create_completion(body: CompletionRequest, request: Request):
                                    echoes))
     choices = await cancel_on_disconnect(request, collect(state, rids, body.n, timer))
     out = []
+    only = body.echo_only
     for c in choices:
-        text, logprobs = c.text, None
+        text, logprobs, reason = c.text, None, c.finish_reason
         if echoes is not None:
             echo = echoes[c.index // body.n]
-            text = echo.text + text
+            text = echo.text if only else echo.text + text
             if body.logprobs is not None:
-                logprobs = echo_logprobs(echo.first_token, c.prompt_logprobs, c.logprobs)
+                logprobs = echo_logprobs(echo.first_token, c.prompt_logprobs,
+                                         () if only else c.logprobs)
+            if only:
+                reason, c.num_tokens = "length", 0
         elif body.logprobs is not None:
             logprobs = completion_logprobs(c.logprobs)
-        out.append({"index": c.index, "text": text, "finish_reason": c.finish_reason,
+        out.append({"index": c.index, "text": text, "finish_reason": reason,
                     "logprobs": logprobs})
     return {
         "id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
@@ -120,14 +125,19 @@ async def _chunks(state: ServerState, body: CompletionRequest, model: str, reque
     async with aclosing(stream_choices(state, rids, body.n, timer)) as deltas:
         async for index, delta in deltas:
             first = index not in tokens
-            tokens[index] = delta.num_output_tokens
-            text, logprobs = delta.text, None
+            only = body.echo_only
+            if only and not first:
+                continue  # the prompt went with the first chunk, and nothing else is sent
+            tokens[index] = 0 if only else delta.num_output_tokens
+            text, logprobs, reason = delta.text, None, delta.finish_reason
             if echoes is not None and first:  # the prompt comes with the choice's first chunk
                 echo = echoes[index // body.n]
-                text = echo.text + text
+                text = echo.text if only else echo.text + text
+                if only:
+                    reason = "length"
                 if body.logprobs is not None:
                     logprobs = echo_logprobs(echo.first_token, delta.prompt_logprobs or (),
-                                             delta.logprobs or ())
+                                             () if only else delta.logprobs or ())
                     offsets[index] = len(echo.first_token) + sum(
                         len(lp.token) for lp in (delta.prompt_logprobs or ())
                         + (delta.logprobs or ()))
@@ -138,7 +148,7 @@ async def _chunks(state: ServerState, body: CompletionRequest, model: str, reque
             yield {"id": request_id, "object": "text_completion", "created": created,
                    "model": model, "choices": [{"index": index, "text": text,
                                                 "logprobs": logprobs,
-                                                "finish_reason": delta.finish_reason}]}
+                                                "finish_reason": reason}]}
     if body.include_usage:
         yield {"id": request_id, "object": "text_completion", "created": created, "model": model,
                "choices": [], "usage": usage(prompt_tokens, sum(tokens.values()))}
