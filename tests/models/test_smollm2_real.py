@@ -107,6 +107,8 @@ def test_prompt_logprobs_equal_transformers(hive, hf_model_and_tokenizer):
     got = res.outputs[0].prompt_logprobs
     targets = ids[0, 1:]
     assert [lp.token_id for lp in got] == targets.tolist()
+    # token texts as OpenAI and vLLM give them: decoded (" capital", not "Ġcapital")
+    assert "".join(lp.token for lp in got) == tok.decode(targets)
     want = ref[torch.arange(len(targets)), targets]
     assert torch.allclose(torch.tensor([lp.logprob for lp in got]), want, atol=1e-4)
     for pos, lp in enumerate(got):

@@ -17,6 +17,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from modelhive.engine.engine import token_text
 from modelhive.engine.output import TokenLogprob
 from modelhive.server.generation import (
     cancel_on_disconnect,
@@ -73,7 +74,7 @@ def _echoes(state: ServerState, model: str, body: CompletionRequest,
         return None
     tokenizer = state.loaded(model).tokenizer
     return [_Echo(p if isinstance(p, str) else tokenizer.decode(ids, skip_special_tokens=False),
-                  tokenizer.id_to_token(ids[0]))
+                  token_text(tokenizer, ids[0]))
             for p, ids in zip(body.prompts(), prompts, strict=True)]
 
 
