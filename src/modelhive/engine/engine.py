@@ -78,7 +78,7 @@ class _Live:
 def token_text(tokenizer: Tokenizer, token_id: int) -> str:
     """A token's text in logprobs: what it decodes to alone, special tokens included (" Paris",
     not the vocabulary's "ĠParis"), as OpenAI and vLLM return it."""
-    return tokenizer.decode_token(token_id, skip_special_tokens=False)
+    return tokenizer.decode_token(token_id, False)  # skip_special_tokens=False
 
 
 def choice_params(params: SamplingParams, index: int) -> SamplingParams:
