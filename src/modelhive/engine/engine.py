@@ -75,12 +75,6 @@ class _Live:
     prompt_logprobs: list[TokenLogprob] | None = None
 
 
-def token_text(tokenizer: Tokenizer, token_id: int) -> str:
-    """A token's text in logprobs: what it decodes to alone, special tokens included (" Paris",
-    not the vocabulary's "ĠParis"), as OpenAI and vLLM return it."""
-    return tokenizer.decode_token(token_id, False)  # skip_special_tokens=False
-
-
 def choice_params(params: SamplingParams, index: int) -> SamplingParams:
     """The params of choice ``index`` of a request: with a seed, choice i draws with seed + i
     (as vLLM's parallel sampling does), so the n choices differ and the request stays
@@ -285,8 +279,8 @@ class Engine:
         logprobs = None
         if tok.logprob is not None:
             tk = live.tokenizer
-            top = tuple((i, token_text(tk, i), lp) for i, lp in (tok.top_logprobs or ()))
-            logprobs = (TokenLogprob(token_id, token_text(tk, token_id), tok.logprob, top),)
+            top = tuple((i, tk.logprob_text(i), lp) for i, lp in (tok.top_logprobs or ()))
+            logprobs = (TokenLogprob(token_id, tk.logprob_text(token_id), tok.logprob, top),)
         # positional, in field order (one per token: keywords cost more)
         delta = CompletionDelta(live.req.request_id, seq.index, (token_id,), new_text, reason,
                                 logprobs, live.num_prompt_tokens, n_out, None)
@@ -309,8 +303,8 @@ class Engine:
             return
         tk = live.tokenizer
         for token_id, logprob, top in sc.entries[skip:]:
-            have.append(TokenLogprob(token_id, token_text(tk, token_id), logprob,
-                                     tuple((i, token_text(tk, i), lp) for i, lp in top)))
+            have.append(TokenLogprob(token_id, tk.logprob_text(token_id), logprob,
+                                     tuple((i, tk.logprob_text(i), lp) for i, lp in top)))
 
     def _delta(self, req: _Request, seq: Sequence, token_ids, text, reason,
                logprobs=None, error: str | None = None) -> CompletionDelta:

@@ -143,7 +143,6 @@ class SampledToken:  # a record, not frozen (built per token: see ScheduledSeq)
     top_logprobs: tuple[tuple[int, float], ...] | None = None
 
 
-
 @dataclass(frozen=True)
 class PromptScores:
     """Logprobs of a run of one sequence's prompt tokens (``ScheduledSeq.prompt_targets``):

@@ -58,6 +58,11 @@ class Tokenizer:
             text = self._token_texts[key] = self.decode([token_id], skip_special_tokens)
         return text
 
+    def logprob_text(self, token_id: int) -> str:
+        """A token's text in logprobs: what it decodes to alone, special tokens included
+        (" Paris", not the vocabulary's "ĠParis"), as OpenAI and vLLM return it."""
+        return self.decode_token(token_id, False)  # skip_special_tokens=False
+
     def appended_text(self, token_id: int) -> str | None:
         """The text ``token_id`` adds at the end of a decode whatever comes before it, if the
         tokenizer can tell without decoding: ``decode(ids + [token_id], skip) == decode(ids, skip)

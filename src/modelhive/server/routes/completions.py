@@ -17,7 +17,6 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from modelhive.engine.engine import token_text
 from modelhive.engine.output import TokenLogprob
 from modelhive.server.generation import (
     cancel_on_disconnect,
@@ -67,6 +66,24 @@ class _Echo:
     text: str
     first_token: str
 
+    def apply(self, body: CompletionRequest, text: str, reason: str | None,
+              prompt_logprobs: tuple[TokenLogprob, ...],
+              logprobs: list[TokenLogprob] | tuple[TokenLogprob, ...]):
+        """(text, logprobs object or None, finish_reason) of a choice's response or first
+        chunk with the prompt in front; ``echo_only``: the prompt alone."""
+        only = body.echo_only
+        lps = None
+        if body.logprobs is not None:
+            lps = echo_logprobs(self.first_token, prompt_logprobs, () if only else logprobs)
+        if only:
+            return self.text, lps, "length"
+        return self.text + text, lps, reason
+
+
+def _end_offset(logprobs: dict[str, Any]) -> int:
+    """The text offset after a (non-empty) logprobs object's last token."""
+    return logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
+
 
 def _echoes(state: ServerState, model: str, body: CompletionRequest,
             prompts: list[list[int]]) -> list[_Echo] | None:
@@ -74,7 +91,7 @@ def _echoes(state: ServerState, model: str, body: CompletionRequest,
         return None
     tokenizer = state.loaded(model).tokenizer
     return [_Echo(p if isinstance(p, str) else tokenizer.decode(ids, skip_special_tokens=False),
-                  token_text(tokenizer, ids[0]))
+                  tokenizer.logprob_text(ids[0]))
             for p, ids in zip(body.prompts(), prompts, strict=True)]
 
 
@@ -96,24 +113,19 @@ async def create_completion(body: CompletionRequest, request: Request):
                                    echoes))
     choices = await cancel_on_disconnect(request, collect(state, rids, body.n, timer))
     out = []
-    only = body.echo_only
     for c in choices:
         text, logprobs, reason = c.text, None, c.finish_reason
         if echoes is not None:
-            echo = echoes[c.index // body.n]
-            text = echo.text if only else echo.text + text
-            if body.logprobs is not None:
-                logprobs = echo_logprobs(echo.first_token, c.prompt_logprobs,
-                                         () if only else c.logprobs)
-            if only:
-                reason, c.num_tokens = "length", 0
+            text, logprobs, reason = echoes[c.index // body.n].apply(
+                body, text, reason, c.prompt_logprobs, c.logprobs)
         elif body.logprobs is not None:
             logprobs = completion_logprobs(c.logprobs)
         out.append({"index": c.index, "text": text, "finish_reason": reason,
                     "logprobs": logprobs})
+    completion_tokens = 0 if body.echo_only else sum(c.num_tokens for c in choices)
     return {
         "id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": out, "usage": usage(prompt_tokens, sum(c.num_tokens for c in choices)),
+        "choices": out, "usage": usage(prompt_tokens, completion_tokens),
     }
 
 
@@ -132,20 +144,12 @@ async def _chunks(state: ServerState, body: CompletionRequest, model: str, reque
             tokens[index] = 0 if only else delta.num_output_tokens
             text, logprobs, reason = delta.text, None, delta.finish_reason
             if echoes is not None and first:  # the prompt comes with the choice's first chunk
-                echo = echoes[index // body.n]
-                text = echo.text if only else echo.text + text
-                if only:
-                    reason = "length"
-                if body.logprobs is not None:
-                    logprobs = echo_logprobs(echo.first_token, delta.prompt_logprobs or (),
-                                             () if only else delta.logprobs or ())
-                    offsets[index] = len(echo.first_token) + sum(
-                        len(lp.token) for lp in (delta.prompt_logprobs or ())
-                        + (delta.logprobs or ()))
+                text, logprobs, reason = echoes[index // body.n].apply(
+                    body, text, reason, delta.prompt_logprobs or (), delta.logprobs or ())
             elif body.logprobs is not None:
                 logprobs = completion_logprobs(delta.logprobs or (), offsets.get(index, 0))
-                offsets[index] = offsets.get(index, 0) + sum(len(lp.token)
-                                                             for lp in delta.logprobs or ())
+            if logprobs is not None and logprobs["tokens"]:
+                offsets[index] = _end_offset(logprobs)
             yield {"id": request_id, "object": "text_completion", "created": created,
                    "model": model, "choices": [{"index": index, "text": text,
                                                 "logprobs": logprobs,
