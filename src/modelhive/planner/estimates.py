@@ -193,8 +193,15 @@ def graph_bytes(
 def packed_head_bytes(arch: ArchConfig, dtype: str, device: str) -> int:
     """CPU, bfloat16/float16, tied embeddings: the LM head's oneDNN-packed copy of the embedding
     table (``models/layers.py: pack_linears_for_cpu``; the lookup needs the plain table, so both
-    stay resident). Counted with the weights; 0 otherwise."""
+    stay resident). Counted with the weights; 0 otherwise, and on a CPU whose oneDNN cannot pack
+    the dtype (``kernels/reference.py: cpu_packs``)."""
     if device != "cpu" or dtype not in ("bfloat16", "float16") or not arch.tie_word_embeddings:
+        return 0
+    import torch
+
+    from modelhive.kernels.reference import cpu_packs  # here: it imports the runner's metadata
+
+    if not cpu_packs(getattr(torch, dtype)):
         return 0
     return arch.vocab_size * arch.hidden_size * DTYPE_BYTES[dtype]
 
