@@ -4,6 +4,8 @@ caching allocator's graph-pool segments on the GPU. Bytes throughout; None where
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import logging
 import os
 
@@ -33,6 +35,24 @@ def _reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+@functools.cache
+def _libc_malloc_trim():
+    """glibc's ``malloc_trim``, or None (another C library)."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_free_heap() -> None:
+    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim(0)``; no-op elsewhere), so
+    that a following RSS peak counts the pages a step touches, not the ones an earlier step freed
+    into the heap and the next one reuses without growing the RSS."""
+    trim = _libc_malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 _nvml_ready: bool | None = None

@@ -15,7 +15,10 @@ Two moments:
   compilation, cuBLAS handles and workspaces), then the measured one. On CUDA the peak is
   ``max_memory_allocated`` after ``reset_peak_memory_stats`` minus ``memory_allocated`` before the
   step; on CPU it is the growth of the peak RSS (``VmHWM``, reset through
-  ``/proc/self/clear_refs``), or None where that file cannot be written.
+  ``/proc/self/clear_refs``), or None where that file cannot be written, after a one-token
+  warm-up step (the libraries' one-time state) and with the C heap's free pages handed back
+  (``release_free_heap``): a tiny model read 7.6 MiB against a 3.1 MiB plan without them, 1.3
+  MiB with them.
 - **Any time later** (``measure_memory(engine)``, for ``modelhive ps`` and ``/metrics``): the KV
   pool's bytes, the CUDA graphs (caching-allocator segments owned by a graph pool, plus the
   growth of the process's non-torch memory since ``build_engine`` returned: graph executables
@@ -32,6 +35,7 @@ was not measured). Units are bytes throughout.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 from collections.abc import Iterator
@@ -45,6 +49,7 @@ from modelhive.engine.device_memory import (
     _reset_peak_rss,
     graph_pool_bytes,
     nvml_process_bytes,
+    release_free_heap,
     rss_bytes,
 )
 from modelhive.engine.sequence import ModelBatch, ScheduledSeq
@@ -211,6 +216,13 @@ def dry_step_batch(model: str, max_num_batched_tokens: int, max_num_seqs: int,
     return ModelBatch(model, tuple(seqs))
 
 
+def _one_token(batch: ModelBatch) -> ModelBatch:
+    """``batch``'s first sequence cut to its first token (a warm-up step that costs nothing)."""
+    seq = batch.seqs[0]
+    return ModelBatch(batch.model, (dataclasses.replace(seq, token_ids=seq.token_ids[:1],
+                                                        block_table=seq.block_table[:1]),))
+
+
 @dataclass
 class MemoryProbe:
     """Collects ``ModelMemory`` while ``build_engine`` loads (see the module docstring)."""
@@ -255,7 +267,12 @@ class MemoryProbe:
                 torch.cuda.synchronize(self.device)
                 peak = torch.cuda.max_memory_allocated(self.device) - base
             else:
+                # warm-up on one token: the libraries' one-time state (OpenMP threads, oneDNN's
+                # caches: ~7 MiB) is not the step's; then the heap's free pages go back, so the
+                # RSS peak counts what the step itself touches
+                runner.execute(_one_token(batch))
                 gc.collect()
+                release_free_heap()
                 base = rss_bytes()
                 if not _reset_peak_rss():
                     peak = None
