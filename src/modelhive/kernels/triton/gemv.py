@@ -221,7 +221,7 @@ def pick_config(n: int, k: int, prologue: str | None = None, gated: bool = False
     ``gated``: ``n`` counts the gate and up rows together, and a program reads ``BLOCK_N`` rows
     of each (half the plain tile). Measured, us (cuBLAS composite in brackets; gate_up with the
     gated activation, down a plain stream with the residual):
-    TinyLlama qkv 3.9 (8.4), o 3.6 (6.0; chunked, before o took whole rows), gate_up 13.1
+    TinyLlama qkv 3.9 (8.4; with 8-row programs, since 4), o 3.6 (6.0; chunked, before o took whole rows), gate_up 13.1
     (17.4), down 7.4 (11.1), LM head 31.5 (35);
     Qwen2.5-3B gate_up 23.7 (29.2), down 12.9 (16.5), LM head 142 (150);
     Yi-6B qkv 11.7 (16.3), o 10.1 (13.4), gate_up 44.0 (50.9), down 24.0 (28.6), LM head 118.6 (131).
@@ -248,8 +248,10 @@ def _pick(n: int, k: int, prologue: str | None) -> dict:
         if k_pad <= 2048:
             # gate_up: 4 persistent programs per SM, all resident at once (105 registers a
             # thread: 4 fit an SM); 8 ran as two waves (TinyLlama step 733.6 -> 718.8 us,
-            # Qwen2.5-3B 1,838.8 -> 1,816.0, with evict-first weight loads; H200, one call)
-            return full(8, 4) if n <= 4096 else full(4, 4, persist=4)
+            # Qwen2.5-3B 1,838.8 -> 1,816.0, with evict-first weight loads; H200, one call).
+            # q/k/v: 4 weight rows a program, not 8 (graph replay, alternated: TinyLlama
+            # 0.722-0.730 -> 0.717-0.722 ms, Qwen2.5-3B 1.838-1.847 -> 1.827-1.830; H200, s18)
+            return full(4, 4) if n <= 4096 else full(4, 4, persist=4)
         if k_pad <= FULL_K_MAX:
             return full(2, 8, persist=4)
         return chunked(8 if n <= 8192 else 4, 512, 4)
