@@ -221,8 +221,8 @@ def pick_config(n: int, k: int, prologue: str | None = None, gated: bool = False
     ``gated``: ``n`` counts the gate and up rows together, and a program reads ``BLOCK_N`` rows
     of each (half the plain tile). Measured, us (cuBLAS composite in brackets; gate_up with the
     gated activation, down a plain stream with the residual):
-    TinyLlama qkv 3.9 (8.4; with 8-row programs, since 4), o 3.6 (6.0; chunked, before o took whole rows), gate_up 13.1
-    (17.4), down 7.4 (11.1), LM head 31.5 (35);
+    TinyLlama qkv 3.9 (8.4; with the 8-row programs it had before session 18), o 3.6 (6.0;
+    chunked, before o took whole rows), gate_up 13.1 (17.4), down 7.4 (11.1), LM head 31.5 (35);
     Qwen2.5-3B gate_up 23.7 (29.2), down 12.9 (16.5), LM head 142 (150);
     Yi-6B qkv 11.7 (16.3), o 10.1 (13.4), gate_up 44.0 (50.9), down 24.0 (28.6), LM head 118.6 (131).
     """
