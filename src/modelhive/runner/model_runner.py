@@ -103,8 +103,7 @@ class ModelRunner:
                     return ahead.finish(batch.seqs, choose(logits, list(batch.seqs),
                                                            self.generator, greedy=greedy))
                 return self._sample_rows(logits, last, batch)
-        chunks = [SeqChunk(s.num_cached, len(s.token_ids), s.block_table) for s in batch.seqs]
-        flat = [t for s in batch.seqs for t in s.token_ids]
+        chunks, flat = step_chunks(batch.seqs)
         prefill = self.prefill_graphs
         if prefill is not None and prefill.fits(chunks, len(flat)):
             rows = [i for i, s in enumerate(batch.seqs) if s.sample]
@@ -119,8 +118,7 @@ class ModelRunner:
         """An eager step that also scores the chunks' ``prompt_targets``."""
         if self.ahead is not None:
             self.ahead.drop()  # a decode launched ahead does not match this step
-        chunks = [SeqChunk(s.num_cached, len(s.token_ids), s.block_table) for s in batch.seqs]
-        return self._execute_eager(batch, chunks, [t for s in batch.seqs for t in s.token_ids])
+        return self._execute_eager(batch, *step_chunks(batch.seqs))
 
     def _execute_eager(self, batch: ModelBatch, chunks: list[SeqChunk],
                        flat: list[int]) -> list[SampledToken]:
@@ -179,3 +177,9 @@ class ModelRunner:
             index = device_index([r for _, r in picked], self.device)
             logits = logits[index]
         return sample(logits, [batch.seqs[i] for i, _ in picked], self.generator)
+
+
+def step_chunks(seqs: tuple[ScheduledSeq, ...]) -> tuple[list[SeqChunk], list[int]]:
+    """A step's chunks (what the attention metadata is built from) and its token ids in order."""
+    return ([SeqChunk(s.num_cached, len(s.token_ids), s.block_table) for s in seqs],
+            [t for s in seqs for t in s.token_ids])
