@@ -118,7 +118,8 @@ def test_prompt_logprobs_equal_transformers(hive, hf_model_and_tokenizer):
 
 
 @pytest.mark.parametrize("packed", [True, False], ids=["onednn-packed", "plain"])
-def test_bfloat16_close_to_transformers_float32(packed, monkeypatch, hf_model_and_tokenizer):
+def test_bfloat16_close_to_transformers_float32(packed, monkeypatch, caplog,
+                                                hf_model_and_tokenizer):
     """bfloat16 on the CPU, on both linear paths: oneDNN-packed weights where this CPU's oneDNN
     packs bf16 (AVX-512), plain ``F.linear`` where it cannot (an AVX2-only CPU used to fail at
     start-up instead). Every prompt position's logprob stays within bf16 distance of the float32
@@ -134,6 +135,8 @@ def test_bfloat16_close_to_transformers_float32(packed, monkeypatch, hf_model_an
                            max_model_len=512, max_num_seqs=4)], device="cpu", memory="2GiB")
     ours = hive.engine.models["smol"].runner.model
     assert any(p.is_mkldnn for p in ours.parameters()) == packed
+    # unpacked, the start-up says so (float32 is the faster choice on such a CPU)
+    assert ("cannot pack bfloat16 weights" in caplog.text) == (not packed)
     ids = tok("The capital of France is Paris, and the capital of Spain is Madrid.",
               return_tensors="pt").input_ids
     with torch.no_grad():

@@ -17,16 +17,21 @@ logits phase) and returned by ``take_prompt_scores``.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from modelhive.engine.kv_pool import KVLayout
 from modelhive.engine.sampler import choose, sample
 from modelhive.engine.sequence import ModelBatch, PromptScores, SampledToken, ScheduledSeq
+from modelhive.kernels import reference
 from modelhive.models.base import CausalLM, KVCaches
 from modelhive.models.layers import pack_linears_for_cpu
 from modelhive.runner.attn_metadata import SeqChunk, build_attention_metadata
 from modelhive.runner.cuda_graphs import token_rows
 from modelhive.runner.decode_ahead import DecodeAhead, can_run_ahead, device_index
+
+log = logging.getLogger("modelhive.runner")
 
 
 class ModelRunner:
@@ -46,6 +51,11 @@ class ModelRunner:
         self._prompt_scores: list[PromptScores] = []
         if device.type == "cpu":  # bf16/fp16 linears on oneDNN-packed weights (reference.py)
             pack_linears_for_cpu(model)
+            dtype = next(model.parameters()).dtype
+            if dtype in reference.PACKED_DTYPES and not reference.cpu_packs(dtype):
+                log.warning("model %s: this CPU's oneDNN cannot pack %s weights (it needs "
+                            "AVX-512 or AVX-NE-CONVERT): its linears run unpacked, slower than "
+                            "float32 (dtype auto) on such a CPU", name, str(dtype).split(".")[-1])
 
     def enable_cuda_graphs(self, max_num_seqs: int, max_model_len: int, pool=None,
                            max_num_batched_tokens: int = 0, decode_steps: int = 1) -> None:
