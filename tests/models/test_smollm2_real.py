@@ -95,18 +95,23 @@ def test_prefill_logits_close_to_transformers(hive, hf_model_and_tokenizer):
     assert ours_model.arch.num_layers == 30
 
 
-def test_prompt_logprobs_equal_transformers(hive, hf_model_and_tokenizer):
-    """What lm-eval's loglikelihood reads (echo + logprobs): every prompt token's logprob given
-    the tokens before it, on the real weights."""
-    model, tok = hf_model_and_tokenizer
+def prompt_logprobs_and_reference(hive, model, tok, top: int):
+    """One sentence's prompt logprobs from the hive (``top`` alternatives each), its target
+    tokens, and transformers' log-softmax over every position of it."""
     ids = tok("The capital of France is Paris, and the capital of Spain is Madrid.",
               return_tensors="pt").input_ids
     with torch.no_grad():
         ref = torch.log_softmax(model(ids).logits[0].float(), -1)
     res = hive.generate("smol", [ids[0].tolist()], SamplingParams(
-        max_tokens=1, temperature=0.0, prompt_logprobs=5))[0]
-    got = res.outputs[0].prompt_logprobs
-    targets = ids[0, 1:]
+        max_tokens=1, temperature=0.0, prompt_logprobs=top))[0]
+    return ids[0, 1:], ref, res.outputs[0].prompt_logprobs
+
+
+def test_prompt_logprobs_equal_transformers(hive, hf_model_and_tokenizer):
+    """What lm-eval's loglikelihood reads (echo + logprobs): every prompt token's logprob given
+    the tokens before it, on the real weights."""
+    model, tok = hf_model_and_tokenizer
+    targets, ref, got = prompt_logprobs_and_reference(hive, model, tok, top=5)
     assert [lp.token_id for lp in got] == targets.tolist()
     # token texts as OpenAI and vLLM give them: decoded (" capital", not "Ġcapital")
     assert "".join(lp.token for lp in got) == tok.decode(targets)
@@ -138,14 +143,8 @@ def test_bfloat16_close_to_transformers_float32(packed, monkeypatch, caplog,
     assert any(p.is_mkldnn for p in ours.parameters()) == packed
     # unpacked, the start-up says so (float32 is the faster choice on such a CPU)
     assert ("cannot pack bfloat16 weights" in caplog.text) == (not packed)
-    ids = tok("The capital of France is Paris, and the capital of Spain is Madrid.",
-              return_tensors="pt").input_ids
-    with torch.no_grad():
-        ref = torch.log_softmax(model(ids).logits[0].float(), -1)
-    res = hive.generate("smol", [ids[0].tolist()], SamplingParams(
-        max_tokens=1, temperature=0.0, prompt_logprobs=1))[0]
-    targets = ids[0, 1:]
-    got = torch.tensor([lp.logprob for lp in res.outputs[0].prompt_logprobs])
+    targets, ref, scores = prompt_logprobs_and_reference(hive, model, tok, top=1)
+    got = torch.tensor([lp.logprob for lp in scores])
     diff = (got - ref[torch.arange(len(targets)), targets]).abs()
     assert diff.mean() < 0.1 and diff.max() < 0.5, diff
     prompt = hive.chat_prompt("smol", CHATS[0])
