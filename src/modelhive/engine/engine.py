@@ -75,6 +75,13 @@ class _Live:
     prompt_logprobs: list[TokenLogprob] | None = None
 
 
+def token_logprob(tk: Tokenizer, token_id: int, logprob: float, top) -> TokenLogprob:
+    """A token's logprob with its alternatives ``top`` (``(id, logprob)`` pairs), each with its
+    text as the API returns it."""
+    return TokenLogprob(token_id, tk.logprob_text(token_id), logprob,
+                        tuple((i, tk.logprob_text(i), lp) for i, lp in top))
+
+
 def choice_params(params: SamplingParams, index: int) -> SamplingParams:
     """The params of choice ``index`` of a request: with a seed, choice i draws with seed + i
     (as vLLM's parallel sampling does), so the n choices differ and the request stays
@@ -278,9 +285,8 @@ class Engine:
             reason = "stop"
         logprobs = None
         if tok.logprob is not None:
-            tk = live.tokenizer
-            top = tuple((i, tk.logprob_text(i), lp) for i, lp in (tok.top_logprobs or ()))
-            logprobs = (TokenLogprob(token_id, tk.logprob_text(token_id), tok.logprob, top),)
+            logprobs = (token_logprob(live.tokenizer, token_id, tok.logprob,
+                                      tok.top_logprobs or ()),)
         # positional, in field order (one per token: keywords cost more)
         delta = CompletionDelta(live.req.request_id, seq.index, (token_id,), new_text, reason,
                                 logprobs, live.num_prompt_tokens, n_out, None)
@@ -301,10 +307,8 @@ class Engine:
             log.error("prompt scores of %s skip positions %d..%d", live.seq.seq_id,
                       1 + len(have), sc.position - 1)
             return
-        tk = live.tokenizer
-        for token_id, logprob, top in sc.entries[skip:]:
-            have.append(TokenLogprob(token_id, tk.logprob_text(token_id), logprob,
-                                     tuple((i, tk.logprob_text(i), lp) for i, lp in top)))
+        have.extend(token_logprob(live.tokenizer, token_id, logprob, top)
+                    for token_id, logprob, top in sc.entries[skip:])
 
     def _delta(self, req: _Request, seq: Sequence, token_ids, text, reason,
                logprobs=None, error: str | None = None) -> CompletionDelta:
