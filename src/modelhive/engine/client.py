@@ -23,6 +23,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,20 +95,32 @@ class AsyncEngine:
         self._inbox.put(("add", (model, prompt, params, request_id, priority, stream), (loop, fut)))
         await fut  # raises the engine's validation error, if any
 
-    async def stream(self, request_id: str) -> AsyncIterator[CompletionDelta]:
+    async def stream_batches(self, request_id: str) -> AsyncIterator[list[CompletionDelta]]:
+        """The request's deltas, every one that has arrived at each wake-up: one delta a step
+        while the event loop keeps up, several (in order) once it falls behind, so a loaded
+        server pays its per-wake-up and per-write costs once for several tokens."""
         stream = self._streams.get(request_id)
         if stream is None:
             return
+        queue = stream.queue
         try:
             while stream.remaining > 0:
-                delta = await stream.queue.get()
-                if delta.finish_reason is not None:
-                    stream.remaining -= 1
-                yield delta
+                batch = [await queue.get()]
+                while not queue.empty():
+                    batch.append(queue.get_nowait())
+                stream.remaining -= sum(d.finish_reason is not None for d in batch)
+                yield batch
         finally:
             if stream.remaining > 0:  # consumer left early (client disconnected): free its KV
                 self.abort(request_id)
             self._streams.pop(request_id, None)
+
+    async def stream(self, request_id: str) -> AsyncIterator[CompletionDelta]:
+        """``stream_batches``, one delta at a time."""
+        async with aclosing(self.stream_batches(request_id)) as batches:
+            async for batch in batches:
+                for delta in batch:
+                    yield delta
 
     async def generate(self, model: str, prompt: str | list[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[CompletionDelta]:
@@ -183,10 +196,19 @@ class AsyncEngine:
             reply.set()
 
     def _dispatch(self, deltas: list[CompletionDelta]) -> None:
+        """Hand a step's deltas to their streams' event loops: one thread-safe call per loop
+        and step (each call wakes the loop through its self-pipe), not one per delta."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, CompletionDelta]]] = {}
+        streams = self._streams
         for d in deltas:
-            stream = self._streams.get(d.request_id)
+            stream = streams.get(d.request_id)
             if stream is not None:
-                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, d)
+                items = by_loop.get(stream.loop)
+                if items is None:
+                    items = by_loop[stream.loop] = []
+                items.append((stream.queue, d))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_deliver, items)
 
     def _refresh_stats(self) -> None:
         eng = self.engine
@@ -201,6 +223,11 @@ class AsyncEngine:
         self.stats = EngineStats(models, eng.allocator.num_free_blocks, eng.pool.num_blocks,
                                  eng.num_steps)
         self.stats_time = time.monotonic()
+
+
+def _deliver(items: list[tuple[asyncio.Queue, CompletionDelta]]) -> None:
+    for inbox, delta in items:
+        inbox.put_nowait(delta)
 
 
 def _settle(fut: asyncio.Future, exc: BaseException | None) -> None:

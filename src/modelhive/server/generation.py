@@ -79,22 +79,25 @@ def generation_error(state: ServerState, delta: CompletionDelta) -> APIError:
                     "internal_server_error", code="generation_failed")
 
 
-async def iterate_deltas(state: ServerState, rids: list[str],
-                         timer: RequestTimer) -> AsyncIterator[tuple[int, CompletionDelta]]:
-    """(prompt index, delta) in arrival order, over every prompt of the request."""
+async def iterate_deltas(state: ServerState, rids: list[str], timer: RequestTimer
+                         ) -> AsyncIterator[list[tuple[int, CompletionDelta]]]:
+    """Lists of (prompt index, delta) in arrival order, over every prompt of the request: what
+    has arrived at each wake-up (``AsyncEngine.stream_batches``)."""
     engine = state.async_engine
     if len(rids) == 1:
-        async with contextlib.aclosing(engine.stream(rids[0])) as stream:
-            async for delta in stream:
-                timer.on_delta(delta, 0)
-                yield 0, delta
+        async with contextlib.aclosing(engine.stream_batches(rids[0])) as batches:
+            async for batch in batches:
+                for delta in batch:
+                    timer.on_delta(delta, 0)
+                yield [(0, delta) for delta in batch]
         return
-    queue: asyncio.Queue[tuple[int, CompletionDelta | None]] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[int, list[CompletionDelta] | None]] = asyncio.Queue()
 
     async def pump(prompt_index: int, rid: str) -> None:
         try:
-            async for delta in engine.stream(rid):
-                queue.put_nowait((prompt_index, delta))
+            async with contextlib.aclosing(engine.stream_batches(rid)) as batches:
+                async for batch in batches:
+                    queue.put_nowait((prompt_index, batch))
         finally:
             queue.put_nowait((prompt_index, None))
 
@@ -102,27 +105,43 @@ async def iterate_deltas(state: ServerState, rids: list[str],
     try:
         remaining = len(tasks)
         while remaining:
-            prompt_index, delta = await queue.get()
-            if delta is None:
-                remaining -= 1
-                continue
-            timer.on_delta(delta, prompt_index)
-            yield prompt_index, delta
+            out: list[tuple[int, CompletionDelta]] = []
+            item = await queue.get()
+            while True:
+                prompt_index, batch = item
+                if batch is None:
+                    remaining -= 1
+                else:
+                    for delta in batch:
+                        timer.on_delta(delta, prompt_index)
+                        out.append((prompt_index, delta))
+                if queue.empty():
+                    break
+                item = queue.get_nowait()
+            if out:
+                yield out
     finally:
         for task in tasks:
             task.cancel()
 
 
-async def stream_choices(state: ServerState, rids: list[str], n: int,
-                         timer: RequestTimer) -> AsyncIterator[tuple[int, CompletionDelta]]:
-    """(choice index, delta) for each delta worth sending; raises APIError if the engine failed."""
-    async with contextlib.aclosing(iterate_deltas(state, rids, timer)) as deltas:
-        async for prompt_index, delta in deltas:
-            if delta.finish_reason == "error":
-                raise generation_error(state, delta)
-            if delta.text or delta.finish_reason is not None or delta.logprobs \
-                    or delta.prompt_logprobs:
-                yield prompt_index * n + delta.index, delta
+async def stream_choices(state: ServerState, rids: list[str], n: int, timer: RequestTimer
+                         ) -> AsyncIterator[list[tuple[int, CompletionDelta]]]:
+    """Lists of (choice index, delta), each delta worth sending, in order (``iterate_deltas``'
+    batches); raises APIError if the engine failed, after the deltas before the failure."""
+    async with contextlib.aclosing(iterate_deltas(state, rids, timer)) as batches:
+        async for batch in batches:
+            out = []
+            for prompt_index, delta in batch:
+                if delta.finish_reason == "error":
+                    if out:
+                        yield out
+                    raise generation_error(state, delta)
+                if delta.text or delta.finish_reason is not None or delta.logprobs \
+                        or delta.prompt_logprobs:
+                    out.append((prompt_index * n + delta.index, delta))
+            if out:
+                yield out
     timer.finish()
 
 
@@ -135,17 +154,18 @@ async def collect(state: ServerState, rids: list[str], n: int,
                   timer: RequestTimer) -> list[Choice]:
     """Every choice of the request, complete; raises APIError if the engine failed one."""
     choices = [Choice(i) for i in range(len(rids) * n)]
-    async with contextlib.aclosing(stream_choices(state, rids, n, timer)) as deltas:
-        async for index, delta in deltas:
-            choice = choices[index]
-            choice.parts.append(delta.text)
-            choice.num_tokens = delta.num_output_tokens
-            if delta.logprobs:
-                choice.logprobs.extend(delta.logprobs)
-            if delta.prompt_logprobs:
-                choice.prompt_logprobs = delta.prompt_logprobs
-            if delta.finish_reason is not None:
-                choice.finish_reason = delta.finish_reason
+    async with contextlib.aclosing(stream_choices(state, rids, n, timer)) as batches:
+        async for batch in batches:
+            for index, delta in batch:
+                choice = choices[index]
+                choice.parts.append(delta.text)
+                choice.num_tokens = delta.num_output_tokens
+                if delta.logprobs:
+                    choice.logprobs.extend(delta.logprobs)
+                if delta.prompt_logprobs:
+                    choice.prompt_logprobs = delta.prompt_logprobs
+                if delta.finish_reason is not None:
+                    choice.finish_reason = delta.finish_reason
     return choices
 
 

@@ -173,25 +173,28 @@ class ServerMetrics:
 
 
 class RequestTimer:
-    """Observes one request's TTFT, inter-token latencies and end-to-end latency."""
+    """Observes one request's TTFT, inter-token latencies and end-to-end latency (per token, on
+    the event loop: the model's series are looked up once per request, not once per token)."""
 
     def __init__(self, metrics: ServerMetrics, model: str):
         self.metrics = metrics
         self.model = model
+        self._ttft = metrics.ttft.labels(model)
+        self._itl = metrics.itl.labels(model)
         self.arrival = time.perf_counter()
         self.first_token: float | None = None
         self.last_token: dict[tuple[int, int], float] = {}
 
     def on_delta(self, delta: CompletionDelta, prompt_index: int = 0) -> None:
         now = time.perf_counter()
-        key = (prompt_index, delta.index)
         if delta.token_ids:
+            key = (prompt_index, delta.index)
             if self.first_token is None:
                 self.first_token = now
-                self.metrics.ttft.labels(self.model).observe(now - self.arrival)
+                self._ttft.observe(now - self.arrival)
             last = self.last_token.get(key)
             if last is not None:
-                self.metrics.itl.labels(self.model).observe(now - last)
+                self._itl.observe(now - last)
             self.last_token[key] = now
         if delta.finish_reason is not None:
             self.metrics.success.labels(self.model, delta.finish_reason).inc()

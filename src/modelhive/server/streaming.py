@@ -13,13 +13,13 @@ to ``AsyncEngine.stream``, whose ``finally`` aborts the request and returns its 
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
 import anyio
+import orjson
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -31,15 +31,18 @@ DONE = b"data: [DONE]\n\n"
 
 
 def sse_event(payload: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+    """One event. orjson: compact UTF-8 JSON at ~0.8 us a chunk where ``json.dumps`` took ~6
+    (one chunk per token per stream, on the event loop); a non-finite float becomes null."""
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
-async def sse_events(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
-    """Frame ``chunks``; an exception becomes a final error event; always ends with [DONE]."""
+async def sse_events(chunks: AsyncIterator[list[dict[str, Any]]]) -> AsyncIterator[bytes]:
+    """Frame ``chunks`` (lists of them: each list goes out in one write); an exception becomes a
+    final error event; always ends with [DONE]."""
     async with aclosing(chunks):
         try:
-            async for chunk in chunks:
-                yield sse_event(chunk)
+            async for batch in chunks:
+                yield b"".join(map(sse_event, batch))
         except Exception as exc:
             log.warning("stream failed after it started: %s", exc)
             yield sse_event(stream_error_payload(exc))
@@ -51,7 +54,7 @@ class SSEResponse(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, chunks: AsyncIterator[dict[str, Any]]):
+    def __init__(self, chunks: AsyncIterator[list[dict[str, Any]]]):
         super().__init__(sse_events(chunks), headers={"Cache-Control": "no-cache",
                                                       "X-Accel-Buffering": "no"})
 

@@ -90,23 +90,28 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
 
 async def _chunks(state: ServerState, body: ChatCompletionRequest, model: str, request_id: str,
                   rids: list[str], prompt_tokens: int,
-                  timer: RequestTimer) -> AsyncIterator[dict[str, Any]]:
+                  timer: RequestTimer) -> AsyncIterator[list[dict[str, Any]]]:
+    """The response's chunks, a list of them for each batch of deltas (``stream_choices``)."""
     created = int(time.time())
 
     def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": request_id, "object": "chat.completion.chunk", "created": created,
                 "model": model, "choices": choices}
 
-    for index in range(body.n):  # the role comes first, as OpenAI sends it
-        yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
-                      "logprobs": None, "finish_reason": None}])
+    # the role comes first, as OpenAI sends it
+    yield [chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
+                   "logprobs": None, "finish_reason": None}]) for index in range(body.n)]
     tokens: dict[int, int] = {}
-    async with aclosing(stream_choices(state, rids, body.n, timer)) as deltas:
-        async for index, delta in deltas:
-            tokens[index] = delta.num_output_tokens
-            content = {"content": delta.text} if delta.text or delta.logprobs else {}
-            yield chunk([{"index": index, "delta": content,
-                          "logprobs": chat_logprobs(delta.logprobs or ()) if body.logprobs
-                          else None, "finish_reason": delta.finish_reason}])
+    async with aclosing(stream_choices(state, rids, body.n, timer)) as batches:
+        async for batch in batches:
+            chunks = []
+            for index, delta in batch:
+                tokens[index] = delta.num_output_tokens
+                content = {"content": delta.text} if delta.text or delta.logprobs else {}
+                chunks.append(chunk([{"index": index, "delta": content,
+                                      "logprobs": chat_logprobs(delta.logprobs or ())
+                                      if body.logprobs else None,
+                                      "finish_reason": delta.finish_reason}]))
+            yield chunks
     if body.include_usage:
-        yield {**chunk([]), "usage": usage(prompt_tokens, sum(tokens.values()))}
+        yield [{**chunk([]), "usage": usage(prompt_tokens, sum(tokens.values()))}]

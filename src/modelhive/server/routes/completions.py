@@ -131,29 +131,35 @@ async def create_completion(body: CompletionRequest, request: Request):
 
 async def _chunks(state: ServerState, body: CompletionRequest, model: str, request_id: str,
                   rids: list[str], prompt_tokens: int, timer: RequestTimer,
-                  echoes: list[_Echo] | None) -> AsyncIterator[dict[str, Any]]:
+                  echoes: list[_Echo] | None) -> AsyncIterator[list[dict[str, Any]]]:
+    """The response's chunks, a list of them for each batch of deltas (``stream_choices``)."""
     created = int(time.time())
     tokens: dict[int, int] = {}
     offsets: dict[int, int] = {}
-    async with aclosing(stream_choices(state, rids, body.n, timer)) as deltas:
-        async for index, delta in deltas:
-            first = index not in tokens
-            only = body.echo_only
-            if only and not first:
-                continue  # the prompt went with the first chunk, and nothing else is sent
-            tokens[index] = 0 if only else delta.num_output_tokens
-            text, logprobs, reason = delta.text, None, delta.finish_reason
-            if echoes is not None and first:  # the prompt comes with the choice's first chunk
-                text, logprobs, reason = echoes[index // body.n].apply(
-                    body, text, reason, delta.prompt_logprobs or (), delta.logprobs or ())
-            elif body.logprobs is not None:
-                logprobs = completion_logprobs(delta.logprobs or (), offsets.get(index, 0))
-            if logprobs is not None and logprobs["tokens"]:
-                offsets[index] = _end_offset(logprobs)
-            yield {"id": request_id, "object": "text_completion", "created": created,
-                   "model": model, "choices": [{"index": index, "text": text,
-                                                "logprobs": logprobs,
-                                                "finish_reason": reason}]}
+    only = body.echo_only
+    async with aclosing(stream_choices(state, rids, body.n, timer)) as batches:
+        async for batch in batches:
+            chunks = []
+            for index, delta in batch:
+                first = index not in tokens
+                if only and not first:
+                    continue  # the prompt went with the first chunk, and nothing else is sent
+                tokens[index] = 0 if only else delta.num_output_tokens
+                text, logprobs, reason = delta.text, None, delta.finish_reason
+                if echoes is not None and first:  # the prompt comes with the first chunk
+                    text, logprobs, reason = echoes[index // body.n].apply(
+                        body, text, reason, delta.prompt_logprobs or (), delta.logprobs or ())
+                elif body.logprobs is not None:
+                    logprobs = completion_logprobs(delta.logprobs or (), offsets.get(index, 0))
+                if logprobs is not None and logprobs["tokens"]:
+                    offsets[index] = _end_offset(logprobs)
+                chunks.append({"id": request_id, "object": "text_completion",
+                               "created": created, "model": model,
+                               "choices": [{"index": index, "text": text,
+                                            "logprobs": logprobs, "finish_reason": reason}]})
+            if chunks:
+                yield chunks
     if body.include_usage:
-        yield {"id": request_id, "object": "text_completion", "created": created, "model": model,
-               "choices": [], "usage": usage(prompt_tokens, sum(tokens.values()))}
+        yield [{"id": request_id, "object": "text_completion", "created": created,
+                "model": model, "choices": [],
+                "usage": usage(prompt_tokens, sum(tokens.values()))}]
