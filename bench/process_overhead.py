@@ -27,11 +27,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import httpx
 
@@ -44,7 +47,7 @@ from modelhive.runner.model_runner import ModelRunner
 from modelhive.sampling_params import SamplingParams
 
 NAME = "m"
-SERVE_FREE = "--serve-free-forward"  # argv[1] of the server subprocess under --free-forward
+SERVE = "--serve"  # argv[1] of a server subprocess this script launches (options below)
 
 
 def free_forward() -> None:
@@ -53,6 +56,36 @@ def free_forward() -> None:
         return [SampledToken(s.seq_id, 300) for s in batch.seqs if s.sample]
 
     ModelRunner.execute = execute
+
+
+def profile_engine_thread(path: str) -> None:
+    """The server's engine thread under cProfile (pstats written to ``path`` when it stops), and
+    each engine step's wall time, sequences and tokens (``path``.steps.json)."""
+    import cProfile
+
+    from modelhive.engine.engine import Engine
+
+    run, step = AsyncEngine._run, Engine.step
+    steps: list[tuple[float, int, int]] = []
+
+    def timed_step(self):
+        start = time.perf_counter()
+        deltas = step(self)
+        steps.append((time.perf_counter() - start, len(deltas),
+                      sum(len(d.token_ids) for d in deltas)))
+        return deltas
+
+    def profiled_run(self):
+        profile = cProfile.Profile()
+        try:
+            profile.runcall(run, self)
+        finally:
+            profile.dump_stats(path)
+            with open(path + ".steps.json", "w") as f:
+                json.dump(steps, f)
+
+    Engine.step = timed_step
+    AsyncEngine._run = profiled_run
 
 
 def spec(args) -> ModelSpec:
@@ -91,8 +124,10 @@ def run_async(client: AsyncEngine, args, tag: str) -> int:
     return asyncio.run(all_streams())
 
 
-async def _http_streams(url: str, args) -> int:
-    limits = httpx.Limits(max_connections=args.streams + 4)
+async def _http_streams(url: str, args, first: int, count: int) -> int:
+    """``count`` of the ``http`` path's streams, from prompt ``first`` on; each stops reading at
+    its usage chunk."""
+    limits = httpx.Limits(max_connections=count + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         async def one(prompt: str) -> int:
             body = {"model": NAME, "prompt": prompt, "max_tokens": args.max_tokens,
@@ -104,19 +139,34 @@ async def _http_streams(url: str, args) -> int:
                         return json.loads(line[6:])["usage"]["completion_tokens"]
             raise RuntimeError("stream ended without usage")
 
-        return sum(await asyncio.gather(*(one(p) for p in prompts(args))))
+        return sum(await asyncio.gather(*(one(p) for p in prompts(args)[first:first + count])))
+
+
+def _client_process(url: str, args, first: int, count: int) -> int:
+    return asyncio.run(_http_streams(url, args, first, count))
+
+
+def run_http(pool: ProcessPoolExecutor, url: str, args) -> int:
+    """Every stream, split over ``args.clients`` client processes (one Python client parses
+    SSE slower than the server writes it once the forward is cheap)."""
+    share = -(-args.streams // args.clients)
+    jobs = [pool.submit(_client_process, url, args, first, min(share, args.streams - first))
+            for first in range(0, args.streams, share)]
+    return sum(job.result() for job in jobs)
 
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    launcher = [__file__, SERVE_FREE] if args.free_forward else ["-m", "modelhive"]
+    launcher = [__file__, SERVE, str(args.free_forward), str(args.switch_interval),
+                str(args.server_profile)]
     cmd = [sys.executable, *launcher, "serve", "--model", args.model,
            "--served-model-name", NAME, "--device", args.device, "--memory", args.memory,
            "--max-num-seqs", str(args.streams), "--max-model-len", str(args.max_model_len),
-           "--port", str(port), "--no-access-log"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+           "--port", str(port), "--no-access-log", *args.serve_arg]
+    log = tempfile.TemporaryFile()  # the server's output, shown if it does not start
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while True:
@@ -127,7 +177,10 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise RuntimeError("server did not start")
+            proc.wait()
+            log.seek(0)
+            tail = log.read().decode(errors="replace")[-3000:]
+            raise RuntimeError(f"server did not start; its output ends:\n{tail}")
         time.sleep(0.2)
 
 
@@ -166,6 +219,14 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=512)
     parser.add_argument("--memory", default="1GiB")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--clients", type=int, default=1,
+                        help="client processes the http path's streams are split over")
+    parser.add_argument("--switch-interval", type=float, default=None,
+                        help="the server's GIL switch interval, seconds (default: serve's)")
+    parser.add_argument("--serve-arg", action="append", default=[],
+                        help="one more argument for `modelhive serve` (repeatable)")
+    parser.add_argument("--server-profile", default=None, metavar="PATH",
+                        help="profile the server's engine thread (cProfile) into PATH")
     parser.add_argument("--free-forward", action="store_true",
                         help="a forward that costs nothing, here and in the server")
     parser.add_argument("--rounds", type=int, default=5,
@@ -173,26 +234,37 @@ def main() -> None:
     args = parser.parse_args()
     if args.free_forward:
         free_forward()
+    from modelhive.cli import serve
+
+    # the in-process paths run the same two threads as the server: the same GIL switch interval
+    if args.switch_interval is None:
+        args.switch_interval = getattr(serve, "SWITCH_INTERVAL_S", sys.getswitchinterval())
+    sys.setswitchinterval(args.switch_interval)
     print(f"model {args.model}, {args.streams} streams x {args.max_tokens} tokens, "
           f"{args.device}{', free forward' if args.free_forward else ''}, "
+          f"GIL switch interval {1e3 * args.switch_interval:g} ms, "
           f"{args.rounds} interleaved rounds")
     # the HTTP server's engine lives in its own process; this process holds the other two, on
     # one engine owned by an AsyncEngine thread: ``engine`` rounds run on that same thread
     # (AsyncEngine.call), so both in-process paths step on the same thread and OpenMP team
-    client = AsyncEngine(build_engine([spec(args)], args.device, args.memory))
+    # spawned, not forked: this process runs threads and may hold a CUDA context
+    pool = ProcessPoolExecutor(args.clients, mp_context=multiprocessing.get_context("spawn"))
+    # CUDA graphs where the device has them, as `modelhive serve` runs
+    client = AsyncEngine(build_engine([spec(args)], args.device, args.memory,
+                                      enforce_eager=False))
     client.start()
     proc, url = start_server(args)
     try:
         client.call(run_engine, args, "warm")
         run_async(client, args, "warm")
-        asyncio.run(_http_streams(url, args))
+        run_http(pool, url, args)
         results: dict[str, list[tuple[int, float]]] = {"engine": [], "async": [], "http": []}
         server_cpu = {"loop": 0.0, "other": 0.0}
         for r in range(args.rounds):  # interleaved, so load from other processes hits all three
             results["engine"].append(timed(client.call, run_engine, args, f"e{r}"))
             results["async"].append(timed(run_async, client, args, f"a{r}"))
             before = thread_cpu_s(proc.pid)
-            results["http"].append(timed(lambda: asyncio.run(_http_streams(url, args))))
+            results["http"].append(timed(run_http, pool, url, args))
             after = thread_cpu_s(proc.pid)
             for key in before:
                 server_cpu[key] += after[key] - before[key]
@@ -200,6 +272,7 @@ def main() -> None:
         client.shutdown()
         proc.terminate()
         proc.wait(60)
+        pool.shutdown()
     print(f"{'path':8} {'tokens':>7} {'best s':>7} {'median s':>9} {'tok/s':>7} "
           f"{'us/token':>9} {'overhead/token':>15}   (median rounds)")
     base = None
@@ -218,9 +291,15 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == SERVE_FREE:  # the server of a --free-forward run
+    if len(sys.argv) > 1 and sys.argv[1] == SERVE:  # a server: free forward?, switch interval
+        from modelhive.cli import serve
         from modelhive.cli.main import main as modelhive_main
 
-        free_forward()
-        sys.exit(modelhive_main(sys.argv[2:]))
+        if sys.argv[2] == "True":
+            free_forward()
+        if sys.argv[3] != "None":
+            serve.SWITCH_INTERVAL_S = float(sys.argv[3])
+        if sys.argv[4] != "None":
+            profile_engine_thread(sys.argv[4])
+        sys.exit(modelhive_main(sys.argv[5:]))
     main()

@@ -121,7 +121,7 @@ class HiveConfig:
     memory: str | int | float | None = None
     device: str = "auto"
     policy: str = "shared"
-    enforce_eager: bool = True
+    enforce_eager: bool = False
     host: str | None = None
     port: int | None = None
 

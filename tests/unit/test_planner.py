@@ -70,8 +70,22 @@ def test_smollm2_params_match_transformers():
     assert ARCHS["smollm2"].num_params() == hf_param_count(SMOLLM2_135M)
 
 
+def test_cuda_graphs_are_planned_unless_eager_is_asked_for():
+    """As `modelhive serve` runs: graphs by default on CUDA (vLLM's default), none on CPU."""
+    default = plan_memory(THREE, ARCHS, device="cuda", budget="32GiB", total_device_bytes=None)
+    graphs = plan_memory(THREE, ARCHS, device="cuda", budget="32GiB", total_device_bytes=None,
+                         enforce_eager=False)
+    eager = plan_memory(THREE, ARCHS, device="cuda", budget="32GiB", total_device_bytes=None,
+                        enforce_eager=True)
+    assert default.graph_bytes == graphs.graph_bytes > 0 and eager.graph_bytes == 0
+    assert default.num_blocks == graphs.num_blocks < eager.num_blocks
+    cpu = plan_memory(THREE, ARCHS, device="cpu", budget="32GiB", total_device_bytes=None)
+    assert cpu.graph_bytes == 0
+
+
 def test_three_model_plan_terms_add_up():
-    plan = plan_memory(THREE, ARCHS, device="cuda", budget="32GiB", total_device_bytes=None)
+    plan = plan_memory(THREE, ARCHS, device="cuda", budget="32GiB", total_device_bytes=None,
+                       enforce_eager=True)
     assert plan.fits and plan.problem is None
     assert plan.block_bytes == 65_536 * 16  # Yi gets exactly 16 tokens per block
     assert [m.tokens_per_block for m in plan.models] == [46, 28, 16]
@@ -149,7 +163,8 @@ def test_cpu_default_budget_holds_every_sequence_and_caps_kv_at_4gib():
 def test_not_fitting_names_the_term_and_the_amount():
     plan = plan_memory(THREE, ARCHS, device="cuda", budget="16GiB", total_device_bytes=None)
     assert not plan.fits and plan.num_blocks == 0
-    over = plan.weights_bytes + plan.activation_bytes + plan.overhead_bytes - 16 * GiB
+    over = (plan.weights_bytes + plan.activation_bytes + plan.graph_bytes + plan.overhead_bytes
+            - 16 * GiB)
     assert "the weights" in plan.problem and f"{over / 1e9:.2f} GB" in plan.problem
 
 

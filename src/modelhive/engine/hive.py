@@ -87,7 +87,7 @@ def load_model(src: loader.ModelSource, dtype: torch.dtype, device: torch.device
 
 def build_engine(specs: Sequence[ModelSpec], device: str | torch.device = "auto",
                  memory: str | int | float | None = None, policy: str = "shared",
-                 enforce_eager: bool = True,
+                 enforce_eager: bool = False,
                  on_model_loaded: Callable[[str], None] | None = None,
                  max_waiting_total: int = 4096, measure_memory: bool = True,
                  capture_graphs: bool | None = None, decode_steps: int = DECODE_STEPS) -> Engine:
@@ -278,7 +278,7 @@ class Hive:
 
     def __init__(self, models: Sequence[ModelSpec], device: str = "auto",
                  memory: str | int | float | None = None, policy: str = "shared",
-                 enforce_eager: bool = True, decode_steps: int = DECODE_STEPS):
+                 enforce_eager: bool = False, decode_steps: int = DECODE_STEPS):
         self.engine = build_engine(models, device, memory, policy, enforce_eager,
                                    decode_steps=decode_steps)
 

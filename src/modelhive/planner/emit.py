@@ -113,7 +113,7 @@ def _decode_graph_bytes(m: ModelPlan) -> int:
 
 
 def vllm_instances(plan: MemoryPlan, total_bytes: int, *, ports: Ports = None,
-                   enforce_eager: bool = True) -> list[VllmInstance]:
+                   enforce_eager: bool = False) -> list[VllmInstance]:
     """One instance per planned model, in start order (the config's order)."""
     if plan.device != "cuda":
         raise PlanError("vLLM output needs a CUDA plan; pass --device cuda")
@@ -161,7 +161,7 @@ def _header(plan: MemoryPlan, instances: list[VllmInstance], total_bytes: int) -
 
 
 def emit_vllm(plan: MemoryPlan, total_bytes: int, *, ports: Ports = None,
-              enforce_eager: bool = True) -> str:
+              enforce_eager: bool = False) -> str:
     """A bash script: one `vllm serve` per model, each started after the previous is healthy."""
     instances = vllm_instances(plan, total_bytes, ports=ports, enforce_eager=enforce_eager)
     lines = ["#!/usr/bin/env bash", *[f"# {h}" for h in _header(plan, instances, total_bytes)],
@@ -177,7 +177,7 @@ def emit_vllm(plan: MemoryPlan, total_bytes: int, *, ports: Ports = None,
 
 
 def emit_compose(plan: MemoryPlan, total_bytes: int, *, ports: Ports = None,
-                 enforce_eager: bool = True) -> str:
+                 enforce_eager: bool = False) -> str:
     """A docker-compose file: one service per model, each waiting for the previous to be healthy."""
     instances = vllm_instances(plan, total_bytes, ports=ports, enforce_eager=enforce_eager)
     health = ('["CMD", "python3", "-c", "import urllib.request; '

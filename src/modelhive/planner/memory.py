@@ -167,7 +167,7 @@ def plan_memory(
     budget: str | int | float | None,
     total_device_bytes: int | None,
     policy: str = "shared",
-    enforce_eager: bool = True,
+    enforce_eager: bool = False,
     decode_steps: int = estimates.DECODE_STEPS,
 ) -> MemoryPlan:
     """Plan the device memory of ``specs`` (``archs`` maps model name -> ArchConfig).
