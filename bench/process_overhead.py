@@ -222,7 +222,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=1,
                         help="client processes the http path's streams are split over")
     parser.add_argument("--switch-interval", type=float, default=None,
-                        help="the server's GIL switch interval, seconds (default: serve's)")
+                        help="the GIL switch interval, seconds, here and in the server "
+                             "(default: Python's, 5 ms)")
     parser.add_argument("--serve-arg", action="append", default=[],
                         help="one more argument for `modelhive serve` (repeatable)")
     parser.add_argument("--server-profile", default=None, metavar="PATH",
@@ -234,15 +235,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.free_forward:
         free_forward()
-    from modelhive.cli import serve
-
     # the in-process paths run the same two threads as the server: the same GIL switch interval
-    if args.switch_interval is None:
-        args.switch_interval = getattr(serve, "SWITCH_INTERVAL_S", sys.getswitchinterval())
-    sys.setswitchinterval(args.switch_interval)
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
     print(f"model {args.model}, {args.streams} streams x {args.max_tokens} tokens, "
           f"{args.device}{', free forward' if args.free_forward else ''}, "
-          f"GIL switch interval {1e3 * args.switch_interval:g} ms, "
+          f"GIL switch interval {1e3 * sys.getswitchinterval():g} ms, "
           f"{args.rounds} interleaved rounds")
     # the HTTP server's engine lives in its own process; this process holds the other two, on
     # one engine owned by an AsyncEngine thread: ``engine`` rounds run on that same thread
@@ -292,13 +290,12 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == SERVE:  # a server: free forward?, switch interval
-        from modelhive.cli import serve
         from modelhive.cli.main import main as modelhive_main
 
         if sys.argv[2] == "True":
             free_forward()
         if sys.argv[3] != "None":
-            serve.SWITCH_INTERVAL_S = float(sys.argv[3])
+            sys.setswitchinterval(float(sys.argv[3]))
         if sys.argv[4] != "None":
             profile_engine_thread(sys.argv[4])
         sys.exit(modelhive_main(sys.argv[5:]))

@@ -163,19 +163,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-#: how long a Python thread may hold the GIL while another waits for it (Python's default: 5
-#: ms). The engine thread gives the GIL up at every wait for the device; while the event loop
-#: thread is busy writing a step's tokens, taking it back costs up to this interval, several
-#: times a step (docs/process-layout.md).
-SWITCH_INTERVAL_S = 0.0005
-
-
 def run_event_loop(main) -> None:
     """Run ``main`` on uvloop where it is installed (every platform but Windows; the loop
     uvicorn picks itself when it owns the loop), else on asyncio's own loop. uvloop's C
     transports and thread-safe wake-ups take about half of the event loop's time per streamed
     token (docs/process-layout.md)."""
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
     try:
         import uvloop
     except ImportError:
