@@ -69,6 +69,53 @@ def test_greedy_stream_equals_non_stream(server, model):
     assert "".join(streamed) == chat.choices[0].message.content
 
 
+def test_many_concurrent_streams_equal_their_non_streamed_replies(server):
+    """48 streams at once (a stream whose consumer lags gets several tokens in one write):
+    each streamed reply, chat and completion, is its non-streamed greedy reply, in order."""
+    prompts = [f"Story {i}: once upon a time" for i in range(24)]
+    common = dict(model="tiny-llama", max_tokens=24, temperature=0,
+                  extra_body={"ignore_eos": True})
+
+    async def streamed(client, i: int) -> tuple[str, str, int]:
+        if i % 2:
+            chunks = await client.chat.completions.create(
+                messages=[{"role": "user", "content": prompts[i // 2]}], stream=True,
+                stream_options={"include_usage": True}, **common)
+            parts, reason, usage = [], None, None
+            async for c in chunks:
+                if c.choices:
+                    parts.append(c.choices[0].delta.content or "")
+                    reason = c.choices[0].finish_reason or reason
+                usage = c.usage or usage
+        else:
+            chunks = await client.completions.create(
+                prompt=prompts[i // 2], stream=True, stream_options={"include_usage": True},
+                **common)
+            parts, reason, usage = [], None, None
+            async for c in chunks:
+                if c.choices:
+                    parts.append(c.choices[0].text)
+                    reason = c.choices[0].finish_reason or reason
+                usage = c.usage or usage
+        return "".join(parts), reason, usage.completion_tokens
+
+    async def all_streams():
+        client = server.async_client()
+        return await asyncio.gather(*(streamed(client, i) for i in range(48)))
+
+    results = asyncio.run(all_streams())
+    client = server.client()
+    for i, (text, reason, tokens) in enumerate(results):
+        if i % 2:
+            full = client.chat.completions.create(
+                messages=[{"role": "user", "content": prompts[i // 2]}], **common)
+            expected = full.choices[0].message.content
+        else:
+            full = client.completions.create(prompt=prompts[i // 2], **common)
+            expected = full.choices[0].text
+        assert (text, reason, tokens) == (expected, "length", 24), i
+
+
 @pytest.mark.parametrize("model", MODELS)
 def test_usage_counts_are_real_token_counts(server, model):
     client = server.client()
