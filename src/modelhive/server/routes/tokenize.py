@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -31,7 +32,9 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
                                       body.add_generation_prompt, bool(body.add_special_tokens))
     else:
         add_special = True if body.add_special_tokens is None else body.add_special_tokens
-        ids = loaded.tokenizer.encode(body.prompt, add_special_tokens=add_special)
+        # a worker thread, as for the generation routes: a long text must not stall the streams
+        ids = await asyncio.to_thread(loaded.tokenizer.encode, body.prompt,
+                                      add_special_tokens=add_special)
     return {"count": len(ids), "max_model_len": loaded.limits.max_model_len, "tokens": ids}
 
 
@@ -45,4 +48,6 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> dict[str, Any
     if bad:
         raise InvalidRequestError(f"tokens must be ids in [0, {vocab_size}); got {bad[0]}",
                                   param="tokens")
-    return {"prompt": loaded.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+    text = await asyncio.to_thread(loaded.tokenizer.decode, body.tokens,
+                                   skip_special_tokens=False)
+    return {"prompt": text}
