@@ -9,7 +9,9 @@ docs/process-layout.md for the measurement behind this choice.
 Contract:
 - ``submit(...)`` validates on the engine thread and raises the engine's ``ModelhiveError`` in the
   caller (so the HTTP layer can answer 400/404/429 before streaming starts).
-- ``stream(request_id)`` yields deltas until every completion of the request has finished.
+- ``stream_batches(request_id)`` yields lists of deltas (all that arrived since the consumer last
+  looked; a step's deltas reach the event loop in one wake-up) until every completion of the
+  request has finished; ``stream(request_id)`` yields the same deltas one at a time.
 - ``abort(request_id)`` (also called when a stream's consumer goes away) finishes the request's
   sequences and returns their KV blocks to the pool.
 - If the loop thread dies, ``healthy`` is False and every open stream ends with an error delta.
