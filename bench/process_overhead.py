@@ -133,6 +133,11 @@ async def _http_streams(url: str, args, first: int, count: int) -> int:
             body = {"model": NAME, "prompt": prompt, "max_tokens": args.max_tokens,
                     "temperature": 0, "ignore_eos": True, "stream": True,
                     "stream_options": {"include_usage": True}}
+            if args.no_stream:
+                body["stream"] = False
+                del body["stream_options"]
+                response = await client.post("/v1/completions", json=body)
+                return response.json()["usage"]["completion_tokens"]
             async with client.stream("POST", "/v1/completions", json=body) as response:
                 async for line in response.aiter_lines():
                     if line.startswith("data: {") and '"usage"' in line:
@@ -224,6 +229,8 @@ def main() -> None:
     parser.add_argument("--switch-interval", type=float, default=None,
                         help="the GIL switch interval, seconds, here and in the server "
                              "(default: Python's, 5 ms)")
+    parser.add_argument("--no-stream", action="store_true",
+                        help="the http path's requests without streaming (one JSON reply each)")
     parser.add_argument("--serve-arg", action="append", default=[],
                         help="one more argument for `modelhive serve` (repeatable)")
     parser.add_argument("--server-profile", default=None, metavar="PATH",
