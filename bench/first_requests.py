@@ -7,9 +7,9 @@ waits out too.
 
 Start the server just before (for a cold Triton cache: ``TRITON_CACHE_DIR`` set to an empty
 directory). The kinds: greedy, a long prompt (1,351 tokens with a byte tokenizer: serve with
-``--max-model-len 2048`` or more), top-p,
-top-k + min-p, repetition penalty, logprobs, echo + logprobs, n=3 seeded, a streamed chat, a
-stop string. Prints milliseconds per request and round (docs/benchmarks.md, session 19).
+``--max-model-len 2048`` or more), top-p, top-k + min-p, repetition penalty, logprobs, echo +
+logprobs, n=3 seeded, a streamed chat, a stop string. Prints milliseconds per request and
+round (docs/benchmarks.md, session 19).
 """
 
 from __future__ import annotations
