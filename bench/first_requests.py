@@ -6,10 +6,10 @@ waits out too.
     python3 bench/first_requests.py http://127.0.0.1:8000 MODEL [--rounds 2]
 
 Start the server just before (for a cold Triton cache: ``TRITON_CACHE_DIR`` set to an empty
-directory). The kinds: greedy, a long prompt (1,351 tokens with a byte tokenizer: serve with
-``--max-model-len 2048`` or more), top-p, top-k + min-p, repetition penalty, logprobs, echo +
-logprobs, n=3 seeded, a streamed chat, a stop string. Prints milliseconds per request and
-round (docs/benchmarks.md, session 19).
+directory). The 12 kinds: greedy (two prompts), a long prompt (two; 1,351 tokens with a byte
+tokenizer: serve with ``--max-model-len 2048`` or more), top-p, top-k + min-p, repetition +
+presence penalty, logprobs, echo + logprobs, n=3 seeded, a streamed chat, a stop string. Prints
+milliseconds per request and round (docs/benchmarks.md, session 19).
 """
 
 from __future__ import annotations
@@ -25,12 +25,15 @@ KINDS = [
     ("greedy, other prompt", "/v1/completions",
      {"prompt": "Hello there", "max_tokens": 16, "temperature": 0}),
     ("long prompt", "/v1/completions", {"prompt": LONG, "max_tokens": 16, "temperature": 0}),
+    ("long prompt, other", "/v1/completions",
+     {"prompt": LONG + " again", "max_tokens": 16, "temperature": 0}),
     ("top-p", "/v1/completions",
      {"prompt": "Hello", "max_tokens": 16, "temperature": 0.8, "top_p": 0.9}),
     ("top-k + min-p", "/v1/completions",
      {"prompt": "Hello", "max_tokens": 16, "temperature": 0.7, "top_k": 20, "min_p": 0.05}),
     ("repetition penalty", "/v1/completions",
-     {"prompt": "Hello", "max_tokens": 16, "repetition_penalty": 1.2}),
+     {"prompt": "Hello", "max_tokens": 16, "repetition_penalty": 1.2,
+      "presence_penalty": 0.5}),
     ("logprobs", "/v1/completions", {"prompt": "Hello", "max_tokens": 16, "logprobs": 3}),
     ("echo + logprobs", "/v1/completions",
      {"prompt": "Hello world, how are", "max_tokens": 4, "logprobs": 2, "echo": True}),
