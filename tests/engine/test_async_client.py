@@ -74,3 +74,33 @@ def test_one_wake_up_of_the_loop_per_step_for_all_streams(roomy_hive: Hive, monk
     assert all(len(out) == GREEDY.max_tokens for out in outputs)
     assert sum(deliveries) >= 8 * GREEDY.max_tokens  # every token's delta went through them
     assert len(deliveries) <= steps  # at most one hand-off per step (aborts aside: none here)
+
+
+def test_a_closed_consumer_loop_does_not_stop_the_engine(roomy_hive: Hive):
+    """A request whose event loop closed before it finished (an ``asyncio.run`` that ended):
+    its tokens cannot be delivered, so it is aborted and its blocks return; other requests run
+    on."""
+    prompt = [5, 17, 42, 99, 7]
+    expected = roomy_hive.generate("llama", [prompt], GREEDY)[0].token_ids
+    client = AsyncEngine(roomy_hive.engine)
+    client.start()
+    try:
+        orphan_loop = asyncio.new_event_loop()
+        long = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+        orphan_loop.run_until_complete(client.submit("llama", prompt, long, "orphan"))
+        orphan_loop.close()
+
+        async def follow_up():
+            async def tokens():
+                return [t async for d in client.generate("llama", prompt, GREEDY, "after")
+                        for t in d.token_ids]
+
+            return await asyncio.wait_for(tokens(), timeout=60)
+
+        assert asyncio.run(follow_up()) == expected
+        _wait_idle(client)
+        assert client.healthy
+        client.call(lambda engine: engine.check_integrity())
+        assert client.call(lambda engine: engine.allocator.num_used_blocks("llama")) == 0
+    finally:
+        client.shutdown()

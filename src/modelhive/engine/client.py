@@ -162,7 +162,7 @@ class AsyncEngine:
             for rid, stream in list(self._streams.items()):
                 for i in range(stream.remaining):
                     d = CompletionDelta(rid, i, (), "", "error", None, 0, 0, self.error)
-                    stream.loop.call_soon_threadsafe(stream.queue.put_nowait, d)
+                    _call_soon(stream.loop, stream.queue.put_nowait, d)
 
     def _drain(self, block: bool) -> None:
         try:
@@ -183,10 +183,12 @@ class AsyncEngine:
             try:
                 self.engine.add_request(model, prompt, params, request_id, priority)
             except Exception as exc:
-                loop.call_soon_threadsafe(_settle, fut, exc)
+                _call_soon(loop, _settle, fut, exc)
                 return
             self._streams[request_id] = stream
-            loop.call_soon_threadsafe(_settle, fut, None)
+            if not _call_soon(loop, _settle, fut, None):  # the submitter's loop is gone
+                self._streams.pop(request_id, None)
+                self.engine.abort(request_id)
         elif kind == "abort":
             self._dispatch(self.engine.abort(payload))
         elif kind == "call":
@@ -209,8 +211,13 @@ class AsyncEngine:
                 if items is None:
                     items = by_loop[stream.loop] = []
                 items.append((stream.queue, d))
+        gone: list[str] = []
         for loop, items in by_loop.items():
-            loop.call_soon_threadsafe(_deliver, items)
+            if not _call_soon(loop, _deliver, items):  # the consumers' loop is closed
+                gone.extend(dict.fromkeys(d.request_id for _, d in items))
+        for request_id in gone:  # nobody reads these any more: free their KV blocks
+            if streams.pop(request_id, None) is not None:
+                self.engine.abort(request_id)
 
     def _refresh_stats(self) -> None:
         eng = self.engine
@@ -225,6 +232,16 @@ class AsyncEngine:
         self.stats = EngineStats(models, eng.allocator.num_free_blocks, eng.pool.num_blocks,
                                  eng.num_steps)
         self.stats_time = time.monotonic()
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn, *args) -> bool:
+    """``loop.call_soon_threadsafe(fn, *args)``; False if that loop is closed (its consumers went
+    with it, e.g. an ``asyncio.run`` that ended), which must not take the engine thread down."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        return False
+    return True
 
 
 def _deliver(items: list[tuple[asyncio.Queue, CompletionDelta]]) -> None:
