@@ -63,8 +63,6 @@ def profile_engine_thread(path: str) -> None:
     each engine step's wall time, sequences and tokens (``path``.steps.json)."""
     import cProfile
 
-    from modelhive.engine.engine import Engine
-
     run, step = AsyncEngine._run, Engine.step
     steps: list[tuple[float, int, int]] = []
 
