@@ -16,8 +16,9 @@ class SamplingParams:
     """Per-request sampling settings. ``temperature=0`` is greedy; ``top_k<=0`` disables top-k.
 
     ``seed`` makes a sampled request reproducible whatever else shares its batch (and across
-    preemption): the noise for token i is drawn from a generator seeded by (seed, i); choice j
-    of ``n`` uses seed + j (``engine.choice_params``).
+    preemption), and the same on CPU and GPU: the uniform of token i's draw is a hash of
+    (seed, i) (``engine.sampler.uniforms``); choice j of ``n`` uses seed + j
+    (``engine.choice_params``).
     """
 
     max_tokens: int = 16

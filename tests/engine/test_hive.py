@@ -176,3 +176,24 @@ def test_serving_gc_block_restores_the_collector_when_the_block_raises():
         assert gc.get_threshold()[0] == SERVING_GC_THRESHOLD and gc.get_freeze_count() > 0
         raise RuntimeError("a failed timed run")
     assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+
+
+def test_warm_up_runs_every_kind_and_leaves_no_trace(roomy_hive: Hive):
+    """``Engine.warm_up`` (run by ``build_engine`` on CUDA) steps each model through every
+    sampling path, then resets the counters and gives every block back; greedy outputs after it
+    are what they were before."""
+    eng = roomy_hive.engine
+    work = prompts(500, 3, seed=11)
+    before = [r.token_ids for r in roomy_hive.generate("qwen2", work, GREEDY)]
+    steps = []
+    inner = eng.step
+    eng.step = lambda: steps.append(1) or inner()
+    try:
+        assert eng.warm_up() >= 0
+    finally:
+        del eng.step
+    assert len(steps) >= 3 * 6  # each model: every kind alone, then all together
+    assert eng.num_steps == 0 and not eng.prompt_tokens_total and not eng.generation_tokens_total
+    eng.check_integrity()
+    assert eng.allocator.num_free_blocks == eng.pool.num_blocks and not eng.has_work
+    assert [r.token_ids for r in roomy_hive.generate("qwen2", work, GREEDY)] == before

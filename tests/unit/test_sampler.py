@@ -2,11 +2,12 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from modelhive.engine.output import Detokenizer
-from modelhive.engine.sampler import _filter, choose, sample
+from modelhive.engine.sampler import _apply_penalties, _filter_rows, choose, sample
 from modelhive.engine.sequence import ScheduledSeq
 from modelhive.errors import InvalidRequestError
 from modelhive.sampling_params import SamplingParams
@@ -95,6 +96,10 @@ def test_seeded_draws_follow_the_distribution():
 def test_top_k_top_p_min_p_filters():
     logits = torch.log(torch.tensor([0.4, 0.3, 0.2, 0.1]))
     keep = lambda f: torch.isfinite(f).nonzero().flatten().tolist()  # noqa: E731
+
+    def _filter(x, top_k, top_p, min_p):  # one row
+        return _filter_rows(x[None], [top_k], [top_p], [min_p])[0]
+
     assert keep(_filter(logits, 2, 1.0, 0.0)) == [0, 1]
     assert keep(_filter(logits, 0, 0.65, 0.0)) == [0, 1]  # 0.4 + 0.3 reaches 0.65
     assert keep(_filter(logits, 0, 0.71, 0.0)) == [0, 1, 2]
@@ -144,3 +149,120 @@ def test_detokenizer_holds_back_partial_stop_strings_and_cuts_at_stop():
     d3 = Detokenizer(stop=(), include_stop=False)
     assert d3.update("ab\ufffd", finished=False) == ("ab", False)
     assert d3.update("abc", finished=True) == ("c", False)
+
+
+# ------------------------------------------------- the batched stages against one row at a time
+def _reference_filter(x, top_k, top_p, min_p):
+    """One row, the plain way (the sampler before it was batched)."""
+    if 0 < top_k < x.shape[-1]:
+        x = x.masked_fill(x < torch.topk(x, top_k).values[-1], float("-inf"))
+    if top_p < 1.0:
+        sorted_x, order = torch.sort(x, descending=True)
+        probs = torch.softmax(sorted_x, dim=-1)
+        drop = (torch.cumsum(probs, dim=-1) - probs) > top_p
+        x = x.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    if min_p > 0.0:
+        probs = torch.softmax(x, dim=-1)
+        x = x.masked_fill(probs < min_p * probs.max(), float("-inf"))
+    return x
+
+
+def _reference_penalties(logits, it):
+    p, history = it.params, torch.tensor(it.history, dtype=torch.long)
+    row = logits.clone()
+    if p.repetition_penalty != 1.0:
+        seen = torch.unique(history)
+        row[seen] = torch.where(row[seen] > 0, row[seen] / p.repetition_penalty,
+                                row[seen] * p.repetition_penalty)
+    counts = torch.bincount(history[it.num_prompt_tokens:], minlength=row.shape[0]).float()
+    return row - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).float()
+
+
+def _mixed_batch(rng, vocab, n):
+    items = []
+    for i in range(n):
+        kind = i % 6
+        params = dict(temperature=[0.0, 0.7, 1.0, 1.3, 0.9, 0.5][kind], seed=1000 + i)
+        if kind == 2:
+            params.update(top_k=int(rng.integers(1, 40)))
+        if kind == 3:
+            params.update(top_p=float(rng.uniform(0.2, 0.95)))
+        if kind == 4:
+            params.update(min_p=float(rng.uniform(0.01, 0.3)), top_k=7, top_p=0.8)
+        history = ()
+        if i % 4 == 1:
+            params.update(repetition_penalty=1.4, presence_penalty=0.3, frequency_penalty=0.2)
+            history = tuple(int(t) for t in rng.integers(0, vocab, 30))
+        items.append(item(SamplingParams(**params), f"r{i}", num_generated=i, history=history,
+                          num_prompt=10))
+    return items
+
+
+def test_batched_filters_equal_one_row_at_a_time():
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    x = torch.randn(12, 300) * 3
+    top_k = [int(k) for k in rng.choice([0, -1, 1, 5, 50, 299, 300, 1000], 12)]
+    top_p = [float(p) for p in rng.choice([1.0, 0.1, 0.5, 0.9, 0.999], 12)]
+    min_p = [float(p) for p in rng.choice([0.0, 0.05, 0.5], 12)]
+    got = _filter_rows(x.clone(), top_k, top_p, min_p)
+    for r in range(12):
+        want = _reference_filter(x[r], top_k[r], top_p[r], min_p[r])
+        assert torch.equal(torch.isfinite(got[r]), torch.isfinite(want)), (r, top_k[r], top_p[r])
+
+
+def test_batched_penalties_equal_one_row_at_a_time():
+    rng = np.random.default_rng(1)
+    logits = torch.randn(8, 64) * 2
+    items = _mixed_batch(rng, 64, 8)
+    penalised = logits.clone()
+    _apply_penalties(penalised, items)
+    for r, it in enumerate(items):
+        want = _reference_penalties(logits[r], it) if it.history else logits[r]
+        torch.testing.assert_close(penalised[r], want)
+
+
+def test_a_mixed_batch_draws_what_each_seeded_row_draws_alone():
+    """Greedy, temperature, top-k, top-p, min-p and penalised rows in one batch: each row's
+    token is the one it gets sampled alone (seeded), over several steps."""
+    rng = np.random.default_rng(2)
+    for step in range(5):
+        logits = torch.randn(12, 500) * 2
+        items = _mixed_batch(rng, 500, 12)
+        items = [item(it.params, it.seq_id, it.num_generated + step, it.history, 10)
+                 for it in items]
+        batched = sample(logits.clone(), items)
+        for r, it in enumerate(items):
+            assert batched[r].token_id == sample(logits[r:r + 1].clone(), [it])[0].token_id
+
+
+def test_logprobs_per_row_count_and_raw_values():
+    torch.manual_seed(3)
+    logits = torch.randn(4, 80)
+    ks = [None, 0, 2, 5]
+    items = [item(SamplingParams(temperature=0.0 if k is None else 0.8, seed=5, logprobs=k),
+                  f"l{i}") for i, k in enumerate(ks)]
+    out = sample(logits.clone(), items)
+    ref = torch.log_softmax(logits, -1)
+    for row, (tok, k) in enumerate(zip(out, ks, strict=True)):
+        if k is None:
+            assert tok.logprob is None and tok.top_logprobs is None
+            continue
+        assert math.isclose(tok.logprob, float(ref[row, tok.token_id]), rel_tol=1e-6)
+        assert [t for t, _ in tok.top_logprobs] == ref[row].topk(k).indices.tolist()
+
+
+def test_uniforms_are_keyed_by_seed_and_token_index_and_below_one():
+    from modelhive.engine.sampler import uniforms
+
+    seeded = [item(SamplingParams(temperature=1.0, seed=s), f"s{s}", num_generated=k)
+              for s in (0, 1, 2**64 - 1) for k in (0, 1, 2)]
+    free = [item(SamplingParams(temperature=1.0), f"f{i}") for i in range(500)]
+    u = uniforms(seeded + free, torch.Generator().manual_seed(4))
+    assert u.dtype == np.float32 and ((u >= 0) & (u < 1)).all()
+    assert len(set(u[:9].tolist())) == 9  # every (seed, index) its own
+    assert uniforms(seeded[::-1])[::-1].tolist() == u[:9].tolist()  # whatever else is there
+    assert uniforms(seeded[:1], ahead=1).tolist() == uniforms(seeded[1:2]).tolist()
+    again = uniforms(seeded + free, torch.Generator().manual_seed(4))
+    assert again.tolist() == u.tolist()
+    assert 0.45 < float(u[9:].mean()) < 0.55

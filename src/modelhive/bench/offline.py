@@ -21,7 +21,7 @@ import gc
 import random
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -192,13 +192,16 @@ class ThroughputWorkload:
     engine: Engine
     prompts: list[list[int]]
     output_lens: list[int]
+    #: SamplingParams settings of every request besides max_tokens (default: greedy)
+    sampling: dict = field(default_factory=dict)
 
     def run(self, on_step=None) -> tuple[int, float]:
         """(tokens generated, seconds); ``on_step()``, if given, runs before every step."""
         engine = self.engine
+        settings = {"temperature": 0.0, **self.sampling}
         for p, o in zip(self.prompts, self.output_lens, strict=True):
-            engine.add_request(self.name, p, SamplingParams(max_tokens=o, temperature=0.0,
-                                                            ignore_eos=True))
+            engine.add_request(self.name, p, SamplingParams(max_tokens=o, ignore_eos=True,
+                                                            **settings))
         generated = 0
         start = time.perf_counter()
         while engine.has_work:
@@ -210,9 +213,10 @@ class ThroughputWorkload:
 
 def throughput_workload(source: str, setup: Setup, num_requests: int = 256, min_len: int = 100,
                         max_len: int = 1024, max_num_seqs: int = 256,
-                        seed: int = 0) -> ThroughputWorkload:
+                        seed: int = 0, sampling: dict | None = None) -> ThroughputWorkload:
     """``num_requests`` random prompts with prompt and output lengths uniform in
-    ``[min_len, max_len]``, and an engine whose KV pool holds all of them at once."""
+    ``[min_len, max_len]``, and an engine whose KV pool holds all of them at once;
+    ``sampling``: SamplingParams settings of every request (default: greedy)."""
     preset = preset_name(source)
     arch = resolve_source(source).arch
     rng = random.Random(seed)
@@ -224,13 +228,14 @@ def throughput_workload(source: str, setup: Setup, num_requests: int = 256, min_
     kv_tokens = sum(p + o for p, o in zip(prompt_lens, output_lens, strict=True))
     engine = make_engine([spec], {preset: min(kv_tokens, max_num_seqs * model_len)}, setup)
     prompts = _random_prompts(arch.vocab_size, prompt_lens, seed=seed + 1)
-    return ThroughputWorkload(preset, arch, engine, prompts, output_lens)
+    return ThroughputWorkload(preset, arch, engine, prompts, output_lens, dict(sampling or {}))
 
 
 def throughput(source: str, setup: Setup, num_requests: int = 256, min_len: int = 100,
                max_len: int = 1024, max_num_seqs: int = 256, baseline_tokens: int = 64,
-               seed: int = 0) -> dict:
-    work = throughput_workload(source, setup, num_requests, min_len, max_len, max_num_seqs, seed)
+               seed: int = 0, sampling: dict | None = None) -> dict:
+    work = throughput_workload(source, setup, num_requests, min_len, max_len, max_num_seqs, seed,
+                               sampling)
     preset, arch, engine, output_lens = work.name, work.arch, work.engine, work.output_lens
     runner = engine.models[preset].runner
     ideal = {"bytes": 0, "steps": 0, "prompt_steps": 0, "execute_s": 0.0, "prompt_s": 0.0}
@@ -266,6 +271,7 @@ def throughput(source: str, setup: Setup, num_requests: int = 256, min_len: int 
     result = {
         "bench": "throughput", "model": source, "num_requests": num_requests,
         "len_range": [min_len, max_len], "enforce_eager": setup.enforce_eager,
+        "sampling": work.sampling or {"temperature": 0.0},
         "decode_steps": setup.decode_steps,
         "output_tokens": generated, "seconds": seconds, "tok_s": generated / seconds,
         "steps": ideal["steps"], "ms_per_step": 1e3 * seconds / max(1, ideal["steps"]),

@@ -35,6 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     thr.add_argument("--max-len", type=int, default=1024)
     thr.add_argument("--max-num-seqs", type=int, default=256)
     thr.add_argument("--baseline-tokens", type=int, default=64)
+    thr.add_argument("--temperature", type=float, default=0.0,
+                     help="every request's sampling temperature (default 0: greedy)")
+    thr.add_argument("--top-p", type=float, default=1.0)
+    thr.add_argument("--top-k", type=int, default=0)
     three = sub.add_parser("three-models", help="three architectures in one hive, 10-token replies")
     three.add_argument("--model", action="append", help=f"repeatable; default {' '.join(THREE)}")
     three.add_argument("--new-tokens", type=int, default=10)
@@ -68,7 +72,9 @@ def _print(results: list[dict], bandwidth: float, device_name: str) -> None:
         elif r["bench"] == "throughput":
             hf = (f"  hf {r['hf_tok_s']:.1f} tok/s  x{r['speedup_vs_hf']:.1f}"
                   if "hf_tok_s" in r else "")
-            print(f"throughput {r['model']} n={r['num_requests']} {graphs}: {r['tok_s']:.0f} tok/s "
+            drawn = ", ".join(f"{k} {v}" for k, v in r["sampling"].items())
+            print(f"throughput {r['model']} n={r['num_requests']} {graphs} ({drawn}): "
+                  f"{r['tok_s']:.0f} tok/s "
                   f"({r['output_tokens']} tokens in {r['seconds']:.1f} s, {r['steps']} steps, "
                   f"{r['ms_per_step']:.2f} ms/step), {r['achieved_GB_s']:.0f} GB/s, "
                   f"{r['pct_roofline']:.1f}% of the workload's roofline{hf}")
@@ -110,8 +116,10 @@ def run(args: argparse.Namespace) -> int:
                 results.append(offline.latency(model, setup, batch, args.prompt_len,
                                                args.new_tokens, args.baseline_tokens))
     elif args.bench == "throughput":
+        sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
         results.append(offline.throughput(args.model, setup, args.num_requests, args.min_len,
-                                          args.max_len, args.max_num_seqs, args.baseline_tokens))
+                                          args.max_len, args.max_num_seqs, args.baseline_tokens,
+                                          sampling=sampling))
     else:
         results.append(offline.three_models(args.model or THREE, setup, args.new_tokens,
                                             args.rounds, not args.no_baseline))

@@ -322,6 +322,45 @@ class Engine:
             for s in req.seqs:
                 self._live.pop(s.seq_id, None)
 
+    # -------------------------------------------------------------------------- warm-up
+    def warm_up(self) -> float:
+        """Run a few two-token requests per model through every sampling path (greedy; drawn
+        with top-k, top-p, min-p and a seed; penalties; logprobs with prompt logprobs), each
+        alone and then all in one batch, so that what the device does first for each kind of
+        request happens before serving: CUDA loads a kernel's code on its first launch, which
+        made the first request of a kind 3-7x slower than the next on an H200 (and every stream
+        in flight waited out that step). Leaves no trace: the counters are reset and every
+        block goes back. Returns the seconds it took."""
+        start = time.perf_counter()
+        kinds = (
+            SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True),
+            SamplingParams(max_tokens=2, temperature=0.8, top_k=40, top_p=0.9, min_p=0.05,
+                           seed=0, ignore_eos=True),
+            SamplingParams(max_tokens=2, temperature=1.0, ignore_eos=True),
+            SamplingParams(max_tokens=2, temperature=0.0, repetition_penalty=1.1,
+                           presence_penalty=0.5, frequency_penalty=0.5, ignore_eos=True),
+            SamplingParams(max_tokens=2, temperature=0.7, logprobs=5, prompt_logprobs=5,
+                           ignore_eos=True),
+        )
+        ids = itertools.count()
+        for name, m in self.models.items():
+            prompt = [i % m.runner.model.arch.vocab_size for i in range(1, 9)]
+            for batch in [*((params,) for params in kinds), kinds]:  # each alone, then together
+                if not m.healthy:  # its forward failed (logged); serving reports it
+                    break
+                for params in batch:
+                    self.add_request(name, prompt, params, request_id=f"warm-up-{next(ids)}")
+                while self.has_work:
+                    self.step()
+        self.num_steps = 0
+        self.prompt_tokens_total.clear()
+        self.generation_tokens_total.clear()
+        for name in self.scheduler.num_preemptions:
+            self.scheduler.num_preemptions[name] = 0
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start
+
     # ---------------------------------------------------------------------------- state
     def check_integrity(self) -> None:
         """Allocator invariants, plus: the blocks held by live sequences are exactly the used ones."""

@@ -90,7 +90,8 @@ def build_engine(specs: Sequence[ModelSpec], device: str | torch.device = "auto"
                  enforce_eager: bool = False,
                  on_model_loaded: Callable[[str], None] | None = None,
                  max_waiting_total: int = 4096, measure_memory: bool = True,
-                 capture_graphs: bool | None = None, decode_steps: int = DECODE_STEPS) -> Engine:
+                 capture_graphs: bool | None = None, decode_steps: int = DECODE_STEPS,
+                 warm_up: bool | None = None) -> Engine:
     """Resolve sources, plan memory (refusing to load when it does not fit), load, make the pool.
 
     ``measure_memory``: record what each load took and run one dry step per model at its token
@@ -99,7 +100,8 @@ def build_engine(specs: Sequence[ModelSpec], device: str | torch.device = "auto"
     ``capture_graphs``: capture decode CUDA graphs for every model into one shared graph pool
     (default: on CUDA unless ``enforce_eager``; the planner reserved their memory);
     ``decode_steps``: greedy decode steps per multi-step graph (``runner/cuda_graphs.py``; 1:
-    none).
+    none). ``warm_up``: run every kind of request once before returning (``Engine.warm_up``;
+    default: on CUDA).
     """
     if not specs:
         raise ConfigError("no models to serve", key="models")
@@ -152,6 +154,8 @@ def build_engine(specs: Sequence[ModelSpec], device: str | torch.device = "auto"
         from modelhive.runner.cuda_graphs import capture_cuda_graphs
 
         capture_cuda_graphs(engine, decode_steps)
+    if warm_up if warm_up is not None else dev.type == "cuda":
+        log.info("warmed up every sampling path in %.2f s", engine.warm_up())
     engine.load_memory = probe.result()  # measured beside the plan: engine/memory_report.py
     return engine
 

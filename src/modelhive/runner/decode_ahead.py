@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from modelhive.engine.sampler import choose
+from modelhive.engine.sampler import choose, device_index
 from modelhive.engine.sequence import SampledToken, ScheduledSeq
 
 
@@ -60,15 +60,6 @@ def can_run_ahead(seqs: Sequence[ScheduledSeq]) -> bool:
 class _Ahead:
     key: tuple[tuple[str, int], ...]  # (seq_id, position) of each row
     tokens: torch.Tensor  # [rows] int64, on the device; of a multi-step launch [steps, rows]
-
-
-def device_index(idx: list[int], device: torch.device) -> torch.Tensor:
-    """``idx`` as an int64 tensor on ``device`` without waiting for the device: on CUDA,
-    ``torch.tensor(idx, device=...)`` copies from pageable memory and so waits for every kernel
-    queued before it (the step in flight); a pinned copy is queued behind them instead."""
-    if device.type == "cuda":
-        return torch.tensor(idx, pin_memory=True).to(device, non_blocking=True)
-    return torch.tensor(idx, device=device)
 
 
 def _kept_rows(key: tuple, ahead_key: tuple) -> list[int] | None:

@@ -22,14 +22,14 @@ import logging
 import torch
 
 from modelhive.engine.kv_pool import KVLayout
-from modelhive.engine.sampler import choose, sample
+from modelhive.engine.sampler import choose, device_index, sample
 from modelhive.engine.sequence import ModelBatch, PromptScores, SampledToken, ScheduledSeq
 from modelhive.kernels import reference
 from modelhive.models.base import CausalLM, KVCaches
 from modelhive.models.layers import pack_linears_for_cpu
 from modelhive.runner.attn_metadata import SeqChunk, build_attention_metadata
 from modelhive.runner.cuda_graphs import token_rows
-from modelhive.runner.decode_ahead import DecodeAhead, can_run_ahead, device_index
+from modelhive.runner.decode_ahead import DecodeAhead, can_run_ahead
 
 log = logging.getLogger("modelhive.runner")
 
@@ -42,7 +42,7 @@ class ModelRunner:
         self.layout = layout
         self.kv_caches = kv_caches
         self.device = device
-        self.generator = torch.Generator(device=device)
+        self.generator = torch.Generator()  # the sampler's unseeded uniforms, made on the host
         self.generator.seed()
         self.decode_graphs = None  # runner.cuda_graphs.DecodeGraphs once captured
         self.prefill_graphs = None  # runner.prefill_graphs.PrefillGraphs once captured
