@@ -98,7 +98,7 @@ def test_top_k_top_p_min_p_filters():
     keep = lambda f: torch.isfinite(f).nonzero().flatten().tolist()  # noqa: E731
 
     def _filter(x, top_k, top_p, min_p):  # one row
-        return _filter_rows(x[None], [top_k], [top_p], [min_p])[0]
+        return _filter_rows(x[None].clone(), [top_k], [top_p], [min_p])[0]
 
     assert keep(_filter(logits, 2, 1.0, 0.0)) == [0, 1]
     assert keep(_filter(logits, 0, 0.65, 0.0)) == [0, 1]  # 0.4 + 0.3 reaches 0.65

@@ -194,13 +194,16 @@ def dry_step_batch(model: str, max_num_batched_tokens: int, max_num_seqs: int,
                    vocab_size: int) -> ModelBatch:
     """The worst step the scheduler can build for one model: ``max_num_batched_tokens`` tokens
     (fewer only if ``max_num_seqs x (max_model_len - 1)`` cannot hold them) as
-    ``min(max_num_seqs, tokens)`` prefills that all sample. Block ids wrap around the pool
-    (``num_blocks``): the K/V written are scratch, no sequence owns a block yet."""
+    ``min(max_num_seqs, tokens)`` prefills that all sample, through the sampler's costliest
+    path (penalties, top-p, min-p, logprobs: ``planner.estimates.sampler_bytes``). Block ids
+    wrap around the pool (``num_blocks``): the K/V written are scratch, no sequence owns a block
+    yet."""
     num_seqs = max(1, min(max_num_seqs, max_num_batched_tokens))
     per_seq_cap = max(1, max_model_len - 1)
     total = min(max_num_batched_tokens, num_seqs * per_seq_cap)
     base, extra = divmod(total, num_seqs)
-    params = SamplingParams(max_tokens=1)
+    params = SamplingParams(max_tokens=1, top_p=0.9, min_p=0.01, repetition_penalty=1.1,
+                            logprobs=5)
     seqs = []
     next_block = 0
     for i in range(num_seqs):
@@ -212,7 +215,8 @@ def dry_step_batch(model: str, max_num_batched_tokens: int, max_num_seqs: int,
         next_block += blocks
         ids = tuple(1 + (i * 131 + j) % (vocab_size - 1) for j in range(n))
         seqs.append(ScheduledSeq(seq_id=f"dry-{i}", token_ids=ids, num_cached=0,
-                                 block_table=table, sample=True, params=params, num_generated=0))
+                                 block_table=table, sample=True, params=params, num_generated=0,
+                                 history=ids, num_prompt_tokens=n))
     return ModelBatch(model, tuple(seqs))
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from modelhive.engine.sequence import SampledToken, ScheduledSeq
+from modelhive.planner.estimates import SAMPLER_SORT_ROWS
 
 _SEED_STRIDE = 1_000_003
 
@@ -98,8 +99,9 @@ def _apply_penalties(logits: torch.Tensor, items: Sequence[ScheduledSeq]) -> Non
 
 def _filter_rows(x: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float],
                  min_p: Sequence[float]) -> torch.Tensor:
-    """Mask (to -inf) each row's tokens outside its top-k / top-p / min-p; ``x``: float32
-    temperature-scaled logits ``[rows, vocab]``, left unchanged unless a stage runs."""
+    """Mask (to -inf), in place, each row's tokens outside its top-k / top-p / min-p; ``x``:
+    float32 temperature-scaled logits ``[rows, vocab]``, contiguous. Returns ``x``. The top-p
+    sort runs on ``SAMPLER_SORT_ROWS`` rows at a time (``planner.estimates.sampler_bytes``)."""
     vocab = x.shape[-1]
     device = x.device
     neg_inf = float("-inf")
@@ -112,34 +114,44 @@ def _filter_rows(x: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float],
         else:
             k_col = _host_values(ks, torch.int64, device)[:, None]
             kth = top.gather(1, (k_col - 1).clamp_(min=0)).masked_fill_(k_col == 0, neg_inf)
-        x = x.masked_fill(x < kth, neg_inf)
+        del top
+        x.masked_fill_(x < kth, neg_inf)
     if any(p < 1.0 for p in top_p):  # keep the smallest prefix whose mass reaches top_p
-        sorted_x, order = torch.sort(x, dim=-1, descending=True)
-        probs = torch.softmax(sorted_x, dim=-1)
-        cum = torch.cumsum(probs, dim=-1)
-        limit = _row_values([p if p < 1.0 else float("inf") for p in top_p], device)
-        drop = (cum - probs) > limit
-        x = x.masked_fill(torch.zeros_like(drop).scatter_(-1, order, drop), neg_inf)
+        limits = [p if p < 1.0 else float("inf") for p in top_p]
+        for lo in range(0, x.shape[0], SAMPLER_SORT_ROWS):
+            part = x[lo:lo + SAMPLER_SORT_ROWS]
+            sorted_x, order = torch.sort(part, dim=-1, descending=True)
+            probs = torch.softmax(sorted_x, dim=-1)
+            del sorted_x
+            drop = (probs.cumsum(dim=-1) - probs) > _row_values(limits[lo:lo + len(part)], device)
+            del probs
+            part.masked_fill_(torch.zeros_like(drop).scatter_(-1, order, drop), neg_inf)
     if any(p > 0.0 for p in min_p):
         probs = torch.softmax(x, dim=-1)
         floor = _row_values(list(min_p), device) * probs.amax(dim=-1, keepdim=True)
-        x = x.masked_fill(probs < floor, neg_inf)
+        x.masked_fill_(probs < floor, neg_inf)
     return x
 
 
 def _draw(logits: torch.Tensor, items: Sequence[ScheduledSeq],
           generator: torch.Generator | None, ahead: int) -> torch.Tensor:
-    """One drawn token per row (int64 on the logits' device): every row has temperature > 0."""
+    """One drawn token per row (int64 on the logits' device): every row has temperature > 0.
+    Works on one float32 copy of the logits, in place (``planner.estimates.sampler_bytes``)."""
     device = logits.device
     params = [it.params for it in items]
-    x = logits.float() / _row_values([p.temperature for p in params], device)
-    x = _filter_rows(x, [p.top_k for p in params], [p.top_p for p in params],
-                     [p.min_p for p in params])
+    x = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    temperature = _row_values([p.temperature for p in params], device)
+    if not isinstance(temperature, float) or temperature != 1.0:
+        x.div_(temperature)
+    _filter_rows(x, [p.top_k for p in params], [p.top_p for p in params],
+                 [p.min_p for p in params])
     # inverse CDF: the first token whose cumulative mass passes u * total, u uniform in [0, 1)
     # (an exact draw; a filtered token adds no mass, so it is never picked). One uniform a row,
     # where exponential noise over the vocabulary (argmax(probs / noise)) drew one per token:
     # ~1.5 ms a row at a 49k vocabulary on a 2-core CPU.
-    cdf = torch.cumsum(torch.softmax(x, dim=-1), dim=-1)
+    cdf = torch.softmax(x, dim=-1)
+    del x
+    cdf.cumsum_(dim=-1)
     u = _host_values(uniforms(items, generator, ahead), torch.float32, device)[:, None]
     token = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0]
     return token.clamp_(max=cdf.shape[-1] - 1)

@@ -72,10 +72,15 @@ def activation_bytes(
           scratch (CUDA) = S H ceil(L / 256) (D + 2) 4 when L > 1024: split-K partials of decodes
           scratch (CPU)  = max(2 L q e + 2 H min(T, L) L 4, 2 S L q e + 2 S H L 4): the reference
                            attention gathers K, V per sequence; fp32 scores and softmax
-        logits    = 2 T h e + S h e + 3 S V 4
-                                            final norm, the S sampled rows, fp32 logits and two
-                                            sampling copies (log_softmax, probabilities)
+        logits    = 2 T h e + S h e + sampler_bytes(S, V)
+                                            final norm, the S sampled rows, the sampler's peak
+                                            (fp32 logits included)
         activation = max(mlp, attention, logits) + ACTIVATION_SLACK_BYTES
+
+    On the CPU the sampler's peak is added to the largest phase instead of counted inside
+    ``logits``: the peak there is the process's RSS, the heap keeps the pages the forward freed,
+    and the sampler's large buffers come as fresh mappings (SmolLM2-135M, 16 rows, T = 512:
+    the dry step peaked at 52.0 MiB with the sampler's costliest path, 35.2 with a plain draw).
 
     Measured on CUDA (H200, float16, T = 2048) before the residual add was fused into the norm
     (three T h e tensors then, not four): TinyLlama 90.1 MiB, Qwen2.5-3B 153.1-154.1 MiB, Yi-6B
@@ -99,8 +104,26 @@ def activation_bytes(
     else:
         scratch = 0
     attention = residual + t * (q + 2 * kv) * e + t * (q + kv) * e + t * q * e + scratch
-    logits = 2 * t * h * e + s * h * e + 3 * s * arch.vocab_size * 4
-    return max(mlp, attention, logits) + ACTIVATION_SLACK_BYTES
+    sampler = sampler_bytes(s, arch.vocab_size)
+    logits = 2 * t * h * e + s * h * e
+    if device == "cpu":  # the RSS peak: the sampler's buffers land on top (docstring)
+        return max(mlp, attention, logits) + sampler + ACTIVATION_SLACK_BYTES
+    return max(mlp, attention, logits + sampler) + ACTIVATION_SLACK_BYTES
+
+
+#: rows of logits the sampler's top-p stage sorts at a time (``engine/sampler.py``): the sort
+#: holds ~26 bytes per (row, token) of those rows
+SAMPLER_SORT_ROWS = 32
+
+
+def sampler_bytes(rows: int, vocab: int) -> int:
+    """The sampler's peak for ``rows`` rows of a ``vocab``-wide vocabulary (``engine/sampler.py``),
+    in 4-byte entries: the fp32 logits, the penalties' copy, the draw's own copy (12 B an entry;
+    the raw log-softmax of logprobs comes after the last two are gone); then the larger of the
+    top-p stage on ``SAMPLER_SORT_ROWS`` rows at a time (sorted values, int64 order,
+    probabilities, cumulative sums, their difference, two byte masks: 26 B an entry) and the
+    min-p stage on all rows (probabilities and a mask: 5 B an entry)."""
+    return 12 * rows * vocab + max(26 * min(rows, SAMPLER_SORT_ROWS), 5 * rows) * vocab
 
 
 #: captured graphs take steps of up to this many tokens even when ``max_num_seqs`` is smaller, so
