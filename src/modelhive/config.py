@@ -24,7 +24,9 @@ class ModelSpec:
     ``source``: a local HF directory, a ``.gguf`` file, ``package:NAME`` or ``preset:NAME``.
     ``dtype``: ``auto`` picks float32 on CPU and bfloat16 on CUDA (float16 if the checkpoint is
     float16). ``max_model_len``: prompt + output tokens per sequence (default: the architecture's
-    limit, capped at 4096). ``kv_min_tokens`` / ``kv_max_tokens``: guaranteed KV and optional cap,
+    limit, capped at 4096). ``max_num_seqs``: sequences a step runs at most (default: 256 on
+    CUDA, as vLLM's server; 64 on the CPU). ``kv_min_tokens`` / ``kv_max_tokens``: guaranteed KV
+    and optional cap,
     in tokens of this model. ``priority``: higher is preempted last. ``weight``: this model's
     share of a step's token budget while several models have work (weighted max-min fairness).
     """
@@ -33,7 +35,7 @@ class ModelSpec:
     source: str
     dtype: str = "auto"
     max_model_len: int | None = None
-    max_num_seqs: int = 64
+    max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
     kv_min_tokens: int = 0
     kv_max_tokens: int | None = None
@@ -51,14 +53,14 @@ class ModelSpec:
         if self.dtype not in DTYPES:
             raise ConfigError(f"model {self.name}: dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}",
                               key="dtype")
-        for key in ("max_model_len", "max_num_batched_tokens", "kv_max_tokens", "port"):
+        for key in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_max_tokens",
+                    "port"):
             value = getattr(self, key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise ConfigError(f"model {self.name}: {key} must be a positive integer, got {value!r}", key=key)
-        for key in ("max_num_seqs", "max_queue"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"model {self.name}: {key} must be a positive integer, got {value!r}", key=key)
+        if isinstance(self.max_queue, bool) or not isinstance(self.max_queue, int) or self.max_queue <= 0:
+            raise ConfigError(f"model {self.name}: max_queue must be a positive integer, "
+                              f"got {self.max_queue!r}", key="max_queue")
         if isinstance(self.kv_min_tokens, bool) or not isinstance(self.kv_min_tokens, int) or self.kv_min_tokens < 0:
             raise ConfigError(f"model {self.name}: kv_min_tokens must be an integer >= 0", key="kv_min_tokens")
         if self.kv_max_tokens is not None and self.kv_max_tokens < self.kv_min_tokens:

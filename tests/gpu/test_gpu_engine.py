@@ -68,6 +68,30 @@ def test_gpu_greedy_matches_cpu_reference(cpu_results, graphs, steps):
         # greedy decode batches ran several steps a replay (runner/decode_ahead.py)
         multi = [m.runner.ahead.multi_launched for m in gpu.engine.models.values()]
         assert all(multi) if steps > 1 else not any(multi), multi
+        for g in replays:  # every bucket's logits are the first rows of one buffer per dtype
+            starts = {buf.data_ptr() for buf in g.logits_buffers.values()}
+            assert 1 <= len(starts) <= 2
+            assert all(logits.data_ptr() in starts for _, logits, _ in g.graphs.values())
+
+
+def test_gpu_draws_that_can_only_pick_the_argmax_match_cpu_greedy(cpu_results):
+    """Drawn requests whose filters leave one token (top-k 1; min-p 1), seeded or not, with top-p
+    and logprobs beside: through the graphs, decode-ahead's device draws and the shared logits
+    buffers, they give the CPU's greedy tokens."""
+    cpu_hive, expected = cpu_results
+    gpu = Hive(specs(), device="cuda", memory="3GiB")
+    for name in PRESETS:
+        src = cpu_hive.engine.models[name].runner.model.state_dict()
+        gpu.engine.models[name].runner.model.load_state_dict(src)
+    kinds = [dict(temperature=0.8, top_k=1, seed=3), dict(temperature=1.3, top_k=1, top_p=0.9),
+             dict(temperature=1.0, min_p=1.0), dict(temperature=0.7, top_k=1, logprobs=2)]
+    params = [SamplingParams(max_tokens=40, ignore_eos=True, **kinds[i % len(kinds)])
+              for i in range(len(expected))]
+    got = gpu.generate_many(workload(), params, check_integrity=True)
+    mismatched = [i for i, (r, want) in enumerate(zip(got, expected, strict=True))
+                  if r.token_ids != want]
+    assert not mismatched, f"{len(mismatched)} of {len(got)} differ, first {mismatched[:5]}"
+    assert sum(m.runner.ahead.launched for m in gpu.engine.models.values()) > 0
 
 
 def test_gpu_prompt_logprobs_match_cpu_reference(cpu_results):

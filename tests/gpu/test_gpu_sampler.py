@@ -81,3 +81,25 @@ def test_seeded_draws_are_the_cpus():
     rows = [item(SamplingParams(temperature=0.9, top_p=0.95, seed=77), f"s{i}", num_generated=i)
             for i in range(32)]
     assert choose(logits.cuda(), rows).tolist() == choose(logits, rows).tolist()
+
+
+@pytest.mark.parametrize("rows,vocab", [(200, 151936), (24, 151936), (5, 32000)])
+def test_peak_memory_is_within_the_plan(rows, vocab):
+    """The costliest path (penalties, top-p, min-p, logprobs) on model-dtype logits stays within
+    ``planner.estimates.sampler_bytes``, which the memory plan reserves."""
+    from modelhive.planner.estimates import sampler_bytes
+
+    torch.manual_seed(6)
+    logits = torch.randn(rows, vocab, device="cuda").to(torch.bfloat16)
+    history = tuple(range(3, 603))
+    params = SamplingParams(temperature=0.8, top_p=0.9, min_p=0.01, repetition_penalty=1.1,
+                            presence_penalty=0.3, logprobs=5)
+    items = [item(params, f"m{i}", history=history, num_prompt=300) for i in range(rows)]
+    sample(logits, items)  # warm-up: cuBLAS / cub workspaces are not the sampler's
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    sample(logits, items)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak <= sampler_bytes(rows, vocab), (peak / 2**20, sampler_bytes(rows, vocab) / 2**20)

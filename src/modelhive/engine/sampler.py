@@ -219,13 +219,13 @@ def choose(logits: torch.Tensor, items: Sequence[ScheduledSeq],
 
 def sample(logits: torch.Tensor, items: Sequence[ScheduledSeq],
            generator: torch.Generator | None = None) -> list[SampledToken]:
-    """Pick one token per row; ``items[i]`` holds the sampling settings of row i."""
-    logits = logits.float()
+    """Pick one token per row; ``items[i]`` holds the sampling settings of row i (``logits``
+    in float32 or the model dtype; no float32 copy of them is made here)."""
     chosen_t = choose(logits, items, generator)
     wanted = [it.params.logprobs for it in items]
     if all(k is None for k in wanted):
         return [SampledToken(it.seq_id, t) for it, t in zip(items, chosen_t.tolist(), strict=True)]
-    raw = torch.log_softmax(logits, dim=-1)
+    raw = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
     chosen_lp = raw.gather(1, chosen_t[:, None])[:, 0]
     kmax = max(k or 0 for k in wanted)
     if kmax:

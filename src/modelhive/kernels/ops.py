@@ -57,11 +57,11 @@ def linear_add(x, weight, residual):
     return (_gpu(x) or reference).linear_add(x, weight, residual)
 
 
-def logits(x, weight):
+def logits(x, weight, out=None):
     """``x @ weight.T`` rounded to ``x.dtype`` (as a linear in the model dtype is): as float32,
     except on CUDA above ``gemv.GEMV_MAX_ROWS`` rows, where it stays in ``x.dtype`` (the sampler
-    upcasts what it draws from; ``engine/sampler.py``)."""
-    return (_gpu(x) or reference).logits(x, weight)
+    upcasts what it draws from; ``engine/sampler.py``); into ``out`` (of that dtype) if given."""
+    return (_gpu(x) or reference).logits(x, weight, out)
 
 
 def argmax(logits, out=None):

@@ -195,9 +195,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-def logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The LM head: ``linear(x, weight)`` in the model dtype, as float32."""
-    return linear(x, weight).float()
+def logits(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The LM head: ``linear(x, weight)`` in the model dtype, as float32 (into ``out``)."""
+    result = linear(x, weight).float()
+    return result if out is None else out.copy_(result)
 
 
 def argmax(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

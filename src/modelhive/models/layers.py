@@ -245,14 +245,15 @@ class GatedMLP(nn.Module):
                               self.down_proj.weight, h)
 
 
-def final_logits(hidden: torch.Tensor, weight: torch.Tensor,
-                 softcap: float | None = None) -> torch.Tensor:
+def final_logits(hidden: torch.Tensor, weight: torch.Tensor, softcap: float | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
     """``[M, hidden] -> [M, vocab]`` (float32, or the model dtype where ``ops.logits`` keeps
-    it), with optional ``tanh`` soft-capping (in float32)."""
-    logits = ops.logits(hidden, weight)
-    if softcap is not None:
-        logits = torch.tanh(logits.float() / softcap) * softcap
-    return logits
+    it), with optional ``tanh`` soft-capping (in float32); into ``out`` if given (of the dtype
+    this returns without it: a CUDA graph's static output)."""
+    if softcap is None:
+        return ops.logits(hidden, weight, out)
+    logits = torch.tanh(ops.logits(hidden, weight).float() / softcap) * softcap
+    return logits if out is None else out.copy_(logits)
 
 
 #: checkpoint name fragment -> (our fused parameter fragment, shard id)
@@ -340,11 +341,11 @@ class DecoderLM(CausalLM):
                 kv_caches: KVCaches) -> torch.Tensor:
         return self.model(input_ids, meta, kv_caches)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         head = self.model.embed_tokens if self.lm_head is None else self.lm_head
         weight = getattr(self, "packed_tied_head", None)
         return final_logits(hidden, head.weight if weight is None else weight,
-                            self.arch.final_logit_softcapping)
+                            self.arch.final_logit_softcapping, out)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return load_checkpoint(self, weights, self.arch.tie_word_embeddings)

@@ -55,8 +55,11 @@ def activation_bytes(
     max_num_seqs: int,
     max_model_len: int,
     device: str,
+    sampler: bool = True,
 ) -> int:
-    """Peak, in bytes, of the transient tensors of one step of ``num_tokens`` tokens.
+    """Peak, in bytes, of the transient tensors of one step of ``num_tokens`` tokens
+    (``sampler`` False: a step that only computes its logits, as a CUDA graph does: 4 S V
+    instead of ``sampler_bytes``).
 
     With e = dtype bytes, T = ``num_tokens`` (the token budget), S = ``max_num_seqs``,
     L = ``max_model_len``, h = hidden, q = heads x head_dim, kv = kv_heads x head_dim,
@@ -104,26 +107,35 @@ def activation_bytes(
     else:
         scratch = 0
     attention = residual + t * (q + 2 * kv) * e + t * (q + kv) * e + t * q * e + scratch
-    sampler = sampler_bytes(s, arch.vocab_size)
+    sampler = sampler_bytes(s, arch.vocab_size) if sampler else 4 * s * arch.vocab_size
     logits = 2 * t * h * e + s * h * e
     if device == "cpu":  # the RSS peak: the sampler's buffers land on top (docstring)
         return max(mlp, attention, logits) + sampler + ACTIVATION_SLACK_BYTES
     return max(mlp, attention, logits + sampler) + ACTIVATION_SLACK_BYTES
 
 
+#: ``ModelSpec.max_num_seqs`` when a spec leaves it out: vLLM's server default on CUDA (its
+#: decode graphs then cover 256 rows: ``graph_batch_sizes``); on the CPU, where a step's time
+#: grows with its rows, 64
+DEFAULT_MAX_NUM_SEQS = {"cuda": 256, "cpu": 64}
+
 #: rows of logits the sampler's top-p stage sorts at a time (``engine/sampler.py``): the sort
-#: holds ~26 bytes per (row, token) of those rows
-SAMPLER_SORT_ROWS = 32
+#: holds ~44 bytes per (row, token) of those rows. On an H200, top-p over 256 rows of a 152k
+#: vocabulary took 6.7 / 5.2 / 5.8 / 4.3 ms sorting 32 / 64 / 128 / 256 rows at a time.
+SAMPLER_SORT_ROWS = 64
 
 
 def sampler_bytes(rows: int, vocab: int) -> int:
-    """The sampler's peak for ``rows`` rows of a ``vocab``-wide vocabulary (``engine/sampler.py``),
-    in 4-byte entries: the fp32 logits, the penalties' copy, the draw's own copy (12 B an entry;
-    the raw log-softmax of logprobs comes after the last two are gone); then the larger of the
-    top-p stage on ``SAMPLER_SORT_ROWS`` rows at a time (sorted values, int64 order,
-    probabilities, cumulative sums, their difference, two byte masks: 26 B an entry) and the
-    min-p stage on all rows (probabilities and a mask: 5 B an entry)."""
-    return 12 * rows * vocab + max(26 * min(rows, SAMPLER_SORT_ROWS), 5 * rows) * vocab
+    """The sampler's peak for ``rows`` rows of a ``vocab``-wide vocabulary (``engine/sampler.py``):
+    the logits (at most 4 B an entry), the penalties' float32 copy, the draw's own and a float32
+    tensor more (16 B an entry; the raw log-softmax of logprobs comes after the two copies are
+    gone); then the larger of the top-p stage on ``SAMPLER_SORT_ROWS`` rows at a time (the
+    sort's values, int64 order and the radix sort's buffers, then probabilities, cumulative
+    sums, their difference and two byte masks: 44 B an entry) and the min-p stage on all rows
+    (probabilities and a mask: 5 B an entry). Measured on an H200 (``tests/gpu``, bf16 logits
+    held by the caller, penalties + top-p + min-p + logprobs): 25.1 B an entry at 200 rows of a
+    152k vocabulary, 52.2 at 24 rows (this gives 30.1 and 60)."""
+    return 16 * rows * vocab + max(44 * min(rows, SAMPLER_SORT_ROWS), 5 * rows) * vocab
 
 
 #: captured graphs take steps of up to this many tokens even when ``max_num_seqs`` is smaller, so
@@ -175,12 +187,14 @@ def graph_bytes(
 ) -> int:
     """One model's CUDA-graph memory: 0 on CPU or with ``enforce_eager``.
 
-    Each captured decode row count b keeps its static fp32 logits ``[b, V]`` (4 V sum(b); the
-    argmax's partials and the int64 greedy tokens, kept outside the pool, fit in what this
-    over-counts for the bf16 logits of buckets above 2 rows); each prefill graph its sampled
-    rows' hidden states ``[S, h]``; the largest capture's transients (``activation_bytes`` at
-    the largest prefill size, else T = S = ``graph_max_rows``; all models share one graph pool,
-    so the sum over models bounds it from above); ``GRAPH_BYTES_PER_CAPTURE`` per captured size.
+    The decode buckets write their logits into one buffer per dtype (``runner/cuda_graphs.py``):
+    4 V (max b + 2) covers the model-dtype rows of the largest bucket and the float32 rows of
+    the GEMV's (the argmax's partials and the int64 greedy tokens, also outside the pool, fit in
+    what this over-counts for the bf16 logits); each prefill graph keeps its sampled rows' hidden
+    states ``[S, h]``; the largest capture's transients (``activation_bytes`` without the
+    sampler at the largest prefill size, else T = S = ``graph_max_rows``; all models share one
+    graph pool, so the sum over models bounds it from above); ``GRAPH_BYTES_PER_CAPTURE`` per
+    captured size.
     With ``decode_steps`` S > 1, each decode bucket's S-step graph is one more capture, plus its
     int64 tokens ``[S, b]`` outside the pool; its transients are one forward's at a time
     (within the transient term). Measured with them (three-model example, H200): 414 MiB
@@ -195,7 +209,7 @@ def graph_bytes(
         return 0
     sizes = graph_batch_sizes(max_num_seqs)
     prefill = prefill_graph_sizes(max_num_seqs, max_num_batched_tokens)
-    outputs = 4 * arch.vocab_size * sum(sizes)
+    outputs = 4 * arch.vocab_size * (sizes[-1] + 2)
     outputs += len(prefill) * max_num_seqs * arch.hidden_size * DTYPE_BYTES[dtype]
     tokens = max([graph_max_rows(max_num_seqs), *prefill])
     transient = activation_bytes(
@@ -205,6 +219,7 @@ def graph_bytes(
         max_num_seqs=graph_max_rows(max_num_seqs),
         max_model_len=max_model_len,
         device=device,
+        sampler=False,
     )
     captures = len(sizes) + len(prefill)
     if decode_steps > 1:

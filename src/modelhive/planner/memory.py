@@ -119,22 +119,23 @@ def _resolve_model(
             key="max_model_len",
         )
     max_len = spec.max_model_len or min(arch.max_position_embeddings, 4096)
+    seqs = spec.max_num_seqs or estimates.DEFAULT_MAX_NUM_SEQS[device]
     default_batch = 2048 if device == "cuda" else 512
-    batched = spec.max_num_batched_tokens or max(default_batch, spec.max_num_seqs)
+    batched = spec.max_num_batched_tokens or max(default_batch, seqs)
     per_token = arch.kv_bytes_per_token(dtype)
     tokens_per_block = block_bytes // per_token
     act = estimates.activation_bytes(
         arch,
         dtype,
         num_tokens=batched,
-        max_num_seqs=spec.max_num_seqs,
+        max_num_seqs=seqs,
         max_model_len=max_len,
         device=device,
     )
     graphs = estimates.graph_bytes(
         arch,
         dtype,
-        max_num_seqs=spec.max_num_seqs,
+        max_num_seqs=seqs,
         max_model_len=max_len,
         device=device,
         enforce_eager=enforce_eager,
@@ -152,7 +153,7 @@ def _resolve_model(
         tokens_per_block=tokens_per_block,
         priority=spec.priority,
         max_model_len=max_len,
-        max_num_seqs=spec.max_num_seqs,
+        max_num_seqs=seqs,
         max_num_batched_tokens=batched,
         activation_bytes=act,
         graph_bytes=graphs,

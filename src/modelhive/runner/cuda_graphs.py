@@ -32,9 +32,12 @@ passes it): steps run one model at a time and each step reads its logits before 
 so the activations of the largest capture are the only graph memory the engine holds (what
 ``planner.estimates.graph_bytes`` counts, per model, as an upper bound). The pool lives as long
 as the engine's graphs (a handle is never reused after its graphs are gone: the allocator forbids
-it). The shared KV pool is outside the graph pool, and so are the greedy tokens: a step launched
-ahead keeps them while the other models replay (a static output inside the pool may sit where an
-earlier capture had transients, and was overwritten that way in the GPU engine test).
+it). The shared KV pool is outside the graph pool, and so are the static outputs: the greedy
+tokens (a step launched ahead keeps them while the other models replay; a static output inside
+the pool may sit where an earlier capture had transients, and was overwritten that way in the
+GPU engine test) and the logits, one buffer per model and dtype whose first rows every bucket
+writes (``out=`` of the LM head), so the buckets' logits take ``max_batch`` rows, not the sum
+of the bucket sizes.
 
 ``stage_eager_inputs`` does the same one-copy staging for the eager path (long prefills):
 metadata built on the CPU, packed into two pinned tensors (int64, int32), copied non-blocking.
@@ -110,6 +113,12 @@ class DecodeGraphs:
         self.greedy = torch.zeros(B, dtype=torch.int64, device=device)
         # the multi-step graphs' tokens, step by step (outside the pool for the same reason)
         self.step_tokens = torch.zeros(steps, B, dtype=torch.int64, device=device)
+        # Every bucket's logits go to rows [:bs] of one buffer per dtype (the LM head gives
+        # float32 up to the GEMV's rows, else the model dtype: ``ops.logits``), OUTSIDE the
+        # pool: a replay's logits then hold until this model's next replay, and the buckets
+        # together hold ``max_batch`` rows of logits, not the sum of their sizes (at 256 rows
+        # and a 152k vocabulary: 2.5 GB against 78 MB)
+        self.logits_buffers: dict[torch.dtype, torch.Tensor] = {}
         # bucket -> (graph, its static logits [bs, vocab], its static greedy tokens [bs])
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.multi_graphs: dict[int, torch.cuda.CUDAGraph] = {}  # bucket -> its S-step graph
@@ -196,11 +205,17 @@ class DecodeGraphs:
             ids = self.input_ids[:bs]
             # eager warm-up: compiles the Triton kernels and lets cuBLAS pick its algorithms
             greedy = self.greedy[:bs]
-            ops.argmax(self.model.compute_logits(self.model(ids, meta, self.kv_caches)), greedy)
+            warm = self.model.compute_logits(self.model(ids, meta, self.kv_caches))
+            ops.argmax(warm, greedy)
+            buffer = self.logits_buffers.get(warm.dtype)
+            if buffer is None:  # the largest bucket of this dtype comes first
+                buffer = self.logits_buffers[warm.dtype] = torch.empty_like(warm)
+            del warm
+            logits = buffer[:bs]
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                logits = self.model.compute_logits(self.model(ids, meta, self.kv_caches))
+                self.model.compute_logits(self.model(ids, meta, self.kv_caches), out=logits)
                 ops.argmax(logits, greedy)
             self.graphs[bs] = (graph, logits, greedy)
             if self.steps > 1:
@@ -252,8 +267,8 @@ class DecodeGraphs:
         greedy token (int64 ``[len(rows)]``); the caller checked ``fits``.
         ``input_ids``: the rows' token ids as a device tensor, overriding the rows' own (a step
         launched before its tokens reached the host: ``runner/decode_ahead.py``).
-        Both are static buffers: the logits hold until any graph of the engine replays, the
-        greedy tokens until this model's next replay (use them on the stream before)."""
+        Both are static buffers: they hold until this model's next replay (use them on the
+        stream before)."""
         n = len(rows)
         bs = next(b for b in self.batch_sizes if b >= n)
         self._stage(rows, bs)
