@@ -266,3 +266,23 @@ def test_uniforms_are_keyed_by_seed_and_token_index_and_below_one():
     again = uniforms(seeded + free, torch.Generator().manual_seed(4))
     assert again.tolist() == u.tolist()
     assert 0.45 < float(u[9:].mean()) < 0.55
+
+
+def test_cpu_top_p_from_candidates_and_the_full_sort_agree_with_one_row_at_a_time():
+    """On the CPU, rows whose nucleus lies in their top candidates skip the full sort; flat
+    rows (nucleus wider than the candidates) take it; a row without top-p is left alone."""
+    from modelhive.engine.sampler import TOP_P_CANDIDATES, _top_p_from_candidates
+
+    torch.manual_seed(8)
+    vocab = 4 * TOP_P_CANDIDATES
+    x = torch.randn(6, vocab)
+    x[:3] *= 8  # peaked: the nucleus is a few tokens
+    x[3:] *= 0.1  # flat: 90 % of the mass needs most of the vocabulary
+    top_p = [0.9, 0.5, 1.0, 0.9, 0.95, 1.0]
+    limits = [p if p < 1.0 else float("inf") for p in top_p]
+    assert _top_p_from_candidates(x.clone(), limits) == [3, 4]
+    got = _filter_rows(x.clone(), [0] * 6, top_p, [0.0] * 6)
+    for r in range(6):
+        want = _reference_filter(x[r], 0, top_p[r], 0.0)
+        assert torch.equal(torch.isfinite(got[r]), torch.isfinite(want)), r
+    assert torch.isfinite(got[2]).all() and torch.isfinite(got[5]).all()
