@@ -10,7 +10,10 @@ from pinned memory without waiting for the device: a step costs a fixed handful 
 whatever its row count (one launch chain per row cost ~0.1 ms a row on a GPU host, more than the
 forward of a 256-row decode step). Stages no row asks for are skipped; a row that does not use a
 stage that runs gets a setting under which it changes nothing (top-k off: threshold -inf; top-p
-1: nothing dropped; min-p 0).
+1: nothing dropped; min-p 0). The work is in place on one float32 copy of the logits; top-p
+sorts ``SAMPLER_SORT_ROWS`` rows at a time, and on the CPU first looks for each row's nucleus
+among its top logits (``_top_p_from_candidates``). ``planner.estimates.sampler_bytes`` is the
+peak the memory plan reserves for all this.
 
 The draw is by inverse CDF: one uniform u per row, the first token whose cumulative probability
 passes u (an exact sample from ``probs``). The uniforms are made on the host (``uniforms``) and
