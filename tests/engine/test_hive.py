@@ -197,3 +197,21 @@ def test_warm_up_runs_every_kind_and_leaves_no_trace(roomy_hive: Hive):
     eng.check_integrity()
     assert eng.allocator.num_free_blocks == eng.pool.num_blocks and not eng.has_work
     assert [r.token_ids for r in roomy_hive.generate("qwen2", work, GREEDY)] == before
+
+
+def test_warm_up_fits_tight_limits():
+    """A model whose limits refuse part of the warm-up (an 8-token ``max_model_len``, a
+    ``max_queue`` of 2) warms up with what fits, without raising, and leaves no trace."""
+    from modelhive import ModelSpec
+
+    spec = ModelSpec(name="tight", source="preset:tiny-llama", dtype="float32", max_model_len=8,
+                     max_num_seqs=2, max_queue=2)
+    hive = Hive([spec], device="cpu", memory="256MiB")
+    eng = hive.engine
+    assert eng.warm_up() >= 0
+    eng.check_integrity()
+    assert eng.allocator.num_free_blocks == eng.pool.num_blocks and not eng.has_work
+    assert eng.num_steps == 0 and not eng.prompt_tokens_total
+    res = hive.generate("tight", [[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0.0,
+                                                             ignore_eos=True))
+    assert len(res[0].token_ids) == 3

@@ -26,7 +26,7 @@ from modelhive.engine.sequence import (
     Sequence,
     StepResult,
 )
-from modelhive.errors import CapacityError, InvalidRequestError, ModelNotFoundError
+from modelhive.errors import CapacityError, InvalidRequestError, ModelhiveError, ModelNotFoundError
 from modelhive.models.tokenizer import Tokenizer
 from modelhive.planner.memory import MemoryPlan
 from modelhive.runner.model_runner import ModelRunner
@@ -330,7 +330,8 @@ class Engine:
         request happens before serving: CUDA loads a kernel's code on its first launch, which
         made the first request of a kind 3-7x slower than the next on an H200 (and every stream
         in flight waited out that step). Leaves no trace: the counters are reset and every
-        block goes back. Returns the seconds it took."""
+        block goes back. A request that a model's limits refuse (a tiny ``max_model_len`` or
+        ``max_queue``) is left out. Returns the seconds it took."""
         start = time.perf_counter()
         kinds = (
             SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True),
@@ -344,12 +345,16 @@ class Engine:
         )
         ids = itertools.count()
         for name, m in self.models.items():
-            prompt = [i % m.runner.model.arch.vocab_size for i in range(1, 9)]
+            length = min(8, m.limits.max_model_len - 3)  # room for the two tokens
+            prompt = [i % m.runner.model.arch.vocab_size for i in range(1, 1 + max(1, length))]
             for batch in [*((params,) for params in kinds), kinds]:  # each alone, then together
                 if not m.healthy:  # its forward failed (logged); serving reports it
                     break
                 for params in batch:
-                    self.add_request(name, prompt, params, request_id=f"warm-up-{next(ids)}")
+                    try:
+                        self.add_request(name, prompt, params, request_id=f"warm-up-{next(ids)}")
+                    except ModelhiveError as exc:
+                        log.debug("warm-up of %s: a request left out: %s", name, exc)
                 while self.has_work:
                     self.step()
         self.num_steps = 0
