@@ -121,25 +121,32 @@ def _filter_rows(x: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float],
         x.masked_fill_(x < kth, neg_inf)
     if any(p < 1.0 for p in top_p):  # keep the smallest prefix whose mass reaches top_p
         limits = [p if p < 1.0 else float("inf") for p in top_p]
-        rows = range(x.shape[0])
-        if device.type == "cpu":  # most rows' nucleus lies in their top candidates
-            rows = _top_p_from_candidates(x, limits)
-        for lo in range(0, len(rows), SAMPLER_SORT_ROWS):
-            idx = rows[lo:lo + SAMPLER_SORT_ROWS]
-            part = x[idx.start:idx.stop] if isinstance(idx, range) else x[idx]
-            sorted_x, order = torch.sort(part, dim=-1, descending=True)
-            probs = torch.softmax(sorted_x, dim=-1)
-            del sorted_x
-            drop = (probs.cumsum(dim=-1) - probs) > _row_values([limits[r] for r in idx], device)
-            del probs
-            part.masked_fill_(torch.zeros_like(drop).scatter_(-1, order, drop), neg_inf)
-            if not isinstance(idx, range):  # a copy of those rows: write it back
-                x[idx] = part
+        if device.type != "cpu":
+            _top_p_by_sort(x, limits)
+        elif rows := _top_p_from_candidates(x, limits):  # the rows whose nucleus is wider
+            index = torch.tensor(rows)
+            wide = x[index]
+            _top_p_by_sort(wide, [limits[r] for r in rows])
+            x[index] = wide
     if any(p > 0.0 for p in min_p):
         probs = torch.softmax(x, dim=-1)
         floor = _row_values(list(min_p), device) * probs.amax(dim=-1, keepdim=True)
         x.masked_fill_(probs < floor, neg_inf)
     return x
+
+
+def _top_p_by_sort(x: torch.Tensor, limits: list[float]) -> None:
+    """Top-p, in place, on every row of ``x`` (limit inf: none), sorting
+    ``SAMPLER_SORT_ROWS`` rows at a time."""
+    for lo in range(0, x.shape[0], SAMPLER_SORT_ROWS):
+        part = x[lo:lo + SAMPLER_SORT_ROWS]
+        sorted_x, order = torch.sort(part, dim=-1, descending=True)
+        probs = torch.softmax(sorted_x, dim=-1)
+        del sorted_x
+        limit = _row_values(limits[lo:lo + len(part)], x.device)
+        drop = (probs.cumsum(dim=-1) - probs) > limit
+        del probs
+        part.masked_fill_(torch.zeros_like(drop).scatter_(-1, order, drop), float("-inf"))
 
 
 #: top-p on the CPU first looks for each row's nucleus among this many top tokens

@@ -113,11 +113,8 @@ class DecodeGraphs:
         self.greedy = torch.zeros(B, dtype=torch.int64, device=device)
         # the multi-step graphs' tokens, step by step (outside the pool for the same reason)
         self.step_tokens = torch.zeros(steps, B, dtype=torch.int64, device=device)
-        # Every bucket's logits go to rows [:bs] of one buffer per dtype (the LM head gives
-        # float32 up to the GEMV's rows, else the model dtype: ``ops.logits``), OUTSIDE the
-        # pool: a replay's logits then hold until this model's next replay, and the buckets
-        # together hold ``max_batch`` rows of logits, not the sum of their sizes (at 256 rows
-        # and a 152k vocabulary: 2.5 GB against 78 MB)
+        # every bucket's logits: rows [:bs] of one buffer per dtype (float32 from the GEMV's
+        # rows, else the model dtype: ``ops.logits``), outside the pool (module docstring)
         self.logits_buffers: dict[torch.dtype, torch.Tensor] = {}
         # bucket -> (graph, its static logits [bs, vocab], its static greedy tokens [bs])
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
