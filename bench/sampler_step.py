@@ -3,7 +3,10 @@
 
     PYTHONPATH=src python3 bench/sampler_step.py --device cuda --rows 1 32 256 --vocab 151936
 
-Prints ms per call (host time until the result is on the host; ``choose`` also alone, without
+Logits are ``randn * --scale``: 1 is a flat row (top-p 0.9 keeps most of the vocabulary, the
+Triton draw's worst case: its threshold search takes many passes), 4 is closer to a language
+model's peaked rows. ``MODELHIVE_SAMPLER_KERNEL=0`` times the torch path on CUDA instead of
+``kernels/triton/sampling.py``. Prints ms per call (host time until the result is on the host; ``choose`` also alone, without
 waiting for the device, which is what the host pays when the step runs ahead). Run with
 ``PYTHONPATH`` at another tree to compare (the API is the same since session 7).
 """
@@ -59,15 +62,17 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--history", type=int, default=600, help="tokens of a penalised row")
     ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--scale", type=float, default=1.0, help="logits = randn * scale")
     args = ap.parse_args()
     device = torch.device(args.device)
     gen = torch.Generator()  # the runner's: on the host
     gen.manual_seed(0)
-    print(f"device {device} vocab {args.vocab}; ms per call (median of {args.repeat})")
+    print(f"device {device} vocab {args.vocab} scale {args.scale}; ms per call "
+          f"(median of {args.repeat})")
     print(f"{'setting':<14}{'rows':>6}{'choose, no wait':>17}{'choose':>10}{'sample':>10}")
     for name, setting in SETTINGS.items():
         for rows in args.rows:
-            logits = torch.randn(rows, args.vocab, device=device)
+            logits = torch.randn(rows, args.vocab, device=device) * args.scale
             batch = items(setting, rows, args.history)
             def run_choose(logits=logits, batch=batch):
                 return choose(logits, batch, gen)

@@ -156,14 +156,13 @@ def _reference_filter(x, top_k, top_p, min_p):
     """One row, the plain way (the sampler before it was batched)."""
     if 0 < top_k < x.shape[-1]:
         x = x.masked_fill(x < torch.topk(x, top_k).values[-1], float("-inf"))
-    if top_p < 1.0:
-        sorted_x, order = torch.sort(x, descending=True)
-        probs = torch.softmax(sorted_x, dim=-1)
-        drop = (torch.cumsum(probs, dim=-1) - probs) > top_p
-        x = x.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    if top_p < 1.0:  # keep a token if the tokens strictly more probable hold <= top_p
+        probs = torch.softmax(x, dim=-1)
+        before = torch.stack([probs[x > v].sum() for v in x])
+        x = x.masked_fill(before > top_p, float("-inf"))
     if min_p > 0.0:
         probs = torch.softmax(x, dim=-1)
-        x = x.masked_fill(probs < min_p * probs.max(), float("-inf"))
+        x = x.masked_fill(probs / probs.max() < min_p, float("-inf"))
     return x
 
 
@@ -286,3 +285,20 @@ def test_cpu_top_p_from_candidates_and_the_full_sort_agree_with_one_row_at_a_tim
         want = _reference_filter(x[r], 0, top_p[r], 0.0)
         assert torch.equal(torch.isfinite(got[r]), torch.isfinite(want)), r
     assert torch.isfinite(got[2]).all() and torch.isfinite(got[5]).all()
+
+
+def test_top_p_keeps_every_token_tied_at_the_cut():
+    """A token is kept when the tokens strictly more probable than it hold at most top_p, so
+    ties at the cut are all kept (the Triton draw's definition too), on either top-p path."""
+    from modelhive.engine.sampler import _top_p_by_sort
+
+    x = torch.tensor([[2.0, 1.0, 1.0, 1.0, 0.0], [1.0, 3.0, 1.0, 1.0, 1.0]])
+    # row 0: 0.45 before the tied tokens, 0.94 before the last; row 1: 0.72 before the ties
+    by_sort = x.clone()
+    _top_p_by_sort(by_sort, [0.5, 0.6])
+    by_candidates = _filter_rows(x.clone(), [0, 0], [0.5, 0.6], [0.0, 0.0])
+    for got in (by_sort, by_candidates):
+        assert torch.isfinite(got).tolist() == [[True, True, True, True, False],
+                                                [False, True, False, False, False]]
+    kept = _filter_rows(x.clone(), [0, 0], [0.5, 0.8], [0.0, 0.0])
+    assert torch.isfinite(kept[1]).all()

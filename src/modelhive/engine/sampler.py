@@ -3,7 +3,14 @@
 Order of processing (vLLM's): penalties (repetition, presence, frequency) -> temperature ->
 top-k -> top-p -> min-p -> draw. Greedy rows (temperature 0) take the argmax of the penalised
 logits. Logprobs are those of the model's raw distribution (log_softmax of the unprocessed logits),
-as vLLM returns by default.
+as vLLM returns by default. Definitions: the temperature multiplies by its float32 inverse; top-k
+keeps the values not below the k-th largest; top-p keeps a token when the tokens strictly more
+probable than it hold at most ``top_p`` of the mass (ties at the cut kept); min-p keeps
+``p >= min_p * p_max``.
+
+On CUDA, steps of ``KERNEL_MIN_ROWS`` rows or more draw every row (greedy ones too) in one
+Triton kernel (``kernels/triton/sampling.py``) that finds the top-k / top-p thresholds without
+sorting the vocabulary; the torch code here (``_draw``) is its reference, and the CPU's path.
 
 Every stage works on the whole batch at once, its per-row settings in one small tensor copied
 from pinned memory without waiting for the device: a step costs a fixed handful of kernels
@@ -25,15 +32,23 @@ is the same whether it is sampled alone or in a batch.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from modelhive.engine.sequence import SampledToken, ScheduledSeq
+from modelhive.kernels import ops
 from modelhive.planner.estimates import SAMPLER_SORT_ROWS
 
 _SEED_STRIDE = 1_000_003
+#: draw on CUDA with the Triton kernel (``kernels/triton/sampling.py``); 0: the torch path
+KERNEL = os.environ.get("MODELHIVE_SAMPLER_KERNEL", "1") != "0"
+#: ... for steps of at least this many rows: the kernel runs one program per row, a few passes
+#: over its vocabulary each, which at a row or two takes longer than torch's whole-device ops
+#: (H200, 151,936 words: top-p 0.26-0.57 ms a row alone, not faster than the sort there)
+KERNEL_MIN_ROWS = 8
 
 
 def device_index(idx: list[int], device: torch.device) -> torch.Tensor:
@@ -128,25 +143,24 @@ def _filter_rows(x: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float],
             wide = x[index]
             _top_p_by_sort(wide, [limits[r] for r in rows])
             x[index] = wide
-    if any(p > 0.0 for p in min_p):
-        probs = torch.softmax(x, dim=-1)
-        floor = _row_values(list(min_p), device) * probs.amax(dim=-1, keepdim=True)
-        x.masked_fill_(probs < floor, neg_inf)
+    if any(p > 0.0 for p in min_p):  # p / p_max = exp(x - max) below min_p
+        ratio = torch.exp(x - x.amax(dim=-1, keepdim=True))
+        x.masked_fill_(ratio < _row_values(list(min_p), device), neg_inf)
     return x
 
 
 def _top_p_by_sort(x: torch.Tensor, limits: list[float]) -> None:
     """Top-p, in place, on every row of ``x`` (limit inf: none), sorting
-    ``SAMPLER_SORT_ROWS`` rows at a time."""
+    ``SAMPLER_SORT_ROWS`` rows at a time: a row keeps the values not below its smallest value
+    whose strictly larger values hold at most ``limit`` of its mass (ties at the cut kept)."""
     for lo in range(0, x.shape[0], SAMPLER_SORT_ROWS):
         part = x[lo:lo + SAMPLER_SORT_ROWS]
-        sorted_x, order = torch.sort(part, dim=-1, descending=True)
+        sorted_x = torch.sort(part, dim=-1, descending=True).values
         probs = torch.softmax(sorted_x, dim=-1)
-        del sorted_x
         limit = _row_values(limits[lo:lo + len(part)], x.device)
-        drop = (probs.cumsum(dim=-1) - probs) > limit
+        kept = ((probs.cumsum(dim=-1) - probs) <= limit).sum(dim=-1, keepdim=True)  # >= 1
         del probs
-        part.masked_fill_(torch.zeros_like(drop).scatter_(-1, order, drop), float("-inf"))
+        part.masked_fill_(part < sorted_x.gather(1, kept - 1), float("-inf"))
 
 
 #: top-p on the CPU first looks for each row's nucleus among this many top tokens
@@ -174,18 +188,17 @@ def _top_p_from_candidates(x: torch.Tensor, limits: list[float]) -> list[int]:
             if not d and lim != float("inf")]  # an infinite limit: top-p off for that row
 
 
-def _draw(logits: torch.Tensor, items: Sequence[ScheduledSeq],
-          generator: torch.Generator | None, ahead: int) -> torch.Tensor:
-    """One drawn token per row (int64 on the logits' device): every row has temperature > 0.
+def _draw(logits: torch.Tensor, settings: np.ndarray) -> torch.Tensor:
+    """One drawn token per row (int64 on the logits' device) under ``draw_settings`` rows whose
+    temperature is > 0: the torch path, and the reference of ``kernels/triton/sampling.py``.
     Works on one float32 copy of the logits, in place (``planner.estimates.sampler_bytes``)."""
     device = logits.device
-    params = [it.params for it in items]
     x = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-    temperature = _row_values([p.temperature for p in params], device)
-    if not isinstance(temperature, float) or temperature != 1.0:
-        x.div_(temperature)
-    _filter_rows(x, [p.top_k for p in params], [p.top_p for p in params],
-                 [p.min_p for p in params])
+    inverse = _row_values(settings[:, 1].tolist(), device)  # float32 1 / temperature
+    if not isinstance(inverse, float) or inverse != 1.0:
+        x.mul_(inverse)
+    _filter_rows(x, settings[:, 2].astype(np.int64).tolist(), settings[:, 3].tolist(),
+                 settings[:, 4].tolist())
     # inverse CDF: the first token whose cumulative mass passes u * total, u uniform in [0, 1)
     # (an exact draw; a filtered token adds no mass, so it is never picked). One uniform a row,
     # where exponential noise over the vocabulary (argmax(probs / noise)) drew one per token:
@@ -193,9 +206,28 @@ def _draw(logits: torch.Tensor, items: Sequence[ScheduledSeq],
     cdf = torch.softmax(x, dim=-1)
     del x
     cdf.cumsum_(dim=-1)
-    u = _host_values(uniforms(items, generator, ahead), torch.float32, device)[:, None]
+    u = _host_values(np.ascontiguousarray(settings[:, 5]), torch.float32, device)[:, None]
     token = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0]
     return token.clamp_(max=cdf.shape[-1] - 1)
+
+
+def draw_settings(items: Sequence[ScheduledSeq], generator: torch.Generator | None = None,
+                  ahead: int = 0) -> np.ndarray:
+    """Each row's draw settings, ``[rows, 6]`` float32 in the columns of
+    ``kernels/triton/sampling.SETTINGS``: temperature (0: greedy), its inverse as float32,
+    top_k (0: off), top_p, min_p, and the row's uniform (``uniforms``; drawn for the rows with
+    a temperature only, so greedy rows take nothing from ``generator``)."""
+    settings = np.zeros((len(items), 6), dtype=np.float32)
+    drawn = []
+    for r, it in enumerate(items):
+        p = it.params
+        if p.temperature != 0.0:
+            drawn.append(r)
+            settings[r, :5] = (p.temperature, 1.0 / p.temperature, max(p.top_k, 0), p.top_p,
+                               p.min_p)
+    if drawn:
+        settings[drawn, 5] = uniforms([items[r] for r in drawn], generator, ahead)
+    return settings
 
 
 _M64 = (1 << 64) - 1
@@ -249,12 +281,16 @@ def choose(logits: torch.Tensor, items: Sequence[ScheduledSeq],
     drawn = [r for r, it in enumerate(items) if it.params.temperature != 0.0]
     if not drawn:  # = argmax (first maximum); max().indices is ~2x faster on the CPU
         return logits.max(dim=-1).indices if greedy is None else greedy
+    settings = draw_settings(items, generator, ahead)
+    kernel = ops.draw_kernel(logits) if KERNEL and len(items) >= KERNEL_MIN_ROWS else None
+    if kernel is not None:  # every row in one kernel, the greedy ones included
+        return kernel(logits, _host_values(settings, torch.float32, logits.device), out=greedy)
     if len(drawn) == len(items):
-        tokens = _draw(logits, items, generator, ahead)
+        tokens = _draw(logits, settings)
         return tokens if greedy is None else greedy.copy_(tokens)
     chosen = logits.max(dim=-1).indices if greedy is None else greedy
     index = device_index(drawn, logits.device)
-    chosen[index] = _draw(logits[index], [items[r] for r in drawn], generator, ahead)
+    chosen[index] = _draw(logits[index], settings[drawn])
     return chosen
 
 

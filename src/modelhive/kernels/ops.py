@@ -69,6 +69,13 @@ def argmax(logits, out=None):
     return (_gpu(logits) or reference).argmax(logits, out)
 
 
+def draw_kernel(logits):
+    """The Triton draw of CUDA ``logits`` (``kernels/triton/sampling.draw``), else None: the
+    sampler's torch path (``engine/sampler._draw``) is its reference and the CPU's draw."""
+    gpu = _gpu(logits)
+    return None if gpu is None else gpu.draw
+
+
 def apply_rope(x, positions, inv_freq, attention_scaling=1.0):
     return (_gpu(x) or reference).apply_rope(x, positions, inv_freq, attention_scaling)
 
