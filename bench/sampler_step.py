@@ -17,6 +17,7 @@ import argparse
 import statistics
 import time
 
+import numpy as np
 import torch
 
 from modelhive.engine.sampler import choose, sample
@@ -36,7 +37,8 @@ SETTINGS = {
 
 def items(setting: dict, rows: int, history: int) -> list[ScheduledSeq]:
     params = SamplingParams(**setting)
-    hist = tuple(range(3, 3 + history)) if params.repetition_penalty != 1.0 else ()
+    # an int64 array, as the scheduler passes (``Sequence.history``)
+    hist = np.arange(3, 3 + history) if params.repetition_penalty != 1.0 else ()
     return [ScheduledSeq(f"s{i}", (1,), 0, (0,), True, params, 5, hist, history // 2)
             for i in range(rows)]
 

@@ -302,3 +302,31 @@ def test_top_p_keeps_every_token_tied_at_the_cut():
                                                 [False, True, False, False, False]]
     kept = _filter_rows(x.clone(), [0, 0], [0.5, 0.8], [0.0, 0.0])
     assert torch.isfinite(kept[1]).all()
+
+
+def test_sequence_history_is_incremental_and_its_views_stay_put():
+    from modelhive.engine.sequence import Sequence
+
+    seq = Sequence("s", "r", 0, "m", [5, 6, 7], SamplingParams(repetition_penalty=1.2), 0)
+    first = seq.history()
+    assert first.dtype == np.int64 and first.tolist() == [5, 6, 7]
+    views = []
+    for t in range(200):  # past the first buffer: it grows
+        seq.output_token_ids.append(t)
+        views.append(seq.history())
+        assert views[-1].tolist() == list(seq.tokens(0, seq.num_tokens))
+    assert first.tolist() == [5, 6, 7] and views[9].tolist() == [5, 6, 7, *range(10)]
+
+
+def test_penalties_ignore_ids_outside_the_vocabulary_and_take_arrays():
+    logits = torch.randn(2, 16)
+    p = SamplingParams(temperature=0.0, repetition_penalty=1.5, frequency_penalty=0.25,
+                       presence_penalty=0.5)
+    hist = (3, 3, 20, 7, -1, 7, 7, 16)  # 20, -1, 16: not in a 16-word vocabulary
+    rows = [item(p, "a", history=hist, num_prompt=2), item(p, "b", history=np.array(hist), num_prompt=2)]
+    got = logits.clone()
+    _apply_penalties(got, rows)
+    clean = (3, 3, 7, 7, 7)
+    for r in range(2):
+        want = _reference_penalties(logits[r], item(p, "c", history=clean, num_prompt=2))
+        torch.testing.assert_close(got[r], want)

@@ -82,37 +82,67 @@ def _row_values(values: Sequence[float], device: torch.device) -> torch.Tensor |
 def _apply_penalties(logits: torch.Tensor, items: Sequence[ScheduledSeq]) -> None:
     """Repetition (every token seen, prompt included), then frequency and presence (generated
     tokens only) penalties, in place on the contiguous ``logits``, for the rows with a history.
-    The host lists each row's distinct tokens (and counts); the device touches only those
-    entries, in one gather and two scatters for the whole batch. Ids the logits do not have are
-    ignored."""
+    The host only lays the rows' histories end to end (numpy views from the scheduler); the
+    device gathers and writes each history entry's logit, a token seen twice written twice
+    with the same value, and counts repeats by a sort (``_repeat_counts``): no per-row work on
+    the host and no wait for the device. Ids the logits do not have are ignored."""
     vocab = logits.shape[1]
-    seen_at, seen_by, out_at, out_by = [], [], [], []  # flat indices, and what applies there
+    seen, seen_rows, seen_by = [], [], []  # every token of a row's history, its row, penalty
+    out, out_rows, out_freq, out_pres = [], [], [], []  # the same for the generated tokens
     for r, it in enumerate(items):
-        if not it.history:
+        if not len(it.history):
             continue
         p = it.params
         ids = np.asarray(it.history, dtype=np.int64)
         if p.repetition_penalty != 1.0:
-            seen = np.unique(ids)
-            seen = seen[(seen >= 0) & (seen < vocab)]
-            seen_at.append(seen + r * vocab)
-            seen_by.append(np.full(len(seen), p.repetition_penalty))
+            seen.append(ids)
+            seen_rows.append(r)
+            seen_by.append(p.repetition_penalty)
         if p.frequency_penalty or p.presence_penalty:
-            out, counts = np.unique(ids[it.num_prompt_tokens:], return_counts=True)
-            valid = (out >= 0) & (out < vocab)
-            out_at.append(out[valid] + r * vocab)
-            out_by.append(p.frequency_penalty * counts[valid] + p.presence_penalty)
+            out.append(ids[it.num_prompt_tokens:])
+            out_rows.append(r)
+            out_freq.append(p.frequency_penalty)
+            out_pres.append(p.presence_penalty)
     flat = logits.view(-1)
     device = logits.device
-    if seen_at:
-        at = _host_values(np.concatenate(seen_at), torch.int64, device)
-        by = _host_values(np.concatenate(seen_by).astype(np.float32), torch.float32, device)
+    if seen:
+        at, by = _flat_entries(seen, seen_rows, vocab, seen_by)
+        at = _host_values(at, torch.int64, device)
+        by = _host_values(by, torch.float32, device)
         vals = flat[at]
         flat[at] = torch.where(vals > 0, vals / by, vals * by)
-    if out_at:
-        at = _host_values(np.concatenate(out_at), torch.int64, device)
-        by = _host_values(np.concatenate(out_by).astype(np.float32), torch.float32, device)
-        flat[at] = flat[at] - by
+    if out and sum(len(o) for o in out):
+        at, freq, pres = _flat_entries(out, out_rows, vocab, out_freq, out_pres)
+        at = _host_values(at, torch.int64, device)
+        freq = _host_values(freq, torch.float32, device)
+        pres = _host_values(pres, torch.float32, device)
+        flat[at] = flat[at] - (freq * _repeat_counts(at) + pres)
+
+
+def _flat_entries(parts: list[np.ndarray], rows: list[int], vocab: int,
+                  *per_row: list[float]) -> tuple[np.ndarray, ...]:
+    """The rows' token ids laid end to end as flat indices into ``[rows, vocab]`` (ids outside
+    the vocabulary dropped), and each per-row value repeated for every entry (float32)."""
+    lengths = np.fromiter((len(p) for p in parts), dtype=np.int64, count=len(parts))
+    ids = np.concatenate(parts)
+    row = np.repeat(np.asarray(rows, dtype=np.int64), lengths)
+    valid = (ids >= 0) & (ids < vocab)
+    at = (ids + row * vocab)[valid]
+    values = [np.repeat(np.asarray(v, dtype=np.float32), lengths)[valid] for v in per_row]
+    return (at, *values)
+
+
+def _repeat_counts(keys: torch.Tensor) -> torch.Tensor:
+    """For each entry of ``keys`` (int64), how many entries equal it, as float32: a sort, run
+    starts, and a scatter-add, all of fixed size (no wait for the device, unlike unique)."""
+    sorted_keys, order = torch.sort(keys)
+    starts = torch.ones_like(sorted_keys, dtype=torch.bool)
+    starts[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    run = torch.cumsum(starts, 0) - 1
+    per_run = torch.zeros_like(run).scatter_add_(0, run, torch.ones_like(run))
+    counts = torch.empty_like(run)
+    counts[order] = per_run[run]
+    return counts.to(torch.float32)
 
 
 def _filter_rows(x: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float],
@@ -274,7 +304,7 @@ def choose(logits: torch.Tensor, items: Sequence[ScheduledSeq],
     # Logits may come in the model dtype (the cuBLAS LM head on CUDA, ``ops.logits``): greedy
     # rows take the argmax as they are (float32 holds every bf16/fp16 value exactly, so the
     # maximum and its first index are the same), the rest is computed in float32.
-    if any(it.history for it in items):
+    if any(len(it.history) for it in items):
         logits = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
         _apply_penalties(logits, items)
         greedy = None  # the penalties move the maximum

@@ -222,7 +222,7 @@ class Scheduler:
                     decodes.append(ScheduledSeq(
                         seq.seq_id, (out[-1] if out else seq.prompt_token_ids[-1],), start,
                         seq.table_tuple(), True, seq.params, len(out),
-                        seq.tokens(0, n) if seq.needs_history else (), n - len(out)))
+                        seq.history() if seq.needs_history else (), n - len(out)))
                     scheduled.add(seq.seq_id)
         budget = min(allowance, lim.max_num_batched_tokens) - len(decodes)
         for seq in running:
@@ -258,7 +258,7 @@ class Scheduler:
         num_tokens = seq.num_tokens
         reaches_end = start + chunk == num_tokens
         token_ids = (seq.token_at(start),) if chunk == 1 else seq.tokens(start, start + chunk)
-        history = seq.tokens(0, num_tokens) if seq.needs_history and reaches_end else ()
+        history = seq.history() if seq.needs_history and reaches_end else ()
         n_prompt = len(seq.prompt_token_ids)
         targets = ()  # prompt tokens to score: until the first output token (then all are)
         if seq.params.prompt_logprobs is not None and start + 1 < n_prompt \

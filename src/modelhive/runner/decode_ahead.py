@@ -53,7 +53,7 @@ def can_run_ahead(seqs: Sequence[ScheduledSeq]) -> bool:
     device makes alone (``sampler.choose``: no penalties, which need the token history on the
     host, and no logprobs): the next step is then one decode per sequence."""
     return bool(seqs) and all(
-        s.sample and not s.history and s.params.logprobs is None for s in seqs)
+        s.sample and not len(s.history) and s.params.logprobs is None for s in seqs)
 
 
 @dataclass
@@ -140,7 +140,7 @@ class DecodeAhead:
         if len(seqs) == len(ahead.key):
             for s, (seq_id, position) in zip(seqs, ahead.key, strict=True):
                 if s.seq_id != seq_id or s.num_cached != position or len(s.token_ids) != 1 \
-                        or not s.sample or s.history or s.params.logprobs is not None:
+                        or not s.sample or len(s.history) or s.params.logprobs is not None:
                     break
             else:
                 self.used += 1
