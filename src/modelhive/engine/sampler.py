@@ -218,12 +218,13 @@ def _top_p_from_candidates(x: torch.Tensor, limits: list[float]) -> list[int]:
             if not d and lim != float("inf")]  # an infinite limit: top-p off for that row
 
 
-def _draw(logits: torch.Tensor, settings: np.ndarray) -> torch.Tensor:
+def _draw(logits: torch.Tensor, settings: np.ndarray, owned: bool = False) -> torch.Tensor:
     """One drawn token per row (int64 on the logits' device) under ``draw_settings`` rows whose
     temperature is > 0: the torch path, and the reference of ``kernels/triton/sampling.py``.
-    Works on one float32 copy of the logits, in place (``planner.estimates.sampler_bytes``)."""
+    Works on one float32 copy of the logits, in place (``planner.estimates.sampler_bytes``);
+    ``owned``: ``logits`` is the caller's own copy, used as it is when it is float32."""
     device = logits.device
-    x = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    x = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=not owned)
     inverse = _row_values(settings[:, 1].tolist(), device)  # float32 1 / temperature
     if not isinstance(inverse, float) or inverse != 1.0:
         x.mul_(inverse)
@@ -320,7 +321,7 @@ def choose(logits: torch.Tensor, items: Sequence[ScheduledSeq],
         return tokens if greedy is None else greedy.copy_(tokens)
     chosen = logits.max(dim=-1).indices if greedy is None else greedy
     index = device_index(drawn, logits.device)
-    chosen[index] = _draw(logits[index], settings[drawn])
+    chosen[index] = _draw(logits[index], settings[drawn], owned=True)  # a gathered copy
     return chosen
 
 
