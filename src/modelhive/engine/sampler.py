@@ -47,7 +47,7 @@ _SEED_STRIDE = 1_000_003
 KERNEL = os.environ.get("MODELHIVE_SAMPLER_KERNEL", "1") != "0"
 #: ... for steps of at least this many rows: the kernel runs one program per row, a few passes
 #: over its vocabulary each, which at a row or two takes longer than torch's whole-device ops
-#: (H200, 151,936 words: top-p 0.26-0.57 ms a row alone, not faster than the sort there)
+#: (H200, 151,936 words: top-p 0.26-0.68 ms a row alone, not faster than the sort there)
 KERNEL_MIN_ROWS = 8
 
 
