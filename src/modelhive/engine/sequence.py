@@ -134,25 +134,6 @@ class ModelBatch:
     #: some chunk has ``prompt_targets`` (the runner then runs the step eagerly and scores them)
     scores_prompt: bool = False
 
-    def history(self) -> np.ndarray:
-        """Prompt + output tokens as an int64 array (a view the next tokens do not change),
-        for the sampler's penalties. Kept up to date incrementally: a call copies only the
-        tokens added since the last one (the whole history as a tuple each step cost ~20 us a
-        sequence at 600 tokens, the scheduler's tuple and the sampler's array together)."""
-        n = self.num_tokens
-        have = self._history_len
-        if have < n:
-            buf = self._history
-            if buf is None or len(buf) < n:
-                grown = np.empty(max(n, 2 * (len(buf) if buf is not None else 0), 64),
-                                 dtype=np.int64)
-                if have:
-                    grown[:have] = buf[:have]
-                self._history = buf = grown
-            buf[have:n] = self.tokens(have, n)
-            self._history_len = n
-        return self._history[:n]
-
     @property
     def num_tokens(self) -> int:
         return sum(len(s.token_ids) for s in self.seqs)
