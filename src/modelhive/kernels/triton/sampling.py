@@ -51,8 +51,6 @@ ROUNDS = 40
 #: columns of the per-row settings
 SETTINGS = ("temperature", "inverse temperature", "top_k", "top_p", "min_p", "u")
 
-_NEG_INF = float("-inf")
-
 
 @triton.jit
 def _key(x):
