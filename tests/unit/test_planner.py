@@ -113,12 +113,17 @@ def test_activation_formula_by_hand_tinyllama_cuda():
                            max_model_len=1024, device="cpu")
     decode_scratch = 2 * s * 1024 * q * 2 + 2 * s * 32 * 1024 * 4
     # the sampler (logits, penalties' copy, draw copy; then the top-p sort of 64 rows at a
-    # time) lies on top of the largest phase on the CPU (an RSS peak), inside it on CUDA
-    sampler = 16 * s * v + 44 * 32 * v
+    # time; the penalties' 144 B per history entry, every row's 1,024 tokens) lies on top of
+    # the largest phase on the CPU (an RSS peak), inside it on CUDA
+    penalties = 144 * s * 1024
+    sampler = 16 * s * v + 44 * 32 * v + penalties
     assert cpu == max(mlp, attention + decode_scratch, 2 * t * h * 2 + s * h * 2) + sampler + slack
     gpu = activation_bytes(ARCHS["tinyllama"], "float16", num_tokens=t, max_num_seqs=s,
                            max_model_len=1024, device="cuda")
-    assert gpu == max(mlp, attention, 2 * t * h * 2 + s * h * 2 + sampler) + slack
+    # on CUDA the draw kernel takes steps of 8 rows or more: the logits (2 B) and a float32
+    # copy and count (8 B) an entry, or the torch path's peak at 7 rows
+    kernel = max(16 * 7 * v + 44 * 7 * v, (2 + 8) * s * v) + penalties
+    assert gpu == max(mlp, attention, 2 * t * h * 2 + s * h * 2 + kernel) + slack
 
 
 def test_static_policy_splits_by_seqs_times_len_times_kv_bytes():
@@ -240,7 +245,7 @@ def test_emit_vllm_utilizations_by_hand(capsys):
     assert main(["plan", THREE_YAML, "--emit", "vllm"]) == 0
     script = capsys.readouterr().out
     utils = [float(u) for u in re.findall(r"--gpu-memory-utilization (\S+)", script)]
-    assert utils == [0.1238, 0.2880, 0.5171]  # checked by hand against the rule below
+    assert utils == [0.1241, 0.2867, 0.5181]  # checked by hand against the rule below
     # vLLM v1: util x total = weights + activation + non-torch (128 MiB) + KV share, with the CUDA
     # context (512 MiB) and graphs outside; the KV left is split by seqs x len x KV bytes/token.
     total = 32_607 * 2**20
@@ -268,7 +273,7 @@ def test_emit_compose_orders_services_by_health(capsys):
     assert "depends_on" not in services["tinyllama-1-1b"]
     assert services["yi-6b"]["depends_on"] == {"qwen2-5-3b": {"condition": "service_healthy"}}
     cmd = services["yi-6b"]["command"]
-    assert cmd[cmd.index("--gpu-memory-utilization") + 1] == "0.5171"
+    assert cmd[cmd.index("--gpu-memory-utilization") + 1] == "0.5181"
 
 
 def test_default_example_fits_on_this_machine(capsys):
@@ -326,3 +331,18 @@ def test_graph_bytes_count_the_multi_step_decode_graphs():
         single + buckets * GRAPH_BYTES_PER_CAPTURE + 8 * 4 * 32
     assert graph_bytes(arch, "bfloat16", **kw) == graph_bytes(arch, "bfloat16",
                                                               decode_steps=DECODE_STEPS, **kw)
+
+
+def test_sampler_and_penalty_terms():
+    """The sampler's plan: the torch path below 8 rows or without the kernel; with it, the
+    logits and 8 B an entry; the penalties' per-entry tensors bounded by one group of rows."""
+    from modelhive.planner.estimates import penalty_bytes, sampler_bytes
+
+    v = 151936
+    assert sampler_bytes(5, v, kernel=True) == sampler_bytes(5, v) == (16 + 44) * 5 * v
+    assert sampler_bytes(256, v) == (16 * 256 + 44 * 64) * v
+    assert sampler_bytes(256, v, kernel=True, logits_bytes=2) == 10 * 256 * v
+    assert sampler_bytes(24, v, kernel=True, logits_bytes=2) == sampler_bytes(7, v)
+    assert penalty_bytes(256, 32768) == 144 * 2**18  # one group
+    assert penalty_bytes(1, 131072) == 144 * 131072  # one longer history
+    assert penalty_bytes(4, 256) == 144 * 1024  # every row's whole history

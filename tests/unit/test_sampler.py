@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from modelhive.engine.output import Detokenizer
-from modelhive.engine.sampler import _apply_penalties, _filter_rows, choose, sample
+from modelhive.engine.sampler import _filter_rows, choose, penalised, sample
 from modelhive.engine.sequence import ScheduledSeq
 from modelhive.errors import InvalidRequestError
 from modelhive.sampling_params import SamplingParams
@@ -214,11 +214,10 @@ def test_batched_penalties_equal_one_row_at_a_time():
     rng = np.random.default_rng(1)
     logits = torch.randn(8, 64) * 2
     items = _mixed_batch(rng, 64, 8)
-    penalised = logits.clone()
-    _apply_penalties(penalised, items)
+    got = penalised(logits, items)
     for r, it in enumerate(items):
         want = _reference_penalties(logits[r], it) if it.history else logits[r]
-        torch.testing.assert_close(penalised[r], want)
+        torch.testing.assert_close(got[r], want)
 
 
 def test_a_mixed_batch_draws_what_each_seeded_row_draws_alone():
@@ -324,9 +323,43 @@ def test_penalties_ignore_ids_outside_the_vocabulary_and_take_arrays():
                        presence_penalty=0.5)
     hist = (3, 3, 20, 7, -1, 7, 7, 16)  # 20, -1, 16: not in a 16-word vocabulary
     rows = [item(p, "a", history=hist, num_prompt=2), item(p, "b", history=np.array(hist), num_prompt=2)]
-    got = logits.clone()
-    _apply_penalties(got, rows)
+    got = penalised(logits, rows)
     clean = (3, 3, 7, 7, 7)
     for r in range(2):
         want = _reference_penalties(logits[r], item(p, "c", history=clean, num_prompt=2))
         torch.testing.assert_close(got[r], want)
+
+
+def test_pending_tokens_count_as_generated_history():
+    """``choose(..., pending=)`` (a step launched ahead of the host, ``runner/decode_ahead.py``)
+    penalises as if each row's pending tokens ended its history: the same tokens and the same
+    penalised logits as with the longer histories, drawn and greedy rows alike."""
+    rng = np.random.default_rng(4)
+    vocab, n = 60, 12
+    logits = torch.randn(n, vocab) * 2
+    items = _mixed_batch(rng, vocab, n)
+    pending = torch.from_numpy(rng.integers(0, vocab, (n, 2)))
+    longer = [item(it.params, it.seq_id, it.num_generated,
+                   (*it.history, *pending[r].tolist()) if it.history else (), 10)
+              for r, it in enumerate(items)]
+    got = penalised(logits, items, pending)
+    want = penalised(logits, longer)
+    torch.testing.assert_close(got, want)
+    assert not torch.equal(got, logits)
+    assert choose(logits.clone(), items, ahead=2, pending=pending).tolist() == \
+        choose(logits.clone(), longer, ahead=2).tolist()
+
+
+def test_penalties_in_groups_of_rows_equal_all_rows_at_once(monkeypatch):
+    """Rows whose histories exceed ``PENALTY_GROUP_ENTRIES`` together go in several groups
+    (a longer history alone): the same penalised logits as one group, pending tokens too."""
+    from modelhive.engine import sampler
+
+    rng = np.random.default_rng(5)
+    logits = torch.randn(12, 80) * 2
+    items = _mixed_batch(rng, 80, 12)
+    pending = torch.from_numpy(rng.integers(0, 80, (12, 1)))
+    whole = penalised(logits, items, pending)
+    for cap in (25, 65):  # each 30-token history alone; two in a group, then one
+        monkeypatch.setattr(sampler, "PENALTY_GROUP_ENTRIES", cap)
+        torch.testing.assert_close(penalised(logits, items, pending), whole, rtol=0, atol=0)

@@ -32,7 +32,6 @@ is the same whether it is sampled alone or in a batch.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -40,15 +39,21 @@ import torch
 
 from modelhive.engine.sequence import SampledToken, ScheduledSeq
 from modelhive.kernels import ops
-from modelhive.planner.estimates import SAMPLER_SORT_ROWS
+from modelhive.planner.estimates import (
+    PENALTY_GROUP_ENTRIES,
+    SAMPLER_KERNEL,
+    SAMPLER_KERNEL_MIN_ROWS,
+    SAMPLER_SORT_ROWS,
+)
 
 _SEED_STRIDE = 1_000_003
-#: draw on CUDA with the Triton kernel (``kernels/triton/sampling.py``); 0: the torch path
-KERNEL = os.environ.get("MODELHIVE_SAMPLER_KERNEL", "1") != "0"
+#: draw on CUDA with the Triton kernel (``kernels/triton/sampling.py``); env
+#: ``MODELHIVE_SAMPLER_KERNEL=0``: the torch path (the memory plan follows the same switch)
+KERNEL = SAMPLER_KERNEL
 #: ... for steps of at least this many rows: the kernel runs one program per row, a few passes
 #: over its vocabulary each, which at a row or two takes longer than torch's whole-device ops
 #: (H200, 151,936 words: top-p 0.26-0.68 ms a row alone, not faster than the sort there)
-KERNEL_MIN_ROWS = 8
+KERNEL_MIN_ROWS = SAMPLER_KERNEL_MIN_ROWS
 
 
 def device_index(idx: list[int], device: torch.device) -> torch.Tensor:
@@ -79,70 +84,100 @@ def _row_values(values: Sequence[float], device: torch.device) -> torch.Tensor |
     return _host_values(list(values), torch.float32, device)[:, None]
 
 
-def _apply_penalties(logits: torch.Tensor, items: Sequence[ScheduledSeq]) -> None:
-    """Repetition (every token seen, prompt included), then frequency and presence (generated
-    tokens only) penalties, in place on the contiguous ``logits``, for the rows with a history.
-    The host only lays the rows' histories end to end (numpy views from the scheduler); the
-    device gathers and writes each history entry's logit, a token seen twice written twice
-    with the same value, and counts repeats by a sort (``_repeat_counts``): no per-row work on
-    the host and no wait for the device. Ids the logits do not have are ignored."""
+def penalised(logits: torch.Tensor, items: Sequence[ScheduledSeq],
+              pending: torch.Tensor | None = None) -> torch.Tensor:
+    """A float32 copy of ``logits`` ``[rows, vocab]`` with each row's penalties applied:
+    repetition (every token seen, prompt included), then frequency and presence (generated
+    tokens only), for the rows with a history. ``pending``: ``[rows, k]`` tokens on the device
+    that each row generated past its ``history`` (a step launched ahead of the host,
+    ``runner/decode_ahead.py``), counted as generated. Ids the logits do not have are ignored.
+
+    The host concatenates the rows' histories (numpy views the scheduler keeps,
+    ``Sequence.history``) and sends them with a small table per row (``_penalise``), rows
+    grouped so that a group holds at most ``PENALTY_GROUP_ENTRIES`` history entries (or one
+    longer history), which bounds the memory the plan reserves for them
+    (``planner.estimates.penalty_bytes``)."""
     vocab = logits.shape[1]
-    seen, seen_rows, seen_by = [], [], []  # every token of a row's history, its row, penalty
-    out, out_rows, out_freq, out_pres = [], [], [], []  # the same for the generated tokens
-    for r, it in enumerate(items):
-        if not len(it.history):
-            continue
-        p = it.params
-        ids = np.asarray(it.history, dtype=np.int64)
-        if p.repetition_penalty != 1.0:
-            seen.append(ids)
-            seen_rows.append(r)
-            seen_by.append(p.repetition_penalty)
-        if p.frequency_penalty or p.presence_penalty:
-            out.append(ids[it.num_prompt_tokens:])
-            out_rows.append(r)
-            out_freq.append(p.frequency_penalty)
-            out_pres.append(p.presence_penalty)
-    flat = logits.view(-1)
-    device = logits.device
-    if seen:
-        at, by = _flat_entries(seen, seen_rows, vocab, seen_by)
-        at = _host_values(at, torch.int64, device)
-        by = _host_values(by, torch.float32, device)
-        vals = flat[at]
-        flat[at] = torch.where(vals > 0, vals / by, vals * by)
-    if out and sum(len(o) for o in out):
-        at, freq, pres = _flat_entries(out, out_rows, vocab, out_freq, out_pres)
-        at = _host_values(at, torch.int64, device)
-        freq = _host_values(freq, torch.float32, device)
-        pres = _host_values(pres, torch.float32, device)
-        flat[at] = flat[at] - (freq * _repeat_counts(at) + pres)
-
-
-def _flat_entries(parts: list[np.ndarray], rows: list[int], vocab: int,
-                  *per_row: list[float]) -> tuple[np.ndarray, ...]:
-    """The rows' token ids laid end to end as flat indices into ``[rows, vocab]`` (ids outside
-    the vocabulary dropped), and each per-row value repeated for every entry (float32)."""
-    lengths = np.fromiter((len(p) for p in parts), dtype=np.int64, count=len(parts))
+    x = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    rows = [r for r, it in enumerate(items) if len(it.history)]
+    if not rows:
+        return x
+    parts = [np.asarray(items[r].history, dtype=np.int64) for r in rows]
+    n_prompt = [items[r].num_prompt_tokens for r in rows]
     ids = np.concatenate(parts)
-    row = np.repeat(np.asarray(rows, dtype=np.int64), lengths)
-    valid = (ids >= 0) & (ids < vocab)
-    at = (ids + row * vocab)[valid]
-    values = [np.repeat(np.asarray(v, dtype=np.float32), lengths)[valid] for v in per_row]
-    return (at, *values)
+    if ids.min() < 0 or ids.max() >= vocab:  # rare: drop those ids here
+        keep = [(h >= 0) & (h < vocab) for h in parts]
+        n_prompt = [int(np.count_nonzero(k[:n])) for k, n in zip(keep, n_prompt, strict=True)]
+        parts = [h[k] for h, k in zip(parts, keep, strict=True)]
+        ids = np.concatenate(parts)
+    if len(ids) <= PENALTY_GROUP_ENTRIES:  # the usual step: one group
+        _penalise(x, items, list(zip(rows, parts, n_prompt, strict=True)), pending, ids)
+        return x
+    group: list[tuple[int, np.ndarray, int]] = []  # (row, history, prompt tokens)
+    entries = 0
+    for row in zip(rows, parts, n_prompt, strict=True):
+        if group and entries + len(row[1]) > PENALTY_GROUP_ENTRIES:
+            _penalise(x, items, group, pending)
+            group, entries = [], 0
+        group.append(row)
+        entries += len(row[1])
+    _penalise(x, items, group, pending)
+    return x
 
 
-def _repeat_counts(keys: torch.Tensor) -> torch.Tensor:
-    """For each entry of ``keys`` (int64), how many entries equal it, as float32: a sort, run
-    starts, and a scatter-add, all of fixed size (no wait for the device, unlike unique)."""
-    sorted_keys, order = torch.sort(keys)
-    starts = torch.ones_like(sorted_keys, dtype=torch.bool)
-    starts[1:] = sorted_keys[1:] != sorted_keys[:-1]
-    run = torch.cumsum(starts, 0) - 1
-    per_run = torch.zeros_like(run).scatter_add_(0, run, torch.ones_like(run))
-    counts = torch.empty_like(run)
-    counts[order] = per_run[run]
-    return counts.to(torch.float32)
+def _penalise(x: torch.Tensor, items: Sequence[ScheduledSeq],
+              group: list[tuple[int, np.ndarray, int]], pending: torch.Tensor | None,
+              ids: np.ndarray | None = None) -> None:
+    """``penalised`` for one group of rows (row, history, prompt tokens of it), in place on
+    ``x``. The device expands the rows' table per entry, counts each (row, token)'s generated
+    entries in a dense float32 buffer of the group's rows (an accumulating scatter: integer
+    counts, exact in any order) and writes every entry's final logit ``rep(x) - (freq c +
+    pres [c > 0])`` computed from the original ``x``, so a token seen several times is written
+    several times with the same value. About 30 ops whatever the histories' lengths, no
+    per-entry work on the host (building per-entry arrays in numpy took ~2.4 ms a step at 256
+    rows of 800-token histories on the GPU host, more than the forward), and no wait for the
+    device."""
+    vocab = x.shape[1]
+    device = x.device
+    lengths = np.fromiter((len(h) for _, h, _ in group), dtype=np.int64, count=len(group))
+    m, total = len(group), int(lengths.sum())
+    # per row: its index, its history's length, where its generated tokens start in ``ids``
+    ints = np.stack([np.fromiter((r for r, _, _ in group), dtype=np.int64, count=m), lengths,
+                     np.cumsum(lengths) - lengths + np.minimum(
+                         np.fromiter((n for _, _, n in group), dtype=np.int64, count=m),
+                         lengths)])
+    ps = [items[r].params for r, _, _ in group]
+    floats = np.array([[p.repetition_penalty for p in ps], [p.frequency_penalty for p in ps],
+                       [p.presence_penalty for p in ps]], dtype=np.float32)
+    # one copy to the device: the ids, the int table, the float table (its bits as int64)
+    if ids is None:  # the group's histories end to end
+        ids = np.concatenate([h for _, h, _ in group])
+    packed = np.concatenate([ids, ints.ravel(),
+                             np.resize(floats, (2 * -(-3 * m // 2),)).view(np.int64)])
+    packed = _host_values(packed, torch.int64, device)
+    ids = packed[:total]
+    ints_d = packed[total:total + 3 * m].view(3, m)
+    pen = packed[total + 3 * m:].view(torch.float32)[:3 * m].view(3, m)
+    local = torch.repeat_interleave(torch.arange(m, device=device), ints_d[1], output_size=total)
+    if pending is not None:  # after every history: generated (at or past its row's start)
+        k = pending.shape[1]
+        ids = torch.cat([ids, pending[ints_d[0]].reshape(-1)])
+        local = torch.cat([local, torch.arange(m, device=device).repeat_interleave(k)])
+    row, _, gen_from = ints_d[:, local]
+    by, freq, pres = pen[:, local]
+    flat = x.view(-1)
+    at = ids + row * vocab
+    vals = flat.take(at)
+    if (floats[0] != 1.0).any():
+        vals = torch.where(vals > 0, vals / by, vals * by)
+    if floats[1:].any():
+        key = local * vocab + ids
+        generated = torch.arange(len(key), device=device) >= gen_from
+        counts = torch.zeros(m * vocab, dtype=torch.float32, device=device)
+        counts.index_put_((key,), generated.to(torch.float32), accumulate=True)
+        c = counts.take(key)
+        vals = vals - (freq * c + pres * (c > 0))
+    flat[at] = vals
 
 
 def _filter_rows(x: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float],
@@ -295,19 +330,20 @@ def uniforms(items: Sequence[ScheduledSeq], generator: torch.Generator | None = 
 
 def choose(logits: torch.Tensor, items: Sequence[ScheduledSeq],
            generator: torch.Generator | None = None, ahead: int = 0,
-           greedy: torch.Tensor | None = None) -> torch.Tensor:
+           greedy: torch.Tensor | None = None, pending: torch.Tensor | None = None) -> torch.Tensor:
     """The token of each row as a tensor on the logits' device (penalties, temperature, filters,
     the seeded draw) without waiting for the device; ``sample`` reads it and adds logprobs, and
     ``runner/decode_ahead.py`` feeds it to the next step before the host has seen it (``ahead``:
     the rows are that many tokens past ``items``, which keys their seeded draws).
     ``greedy``: each row's argmax if already computed (a decode graph's output,
-    ``runner/cuda_graphs.py``); the result may then be that tensor, its drawn rows overwritten."""
+    ``runner/cuda_graphs.py``); the result may then be that tensor, its drawn rows overwritten.
+    ``pending``: ``[rows, ahead]`` device tokens the rows generated past their ``history``,
+    which the penalties count (a step launched ahead of the host)."""
     # Logits may come in the model dtype (the cuBLAS LM head on CUDA, ``ops.logits``): greedy
     # rows take the argmax as they are (float32 holds every bf16/fp16 value exactly, so the
     # maximum and its first index are the same), the rest is computed in float32.
     if any(len(it.history) for it in items):
-        logits = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-        _apply_penalties(logits, items)
+        logits = penalised(logits, items, pending)
         greedy = None  # the penalties move the maximum
     drawn = [r for r, it in enumerate(items) if it.params.temperature != 0.0]
     if not drawn:  # = argmax (first maximum); max().indices is ~2x faster on the CPU
@@ -325,27 +361,47 @@ def choose(logits: torch.Tensor, items: Sequence[ScheduledSeq],
     return chosen
 
 
+def logprobs(logits: torch.Tensor, tokens: torch.Tensor,
+             items: Sequence[ScheduledSeq]) -> tuple[torch.Tensor, ...] | None:
+    """On the logits' device, without waiting: each row's logprob of its chosen ``tokens`` in
+    the model's raw distribution (log_softmax of the unprocessed logits, as vLLM returns by
+    default) and, when some row asks for alternatives, the largest ``max(logprobs)`` logprobs
+    and their ids; None when no row asks for logprobs (``sampled_tokens`` reads them)."""
+    wanted = [it.params.logprobs for it in items]
+    if all(k is None for k in wanted):
+        return None
+    raw = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+    chosen = raw.gather(1, tokens[:, None])[:, 0]
+    kmax = max(k or 0 for k in wanted)
+    if not kmax:
+        return (chosen,)
+    top_vals, top_ids = torch.topk(raw, kmax, dim=-1)
+    return chosen, top_vals, top_ids
+
+
+def sampled_tokens(items: Sequence[ScheduledSeq], tokens: list[int],
+                   lps: list[list] | None = None) -> list[SampledToken]:
+    """The rows' ``SampledToken``s from their tokens and, when ``logprobs`` made them, its
+    tensors as lists (``tolist()``); a row that asked for ``k`` alternatives gets its top k."""
+    if lps is None:
+        return [SampledToken(it.seq_id, t) for it, t in zip(items, tokens, strict=True)]
+    chosen, *top = lps
+    out = []
+    for row, (item, token) in enumerate(zip(items, tokens, strict=True)):
+        k = item.params.logprobs
+        if k is None:
+            out.append(SampledToken(item.seq_id, token))
+            continue
+        alts = tuple(zip(top[1][row][:k], top[0][row][:k], strict=True)) if k else ()
+        out.append(SampledToken(item.seq_id, token, chosen[row], alts))
+    return out
+
+
 def sample(logits: torch.Tensor, items: Sequence[ScheduledSeq],
            generator: torch.Generator | None = None) -> list[SampledToken]:
     """Pick one token per row; ``items[i]`` holds the sampling settings of row i (``logits``
     in float32 or the model dtype; no float32 copy of them is made here)."""
-    chosen_t = choose(logits, items, generator)
-    wanted = [it.params.logprobs for it in items]
-    if all(k is None for k in wanted):
-        return [SampledToken(it.seq_id, t) for it, t in zip(items, chosen_t.tolist(), strict=True)]
-    raw = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
-    chosen_lp = raw.gather(1, chosen_t[:, None])[:, 0]
-    kmax = max(k or 0 for k in wanted)
-    if kmax:
-        top_vals, top_ids = torch.topk(raw, kmax, dim=-1)
-        top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
-    chosen, chosen_lp = chosen_t.tolist(), chosen_lp.tolist()
-    out = []
-    for row, item in enumerate(items):
-        k = wanted[row]
-        if k is None:
-            out.append(SampledToken(item.seq_id, chosen[row]))
-            continue
-        top = tuple(zip(top_ids[row][:k], top_vals[row][:k], strict=True)) if k else ()
-        out.append(SampledToken(item.seq_id, chosen[row], chosen_lp[row], top))
-    return out
+    tokens = choose(logits, items, generator)
+    lps = logprobs(logits, tokens, items)
+    return sampled_tokens(items, tokens.tolist(),
+                          None if lps is None else [t.tolist() for t in lps])

@@ -8,6 +8,8 @@ measured"): on an NVIDIA H200, driver 580.159.04, torch 2.11.0+cu130, the three-
 
 from __future__ import annotations
 
+import os
+
 from modelhive.models.arch import DTYPE_BYTES, ArchConfig
 
 MiB = 2**20
@@ -107,7 +109,11 @@ def activation_bytes(
     else:
         scratch = 0
     attention = residual + t * (q + 2 * kv) * e + t * (q + kv) * e + t * q * e + scratch
-    sampler = sampler_bytes(s, arch.vocab_size) if sampler else 4 * s * arch.vocab_size
+    if sampler:
+        sampler = sampler_bytes(s, arch.vocab_size, kernel=device == "cuda" and SAMPLER_KERNEL,
+                                logits_bytes=e) + penalty_bytes(s, seq_len)
+    else:
+        sampler = 4 * s * arch.vocab_size
     logits = 2 * t * h * e + s * h * e
     if device == "cpu":  # the RSS peak: the sampler's buffers land on top (docstring)
         return max(mlp, attention, logits) + sampler + ACTIVATION_SLACK_BYTES
@@ -125,17 +131,51 @@ DEFAULT_MAX_NUM_SEQS = {"cuda": 256, "cpu": 64}
 SAMPLER_SORT_ROWS = 64
 
 
-def sampler_bytes(rows: int, vocab: int) -> int:
-    """The sampler's peak for ``rows`` rows of a ``vocab``-wide vocabulary (``engine/sampler.py``):
-    the logits (at most 4 B an entry), the penalties' float32 copy, the draw's own and a float32
-    tensor more (16 B an entry; the raw log-softmax of logprobs comes after the two copies are
-    gone); then the larger of the top-p stage on ``SAMPLER_SORT_ROWS`` rows at a time (the
-    sort's values, int64 order and the radix sort's buffers, then probabilities, cumulative
-    sums, their difference and two byte masks: 44 B an entry) and the min-p stage on all rows
-    (probabilities and a mask: 5 B an entry). Measured on an H200 (``tests/gpu``, bf16 logits
-    held by the caller, penalties + top-p + min-p + logprobs): 25.1 B an entry at 200 rows of a
-    152k vocabulary, 52.2 at 24 rows (this gives 30.1 and 60)."""
+#: on CUDA the sampler draws a step of this many rows or more with its Triton kernel
+#: (``kernels/triton/sampling.py``), fewer with torch ops (``engine/sampler.py``)
+SAMPLER_KERNEL_MIN_ROWS = 8
+#: ``MODELHIVE_SAMPLER_KERNEL=0``: the torch path on every step (the kernel's reference)
+SAMPLER_KERNEL = os.environ.get("MODELHIVE_SAMPLER_KERNEL", "1") != "0"
+
+
+def sampler_bytes(rows: int, vocab: int, kernel: bool = False, logits_bytes: int = 4) -> int:
+    """The sampler's peak for ``rows`` rows of a ``vocab``-wide vocabulary (``engine/sampler.py``).
+
+    The torch path: the logits (at most 4 B an entry), the penalties' float32 copy, the draw's
+    own and a float32 tensor more (16 B an entry; the raw log-softmax of logprobs comes after
+    the two copies are gone); then the larger of the top-p stage on ``SAMPLER_SORT_ROWS`` rows at
+    a time (the sort's values, int64 order and the radix sort's buffers, then probabilities,
+    cumulative sums, their difference and two byte masks: 44 B an entry) and the min-p stage on
+    all rows (probabilities and a mask: 5 B an entry). Measured on an H200 (``tests/gpu``, bf16
+    logits held by the caller, penalties + top-p + min-p + logprobs): 25.1 B an entry at 200
+    rows of a 152k vocabulary, 52.2 at 24 rows (this gives 30.1 and 60).
+
+    ``kernel`` (CUDA): steps of ``SAMPLER_KERNEL_MIN_ROWS`` rows or more draw in the Triton
+    kernel, which needs no copy of its own (a ``[rows, 1024]`` scratch): the logits
+    (``logits_bytes`` an entry: the model dtype's, from the cuBLAS LM head), then the
+    penalties' float32 copy or logprobs' float32 log-softmax with its float32 input (8 B an
+    entry, measured on an H200 at 8-256 rows: 8.00); smaller steps take the torch path."""
+    if kernel and rows >= SAMPLER_KERNEL_MIN_ROWS:
+        return max(sampler_bytes(SAMPLER_KERNEL_MIN_ROWS - 1, vocab),
+                   (logits_bytes + 8) * rows * vocab)
     return 16 * rows * vocab + max(44 * min(rows, SAMPLER_SORT_ROWS), 5 * rows) * vocab
+
+
+#: the sampler's penalties take the rows' histories in groups of at most this many entries (a
+#: longer history alone), so that their per-entry tensors stay bounded (``penalty_bytes``)
+PENALTY_GROUP_ENTRIES = 2**18
+#: device bytes a history entry holds at the penalties' peak (``engine/sampler._penalise``:
+#: ids, row, per-entry table and penalties, flat index, values, counts key; measured on an H200
+#: with repetition + frequency + presence penalties: 129-133, with pending tokens)
+PENALTY_ENTRY_BYTES = 144
+
+
+def penalty_bytes(max_num_seqs: int, max_model_len: int) -> int:
+    """The penalties' per-entry tensors at their peak: one group of at most
+    ``PENALTY_GROUP_ENTRIES`` history entries, or one longer history (at most
+    ``max_model_len``), and never more than every row's whole history."""
+    entries = min(max_num_seqs * max_model_len, max(PENALTY_GROUP_ENTRIES, max_model_len))
+    return PENALTY_ENTRY_BYTES * entries
 
 
 #: captured graphs take steps of up to this many tokens even when ``max_num_seqs`` is smaller, so
