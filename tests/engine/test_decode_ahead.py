@@ -3,8 +3,10 @@ multi-step launches, ``input id + k + 1`` at step k)."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from modelhive.engine.sampler import logprobs, sample
 from modelhive.engine.sequence import ScheduledSeq
 from modelhive.runner.decode_ahead import DecodeAhead, can_run_ahead
 from modelhive.sampling_params import SamplingParams
@@ -51,7 +53,7 @@ def test_launches_the_next_step_on_device_tokens_and_hands_it_over():
     assert [(t.seq_id, t.token_id) for t in out] == [("a", 11), ("b", 20)]
     assert graphs.replays == [[(11, 6), (20, 7)]]  # fed the sampled tokens, positions + 1
     nxt = [seq("a", 11, 6), seq("b", 20, 7)]
-    assert ahead.take(nxt).tolist() == [12, 21]
+    assert ahead.take(nxt)[0].tolist() == [12, 21]
     assert ahead.take(nxt) is None  # handed over once
 
 
@@ -62,7 +64,7 @@ def test_a_prompt_chunk_that_samples_launches_its_first_decode():
     out = ahead.finish([seq("a", 7, 5), prompt], torch.tensor([11, 30]))
     assert [t.token_id for t in out] == [11, 30]
     assert graphs.replays == [[(11, 6), (30, 5)]]
-    assert ahead.take([seq("a", 11, 6), seq("p", 30, 5)]).tolist() == [12, 31]
+    assert ahead.take([seq("a", 11, 6), seq("p", 30, 5)])[0].tolist() == [12, 31]
     ahead.finish([ScheduledSeq("p", (4, 5), 2, (0, 1), True, GREEDY, 0)], torch.tensor([9]))
     assert ahead.take([ScheduledSeq("p", (9, 1), 4, (0, 1), True, GREEDY, 0)]) is None
 
@@ -77,8 +79,7 @@ def test_anything_but_that_step_or_part_of_it_drops_it():
                   [seq("a", 11, 6), seq("b", 20, 7), seq("c", 3, 7)],  # a new sequence after
                   [seq("c", 3, 7), seq("a", 11, 6), seq("b", 20, 7)],  # ... or before
                   [seq("a", 11, 6), seq("b", 20, 2)],  # b preempted and re-decoding elsewhere
-                  [seq("b", 20, 2)],  # ... and a finished
-                  [seq("a", 11, 6), seq("b", 20, 7, params=SamplingParams(logprobs=1))]):
+                  [seq("b", 20, 2)]):  # ... and a finished
         ahead.finish(step, torch.tensor([11, 20]))
         assert ahead.take(other) is None
         assert ahead.take([seq("a", 11, 6), seq("b", 20, 7)]) is None  # dropped for good
@@ -98,7 +99,7 @@ def test_a_sequence_that_ends_now_is_launched_with_the_others_unless_all_end():
         ahead.finish(step, torch.tensor([1, 2]))
         assert graphs.replays[-1] == [(1, step[0].num_cached + 1), (2, step[1].num_cached + 1)]
         i = [s.seq_id for s in step].index("a")  # a continues (fed token i + 1)
-        assert ahead.take([seq("a", i + 1, 6)]).tolist() == [i + 2]
+        assert ahead.take([seq("a", i + 1, 6)])[0].tolist() == [i + 2]
     assert ahead.launched == 3
     for step in ([seq("b", 9, 6, params=last, generated=3)],
                  [seq("b", 9, 6, params=last, generated=3), seq("a", 7, 62, blocks=16)],  # all end
@@ -121,13 +122,13 @@ def test_a_step_less_some_rows_takes_the_rows_it_keeps():
     assert [t.token_id for t in out] == [11, 20, 30]
     assert graphs.replays == [[(11, 6), (20, 7), (30, 9)]]
     nxt = [seq("a", 11, 6), seq("c", 30, 9)]  # b finished (max_tokens)
-    assert ahead.take(nxt).tolist() == [12, 31]
+    assert ahead.take(nxt)[0].tolist() == [12, 31]
     assert ahead.used == 1
     for kept, expected in (([seq("c", 30, 9)], [31]),  # a finished too (EOS)
                            ([seq("a", 11, 6)], [12]),
                            ([seq("a", 11, 6), seq("b", 20, 7), seq("c", 30, 9)], [12, 21, 31])):
         ahead.finish(step, torch.tensor([11, 20, 30]))
-        assert ahead.take(kept).tolist() == expected
+        assert ahead.take(kept)[0].tolist() == expected
     assert ahead.used == 4
     for other in ([seq("c", 30, 9), seq("a", 11, 6)],  # reordered
                   [seq("a", 11, 6), seq("c", 30, 9), seq("d", 4, 2)],  # extended
@@ -142,15 +143,44 @@ def test_a_step_less_some_rows_takes_the_rows_it_keeps():
     assert ahead.used == 4
 
 
-def test_steps_whose_draw_needs_the_host_do_not_run_ahead():
+def test_steps_in_which_every_row_samples_run_ahead():
     assert can_run_ahead([seq("a", 1, 3)])
     assert can_run_ahead([seq("a", 1, 3, params=SamplingParams(temperature=0.5, top_p=0.9))])
     assert not can_run_ahead([])
-    assert not can_run_ahead([seq("a", 1, 3, params=SamplingParams(temperature=0.0, logprobs=2))])
+    assert can_run_ahead([seq("a", 1, 3, params=SamplingParams(temperature=0.0, logprobs=2))])
     assert can_run_ahead([ScheduledSeq("a", (1, 2), 3, (0,), True, GREEDY, 0)])  # last chunk
     assert not can_run_ahead([ScheduledSeq("a", (1, 2), 3, (0,), False, GREEDY, 0)])
     penalised = ScheduledSeq("a", (1,), 3, (0,), True, GREEDY, 0, history=(1, 2, 3, 1))
-    assert not can_run_ahead([penalised])
+    assert can_run_ahead([penalised])  # the launch passes the unseen token (below)
+
+
+def test_a_penalised_step_runs_ahead_one_step_counting_the_token_the_host_has_not_seen():
+    """Greedy rows with a repetition or a presence penalty, on a fake graph whose logits favour
+    the token it is fed (2.0) over the next one (1.5): the step launched ahead must count the
+    fed token, which is in no history yet, and so pick the next one; and it must not be a
+    multi-step launch (the graphs' argmax knows no penalties)."""
+
+    class Graphs(FakeGraphs):
+        def replay(self, rows, input_ids=None):
+            super().replay(rows, input_ids)
+            logits = torch.zeros(len(input_ids), VOCAB)
+            logits.scatter_(1, input_ids[:, None], 2.0)
+            logits.scatter_(1, ((input_ids + 1) % VOCAB)[:, None], 1.5)
+            return logits, logits.argmax(-1)
+
+    graphs = Graphs(steps=3)
+    ahead = DecodeAhead(graphs, max_model_len=64)
+    rep = SamplingParams(max_tokens=100, temperature=0.0, repetition_penalty=4.0)
+    pres = SamplingParams(max_tokens=100, temperature=0.0, presence_penalty=1.0)
+    step = [ScheduledSeq(name, (11,), 4, tuple(range(8)), True, params, 1,
+                         history=np.array([1, 2, 3, 11]), num_prompt_tokens=3)
+            for name, params in (("a", rep), ("b", pres))]
+    ahead.finish(step, torch.tensor([20, 30]))  # sampled now, on the device
+    assert graphs.multi == [] and graphs.replays == [[(20, 5), (30, 5)]]
+    nxt = [ScheduledSeq(name, (tok,), 5, tuple(range(8)), True, params, 2,
+                        history=np.array([1, 2, 3, 11, tok]), num_prompt_tokens=3)
+           for name, tok, params in (("a", 20, rep), ("b", 30, pres))]
+    assert ahead.take(nxt)[0].tolist() == [21, 31]  # 20 and 30 penalised: 0.5 and 1.0 < 1.5
 
 
 def test_a_multi_step_launch_hands_out_its_steps_and_launches_the_next_at_the_first():
@@ -204,3 +234,29 @@ def test_sampled_rows_short_tables_or_ending_replies_launch_one_step():
         [seq("a", 7, 5, blocks=8, params=SamplingParams(max_tokens=7, temperature=0.0))],
         torch.tensor([11]))
     assert len(graphs.multi) == 1
+
+
+def test_logprobs_rows_run_ahead_one_step_and_hand_out_their_logprobs():
+    """Rows with logprobs launch ahead (one step a replay: the multi-step graphs keep no
+    logits); the step that takes the launch hands out each row's raw logprob and top
+    alternatives, as ``sample`` computes them, and a row without logprobs gets none."""
+    graphs = FakeGraphs(steps=3)
+    ahead = DecodeAhead(graphs, max_model_len=64)
+    lp2 = SamplingParams(max_tokens=100, temperature=0.0, logprobs=2)
+    step = [seq("a", 7, 5, blocks=8, params=lp2), seq("b", 9, 6, blocks=8)]
+    logits = torch.randn(2, VOCAB)
+    tokens = logits.argmax(-1)
+    out = ahead.finish(step, tokens, logprobs(logits, tokens, step))
+    assert out == sample(logits, step)
+    assert out[0].logprob is not None and len(out[0].top_logprobs) == 2
+    assert out[1].logprob is None
+    assert graphs.multi == [] and len(graphs.replays) == 1
+    nxt = [seq("a", int(tokens[0]), 6, blocks=8, params=lp2),
+           seq("b", int(tokens[1]), 7, blocks=8)]
+    fake = torch.nn.functional.one_hot((tokens + 1) % VOCAB, VOCAB).float()  # the replay's
+    got = ahead.step(nxt)
+    assert [t.token_id for t in got] == ((tokens + 1) % VOCAB).tolist()
+    assert got == sample(fake, nxt)
+    third = [seq("a", (int(tokens[0]) + 1) % VOCAB, 7, blocks=8, params=lp2)]  # b has ended
+    fake = torch.nn.functional.one_hot((tokens[:1] + 2) % VOCAB, VOCAB).float()
+    assert ahead.step(third) == sample(fake, third)  # the kept row's logprobs

@@ -94,6 +94,29 @@ def test_gpu_draws_that_can_only_pick_the_argmax_match_cpu_greedy(cpu_results):
     assert sum(m.runner.ahead.launched for m in gpu.engine.models.values()) > 0
 
 
+def test_gpu_penalised_requests_run_ahead_and_match_the_cpu(cpu_results):
+    """Greedy requests with repetition, frequency and presence penalties: on the GPU their
+    decode steps run ahead of the host (the launch counts the token the host has not seen:
+    ``runner/decode_ahead.py``), one step a replay; their tokens equal the CPU path's."""
+    cpu_hive, _ = cpu_results
+    kinds = [dict(repetition_penalty=1.3), dict(frequency_penalty=0.6, presence_penalty=0.4),
+             dict(repetition_penalty=1.2, presence_penalty=0.8)]
+    params = [SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True,
+                             **kinds[i % len(kinds)]) for i in range(len(workload()))]
+    expected = [r.token_ids for r in cpu_hive.generate_many(workload(), params)]
+    gpu = Hive(specs(), device="cuda", memory="3GiB")
+    for name in PRESETS:
+        src = cpu_hive.engine.models[name].runner.model.state_dict()
+        gpu.engine.models[name].runner.model.load_state_dict(src)
+    got = gpu.generate_many(workload(), params, check_integrity=True)
+    mismatched = [i for i, (r, want) in enumerate(zip(got, expected, strict=True))
+                  if r.token_ids != want]
+    assert not mismatched, f"{len(mismatched)} of {len(got)} differ, first {mismatched[:5]}"
+    runners = [m.runner for m in gpu.engine.models.values()]
+    assert all(r.ahead.taken > 0 for r in runners)
+    assert not any(r.ahead.multi_launched for r in runners)  # their argmax has no penalties
+
+
 def test_gpu_prompt_logprobs_match_cpu_reference(cpu_results):
     """Prompt logprobs (eager steps amid graph replays and decodes launched ahead) equal the CPU
     path's, and the plain requests beside them keep their greedy tokens."""
@@ -117,3 +140,34 @@ def test_gpu_prompt_logprobs_match_cpu_reference(cpu_results):
         for a, b in zip(gl, wl, strict=True):
             assert abs(a.logprob - b.logprob) < 1e-3
             assert [t[0] for t in a.top] == [t[0] for t in b.top]
+
+
+def test_gpu_logprobs_requests_run_ahead_and_match_the_cpu(cpu_results):
+    """Requests with logprobs (0-3 alternatives; greedy, and drawn with top-k 1) beside plain
+    ones: their decode steps run ahead of the host (the launched step's logprobs are copied
+    with its tokens), one step a replay; tokens equal the CPU's greedy ones, and logprobs and
+    alternatives equal the CPU path's."""
+    cpu_hive, expected = cpu_results
+    kinds = [dict(logprobs=0), dict(logprobs=3), dict(), dict(temperature=0.9, top_k=1, logprobs=1)]
+    params = [SamplingParams(max_tokens=40, ignore_eos=True, **{"temperature": 0.0,
+                                                               **kinds[i % len(kinds)]})
+              for i in range(len(expected))]
+    want = cpu_hive.generate_many(workload(), params)
+    gpu = Hive(specs(), device="cuda", memory="3GiB")
+    for name in PRESETS:
+        src = cpu_hive.engine.models[name].runner.model.state_dict()
+        gpu.engine.models[name].runner.model.load_state_dict(src)
+    got = gpu.generate_many(workload(), params, check_integrity=True)
+    assert [r.token_ids for r in got] == expected
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        gl, wl = g.outputs[0].logprobs, w.outputs[0].logprobs
+        if params[i].logprobs is None:
+            assert gl is None
+            continue
+        assert len(gl) == len(wl) == 40
+        for a, b in zip(gl, wl, strict=True):
+            assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-3
+            assert [t[0] for t in a.top] == [t[0] for t in b.top]
+            assert len(a.top) == params[i].logprobs
+    runners = [m.runner for m in gpu.engine.models.values()]
+    assert all(r.ahead.taken > 0 for r in runners)

@@ -1,10 +1,11 @@
 """Decode-ahead: while the host processes step t's tokens, the GPU already runs step t+1.
 
-After a graph step in which every sequence samples (decodes, and prompts whose last chunk ran)
-with a draw the device can make alone (greedy, temperature/top-k/top-p/min-p, seeded or not:
-``sampler.choose``), the runner launches the next decode step of the same sequences at once, feeding the
-tokens it just sampled on the device (no host round trip) at the next positions. Only then does it wait, and only for the
-copy of step t's tokens to the host (queued before the step launched ahead). The engine applies
+After a graph step in which every sequence samples (decodes, and prompts whose last chunk ran;
+any sampling settings: greedy, temperature/top-k/top-p/min-p, seeded or not, penalties,
+logprobs: ``sampler.choose`` and ``sampler.logprobs`` run on the device), the runner launches
+the next decode step of the same sequences at once, feeding the tokens it just sampled on the
+device (no host round trip) at the next positions. Only then does it wait, and only for the
+copy of step t's tokens (and logprobs) to the host (queued before the step launched ahead). The engine applies
 step t's tokens and schedules step t+1 as usual; when step t+1 is the step launched ahead, or
 that step less some of its sequences (those that finished or were preempted; the others in the
 same order at the same positions), the runner returns the tokens already computed (of the rows
@@ -21,7 +22,7 @@ is wasted work), so that it does not stall the rest; only when every row finishe
 launched. The engine drops the step of a model that has no batch in a step
 (``ModelRunner.skip_step``): a step launched ahead is only ever used by the very next step.
 
-Multi-step launches: when every row is greedy, some row still needs at least S more tokens,
+Multi-step launches: when every row is greedy without penalties or logprobs, some row still needs at least S more tokens,
 and the model has S-step graphs (``DecodeGraphs.steps``, ``planner.estimates.DECODE_STEPS``), the
 step launched ahead is S decode steps in one replay. The engine step that takes it waits for all
 S tokens (one host round trip), hands out the first, and the next S - 1 engine steps hand out
@@ -31,8 +32,9 @@ the GPU runs the next S steps while the host walks through these. A reply's last
 than S left in every row) go one step a replay, so its end waits for no steps past it.
 
 Needs KV slots past the step itself: ``Scheduler.lookahead`` = 2 S - 1 (1 without multi-step
-graphs), set by ``capture_cuda_graphs``, so that every position launched ahead has a slot. Penalties and
-logprobs take the ordinary path (they need the host). A step launched ahead and then dropped
+graphs), set by ``capture_cuda_graphs``, so that every position launched ahead has a slot.
+Penalties see the tokens the host has not seen yet: the launch hands the sampler the step's
+device tokens beside each row's history (``choose``'s ``pending``). A step launched ahead and then dropped
 (or a row of it) has consumed draws of the runner's generator: unseeded sampling stays a correct
 sample, and seeded rows (keyed by seed and token index) are unaffected.
 """
@@ -44,22 +46,21 @@ from dataclasses import dataclass
 
 import torch
 
-from modelhive.engine.sampler import choose, device_index
+from modelhive.engine.sampler import choose, device_index, logprobs, sampled_tokens
 from modelhive.engine.sequence import SampledToken, ScheduledSeq
 
 
 def can_run_ahead(seqs: Sequence[ScheduledSeq]) -> bool:
-    """Every sequence samples this step (a decode, or a prompt's last chunk) with a draw the
-    device makes alone (``sampler.choose``: no penalties, which need the token history on the
-    host, and no logprobs): the next step is then one decode per sequence."""
-    return bool(seqs) and all(
-        s.sample and not len(s.history) and s.params.logprobs is None for s in seqs)
+    """Every sequence samples this step (a decode, or a prompt's last chunk): the next step is
+    then one decode per sequence."""
+    return bool(seqs) and all(s.sample for s in seqs)
 
 
 @dataclass
 class _Ahead:
     key: tuple[tuple[str, int], ...]  # (seq_id, position) of each row
     tokens: torch.Tensor  # [rows] int64, on the device; of a multi-step launch [steps, rows]
+    logprobs: tuple[torch.Tensor, ...] | None = None  # ``sampler.logprobs`` of one-step rows
 
 
 def _kept_rows(key: tuple, ahead_key: tuple) -> list[int] | None:
@@ -107,8 +108,8 @@ class DecodeAhead:
         waiting); else None, and whatever was computed ahead is dropped."""
         if self._later is not None:
             return self._take_later(seqs)
-        tokens = self.take(seqs)
-        return None if tokens is None else self.finish(seqs, tokens)
+        taken = self.take(seqs)
+        return None if taken is None else self.finish(seqs, *taken)
 
     def _take_later(self, seqs: Sequence[ScheduledSeq]) -> list[SampledToken] | None:
         later, j = self._later, self._later_step
@@ -129,10 +130,11 @@ class DecodeAhead:
         self.used += 1
         return [SampledToken(seq_id, toks[j]) for seq_id, _, toks in later]
 
-    def take(self, seqs: Sequence[ScheduledSeq]) -> torch.Tensor | None:
-        """The device tokens of the step launched ahead if this step is that step, or that step
-        less some of its rows (the rest in the same order at the same positions): then the kept
-        rows' tokens; else None. It is dropped either way."""
+    def take(self, seqs: Sequence[ScheduledSeq]
+             ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None] | None:
+        """The device tokens (and logprobs) of the step launched ahead if this step is that
+        step, or that step less some of its rows (the rest in the same order at the same
+        positions): then the kept rows'; else None. It is dropped either way."""
         ahead, self._pending = self._pending, None
         if ahead is None:
             return None
@@ -140,12 +142,12 @@ class DecodeAhead:
         if len(seqs) == len(ahead.key):
             for s, (seq_id, position) in zip(seqs, ahead.key, strict=True):
                 if s.seq_id != seq_id or s.num_cached != position or len(s.token_ids) != 1 \
-                        or not s.sample or len(s.history) or s.params.logprobs is not None:
+                        or not s.sample:
                     break
             else:
                 self.used += 1
                 self.taken += 1
-                return ahead.tokens
+                return ahead.tokens, ahead.logprobs
         if not can_run_ahead(seqs) or any(len(s.token_ids) != 1 for s in seqs):
             return None
         key = tuple((s.seq_id, s.num_cached) for s in seqs)
@@ -154,12 +156,16 @@ class DecodeAhead:
             return None
         self.used += 1
         self.taken += 1
-        return ahead.tokens[..., device_index(idx, ahead.tokens.device)]
+        index = device_index(idx, ahead.tokens.device)
+        return ahead.tokens[..., index], (
+            None if ahead.logprobs is None else tuple(t[index] for t in ahead.logprobs))
 
-    def finish(self, seqs: Sequence[ScheduledSeq], tokens: torch.Tensor) -> list[SampledToken]:
+    def finish(self, seqs: Sequence[ScheduledSeq], tokens: torch.Tensor,
+               lps: tuple[torch.Tensor, ...] | None = None) -> list[SampledToken]:
         """Return this step's ``tokens`` (device, one per sequence; ``[steps, rows]`` from a
-        multi-step launch, whose later steps ``step`` then hands out) as SampledTokens; before
-        waiting for them, launch the next step ahead when it is worth it."""
+        multi-step launch, whose later steps ``step`` then hands out) and their logprobs
+        (``sampler.logprobs``) as SampledTokens; before waiting for them, launch the next step
+        ahead when it is worth it."""
         n = len(seqs)
         steps = tokens.shape[0] if tokens.dim() == 2 else 1
         if tokens.is_cuda:
@@ -169,15 +175,18 @@ class DecodeAhead:
                 self._copied = torch.cuda.Event()
             host = self._host[:steps * n].view(tokens.shape)
             host.copy_(tokens, non_blocking=True)
+            if lps is not None:
+                lps = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(
+                    t, non_blocking=True) for t in lps)
             self._copied.record()
         self._launch(seqs, tokens, steps)
         if tokens.is_cuda:
-            self._copied.synchronize()  # the copy only: the step launched ahead keeps running
+            self._copied.synchronize()  # the copies only: the step launched ahead keeps running
             ids = host.tolist()
         else:
             ids = tokens.tolist()
         if steps == 1:
-            return [SampledToken(s.seq_id, t) for s, t in zip(seqs, ids, strict=True)]
+            return sampled_tokens(seqs, ids, None if lps is None else [t.tolist() for t in lps])
         self._later = [(s.seq_id, s.num_cached + 1, [ids[k][i] for k in range(1, steps)])
                        for i, s in enumerate(seqs)]
         self._later_step = 0
@@ -185,14 +194,15 @@ class DecodeAhead:
 
     def _launch(self, seqs: Sequence[ScheduledSeq], tokens: torch.Tensor, steps: int) -> None:
         """Launch the step after the ``steps`` known tokens of ``seqs``: S decode steps in one
-        replay when every row is greedy and the graphs have them (``DecodeGraphs.steps``), else
-        one."""
+        replay when every row is greedy without penalties and the graphs have them
+        (``DecodeGraphs.steps``, whose argmax sees no penalties), else one."""
         T = self.graphs.tokens_per_block
         max_len = self.max_model_len
         rows = []  # one row per sequence at the position of its last known token
         key = []
         longest = 0  # the most tokens a row may still need past the known ones
-        greedy_only = True
+        greedy_only = True  # ... and no penalties or logprobs: multi-step graphs only argmax
+        penalised = False
         for s in seqs:
             nxt = s.num_cached + len(s.token_ids) + steps - 1
             table = s.block_table
@@ -200,7 +210,9 @@ class DecodeAhead:
                 return  # no slot for its next token (none at max_model_len or past it)
             left = min(s.params.max_tokens - s.num_generated - steps, max_len - 1 - nxt)
             longest = max(longest, left)
-            greedy_only = greedy_only and s.params.temperature == 0.0
+            greedy_only = greedy_only and s.params.temperature == 0.0 \
+                and s.params.logprobs is None
+            penalised = penalised or len(s.history) > 0
             rows.append((0, nxt, table))
             key.append((s.seq_id, nxt))
         if longest <= 0 or not self.graphs.fits(rows):
@@ -208,12 +220,18 @@ class DecodeAhead:
         last = tokens[steps - 1] if tokens.dim() == 2 else tokens
         # several steps only when some row needs them all (a reply's last tokens take one
         # step a replay, so its end does not wait for steps past it)
-        if greedy_only and longest >= self.graphs.steps and self.graphs.fits_steps(rows):
+        if greedy_only and not penalised and longest >= self.graphs.steps \
+                and self.graphs.fits_steps(rows):
             self._pending = _Ahead(tuple(key), self.graphs.replay_steps(rows, last[:len(seqs)]))
             self.multi_launched += 1
         else:
             logits, greedy = self.graphs.replay(rows, input_ids=last[:len(seqs)])
-            # the sequences ``steps`` tokens further: a seeded draw is keyed by its token index
-            self._pending = _Ahead(tuple(key), choose(logits, seqs, self.generator,
-                                                      ahead=steps, greedy=greedy))
+            # the sequences ``steps`` tokens further: a seeded draw is keyed by its token index,
+            # the penalties count the known tokens the host has not applied yet
+            known = None
+            if penalised:
+                known = (tokens.T if tokens.dim() == 2 else tokens[:, None])[:len(seqs)]
+            chosen = choose(logits, seqs, self.generator, ahead=steps, greedy=greedy,
+                            pending=known)
+            self._pending = _Ahead(tuple(key), chosen, logprobs(logits, chosen, seqs))
         self.launched += 1

@@ -22,7 +22,7 @@ import logging
 import torch
 
 from modelhive.engine.kv_pool import KVLayout
-from modelhive.engine.sampler import choose, device_index, sample
+from modelhive.engine.sampler import choose, device_index, logprobs, sample
 from modelhive.engine.sequence import ModelBatch, PromptScores, SampledToken, ScheduledSeq
 from modelhive.kernels import reference
 from modelhive.models.base import CausalLM, KVCaches
@@ -110,8 +110,8 @@ class ModelRunner:
                     elif len(rows) > len(last):  # prompt chunks: each sequence's last row
                         index = device_index(last, self.device)
                         logits, greedy = logits[index], greedy[index]
-                    return ahead.finish(batch.seqs, choose(logits, list(batch.seqs),
-                                                           self.generator, greedy=greedy))
+                    tokens = choose(logits, batch.seqs, self.generator, greedy=greedy)
+                    return ahead.finish(batch.seqs, tokens, logprobs(logits, tokens, batch.seqs))
                 return self._sample_rows(logits, last, batch)
         chunks, flat = step_chunks(batch.seqs)
         prefill = self.prefill_graphs
