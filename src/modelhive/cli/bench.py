@@ -39,6 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="every request's sampling temperature (default 0: greedy)")
     thr.add_argument("--top-p", type=float, default=1.0)
     thr.add_argument("--top-k", type=int, default=0)
+    thr.add_argument("--repetition-penalty", type=float, default=1.0)
+    thr.add_argument("--presence-penalty", type=float, default=0.0)
+    thr.add_argument("--frequency-penalty", type=float, default=0.0)
+    thr.add_argument("--logprobs", type=int, default=None,
+                     help="every request asks for its tokens' logprobs and this many alternatives")
     three = sub.add_parser("three-models", help="three architectures in one hive, 10-token replies")
     three.add_argument("--model", action="append", help=f"repeatable; default {' '.join(THREE)}")
     three.add_argument("--new-tokens", type=int, default=10)
@@ -116,7 +121,10 @@ def run(args: argparse.Namespace) -> int:
                 results.append(offline.latency(model, setup, batch, args.prompt_len,
                                                args.new_tokens, args.baseline_tokens))
     elif args.bench == "throughput":
-        sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+        sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+                    "repetition_penalty": args.repetition_penalty,
+                    "presence_penalty": args.presence_penalty,
+                    "frequency_penalty": args.frequency_penalty, "logprobs": args.logprobs}
         results.append(offline.throughput(args.model, setup, args.num_requests, args.min_len,
                                           args.max_len, args.max_num_seqs, args.baseline_tokens,
                                           sampling=sampling))

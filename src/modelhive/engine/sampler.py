@@ -93,10 +93,12 @@ def penalised(logits: torch.Tensor, items: Sequence[ScheduledSeq],
     ``runner/decode_ahead.py``), counted as generated. Ids the logits do not have are ignored.
 
     The host concatenates the rows' histories (numpy views the scheduler keeps,
-    ``Sequence.history``) and sends them with a small table per row (``_penalise``), rows
-    grouped so that a group holds at most ``PENALTY_GROUP_ENTRIES`` history entries (or one
-    longer history), which bounds the memory the plan reserves for them
-    (``planner.estimates.penalty_bytes``)."""
+    ``Sequence.history``) straight into pinned memory from torch's caching host allocator
+    (a fresh numpy array of that size page-faults: two of them took 1.5 ms a step at 256 rows
+    of 800 tokens on this repository's CPU) and sends them with a small table per row
+    (``_penalise``), rows grouped so that a group holds at most ``PENALTY_GROUP_ENTRIES``
+    history entries (or one longer history), which bounds the memory the plan reserves for
+    them (``planner.estimates.penalty_bytes``)."""
     vocab = logits.shape[1]
     x = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     rows = [r for r, it in enumerate(items) if len(it.history)]
@@ -104,60 +106,63 @@ def penalised(logits: torch.Tensor, items: Sequence[ScheduledSeq],
         return x
     parts = [np.asarray(items[r].history, dtype=np.int64) for r in rows]
     n_prompt = [items[r].num_prompt_tokens for r in rows]
-    ids = np.concatenate(parts)
-    if ids.min() < 0 or ids.max() >= vocab:  # rare: drop those ids here
+    ids = _staged(parts, x.device)
+    ids_np = ids.numpy()
+    if len(ids_np) and (ids_np.min() < 0 or ids_np.max() >= vocab):  # rare: drop those ids
         keep = [(h >= 0) & (h < vocab) for h in parts]
         n_prompt = [int(np.count_nonzero(k[:n])) for k, n in zip(keep, n_prompt, strict=True)]
         parts = [h[k] for h, k in zip(parts, keep, strict=True)]
-        ids = np.concatenate(parts)
-    if len(ids) <= PENALTY_GROUP_ENTRIES:  # the usual step: one group
-        _penalise(x, items, list(zip(rows, parts, n_prompt, strict=True)), pending, ids)
-        return x
-    group: list[tuple[int, np.ndarray, int]] = []  # (row, history, prompt tokens)
-    entries = 0
-    for row in zip(rows, parts, n_prompt, strict=True):
-        if group and entries + len(row[1]) > PENALTY_GROUP_ENTRIES:
-            _penalise(x, items, group, pending)
-            group, entries = [], 0
+        ids = _staged(parts, x.device)
+    group: list[tuple[int, int, int]] = []  # (row, history length, prompt tokens)
+    start = entries = 0
+    for row in zip(rows, map(len, parts), n_prompt, strict=True):
+        if group and entries + row[1] > PENALTY_GROUP_ENTRIES:
+            _penalise(x, items, group, ids[start:start + entries], pending)
+            group, start, entries = [], start + entries, 0
         group.append(row)
-        entries += len(row[1])
-    _penalise(x, items, group, pending)
+        entries += row[1]
+    _penalise(x, items, group, ids[start:start + entries], pending)
     return x
 
 
-def _penalise(x: torch.Tensor, items: Sequence[ScheduledSeq],
-              group: list[tuple[int, np.ndarray, int]], pending: torch.Tensor | None,
-              ids: np.ndarray | None = None) -> None:
-    """``penalised`` for one group of rows (row, history, prompt tokens of it), in place on
-    ``x``. The device expands the rows' table per entry, counts each (row, token)'s generated
-    entries in a dense float32 buffer of the group's rows (an accumulating scatter: integer
-    counts, exact in any order) and writes every entry's final logit ``rep(x) - (freq c +
-    pres [c > 0])`` computed from the original ``x``, so a token seen several times is written
-    several times with the same value. About 30 ops whatever the histories' lengths, no
-    per-entry work on the host (building per-entry arrays in numpy took ~2.4 ms a step at 256
-    rows of 800-token histories on the GPU host, more than the forward), and no wait for the
-    device."""
+def _staged(parts: list[np.ndarray], device: torch.device) -> torch.Tensor:
+    """``parts`` end to end in one int64 host tensor, pinned for a copy to a CUDA device."""
+    total = sum(len(h) for h in parts)
+    host = torch.empty(total, dtype=torch.int64, pin_memory=device.type == "cuda")
+    np.concatenate(parts, out=host.numpy())
+    return host
+
+
+def _penalise(x: torch.Tensor, items: Sequence[ScheduledSeq], group: list[tuple[int, int, int]],
+              ids: torch.Tensor, pending: torch.Tensor | None) -> None:
+    """``penalised`` for one group of rows (row, history length, prompt tokens), whose
+    histories ``ids`` holds end to end (on the host), in place on ``x``. The device expands the
+    rows' table per entry, counts each (row, token)'s generated entries in a dense float32
+    buffer of the group's rows (an accumulating scatter: integer counts, exact in any order)
+    and writes every entry's final logit ``rep(x) - (freq c + pres [c > 0])`` computed from
+    the original ``x``, so a token seen several times is written several times with the same
+    value. About 30 ops whatever the histories' lengths, no per-entry work on the host
+    (building per-entry arrays in numpy took ~2.4 ms a step at 256 rows of 800-token
+    histories on the GPU host, more than the forward), and no wait for the device."""
     vocab = x.shape[1]
     device = x.device
-    lengths = np.fromiter((len(h) for _, h, _ in group), dtype=np.int64, count=len(group))
-    m, total = len(group), int(lengths.sum())
+    m, total = len(group), len(ids)
+    lengths = np.fromiter((n for _, n, _ in group), dtype=np.int64, count=m)
     # per row: its index, its history's length, where its generated tokens start in ``ids``
     ints = np.stack([np.fromiter((r for r, _, _ in group), dtype=np.int64, count=m), lengths,
                      np.cumsum(lengths) - lengths + np.minimum(
-                         np.fromiter((n for _, _, n in group), dtype=np.int64, count=m),
+                         np.fromiter((p for _, _, p in group), dtype=np.int64, count=m),
                          lengths)])
     ps = [items[r].params for r, _, _ in group]
     floats = np.array([[p.repetition_penalty for p in ps], [p.frequency_penalty for p in ps],
                        [p.presence_penalty for p in ps]], dtype=np.float32)
-    # one copy to the device: the ids, the int table, the float table (its bits as int64)
-    if ids is None:  # the group's histories end to end
-        ids = np.concatenate([h for _, h, _ in group])
-    packed = np.concatenate([ids, ints.ravel(),
-                             np.resize(floats, (2 * -(-3 * m // 2),)).view(np.int64)])
-    packed = _host_values(packed, torch.int64, device)
-    ids = packed[:total]
-    ints_d = packed[total:total + 3 * m].view(3, m)
-    pen = packed[total + 3 * m:].view(torch.float32)[:3 * m].view(3, m)
+    # the table in one copy: the ints, then the floats' bits as int64
+    table = _host_values(np.concatenate([
+        ints.ravel(), np.resize(floats, (2 * -(-3 * m // 2),)).view(np.int64)]),
+        torch.int64, device)
+    ints_d = table[:3 * m].view(3, m)
+    pen = table[3 * m:].view(torch.float32)[:3 * m].view(3, m)
+    ids = ids.to(device, non_blocking=True)
     local = torch.repeat_interleave(torch.arange(m, device=device), ints_d[1], output_size=total)
     if pending is not None:  # after every history: generated (at or past its row's start)
         k = pending.shape[1]
