@@ -4,13 +4,13 @@ After a graph step in which every sequence samples (decodes, and prompts whose l
 any sampling settings: greedy, temperature/top-k/top-p/min-p, seeded or not, penalties,
 logprobs: ``sampler.choose`` and ``sampler.logprobs`` run on the device), the runner launches
 the next decode step of the same sequences at once, feeding the tokens it just sampled on the
-device (no host round trip) at the next positions. Only then does it wait, and only for the
-copy of step t's tokens (and logprobs) to the host (queued before the step launched ahead). The engine applies
-step t's tokens and schedules step t+1 as usual; when step t+1 is the step launched ahead, or
-that step less some of its sequences (those that finished or were preempted; the others in the
-same order at the same positions), the runner returns the tokens already computed (of the rows
-kept) and launches step t+2. So the host's per-step work (scheduling, detokenizing, stop
-checks) overlaps the GPU's, instead of leaving the GPU idle between replays.
+device (no host round trip) at the next positions. Only then does it wait, and only for the copy
+of step t's tokens (and logprobs) to the host (queued before the step launched ahead). The
+engine applies step t's tokens and schedules step t+1 as usual; when step t+1 is the step
+launched ahead, or that step less some of its sequences (those that finished or were preempted;
+the others in the same order at the same positions), the runner returns the tokens already
+computed (of the rows kept) and launches step t+2. So the host's per-step work (scheduling,
+detokenizing, stop checks) overlaps the GPU's, instead of leaving the GPU idle between replays.
 
 Anything else (a new prompt, a reordering, another model's step in between) drops the step
 launched ahead. The only side effect of a dropped step, or of a row whose sequence is gone, is
@@ -22,21 +22,22 @@ is wasted work), so that it does not stall the rest; only when every row finishe
 launched. The engine drops the step of a model that has no batch in a step
 (``ModelRunner.skip_step``): a step launched ahead is only ever used by the very next step.
 
-Multi-step launches: when every row is greedy without penalties or logprobs, some row still needs at least S more tokens,
-and the model has S-step graphs (``DecodeGraphs.steps``, ``planner.estimates.DECODE_STEPS``), the
-step launched ahead is S decode steps in one replay. The engine step that takes it waits for all
-S tokens (one host round trip), hands out the first, and the next S - 1 engine steps hand out
-the rest from the host (``_later``: same rows less finished ones, same positions) without
-touching the device; the next launch (1 or S steps) leaves when the first of them is taken, so
-the GPU runs the next S steps while the host walks through these. A reply's last tokens (fewer
-than S left in every row) go one step a replay, so its end waits for no steps past it.
+Multi-step launches: when every row is greedy without penalties or logprobs, some row still
+needs at least S more tokens, and the model has S-step graphs (``DecodeGraphs.steps``,
+``planner.estimates.DECODE_STEPS``), the step launched ahead is S decode steps in one replay.
+The engine step that takes it waits for all S tokens (one host round trip), hands out the first,
+and the next S - 1 engine steps hand out the rest from the host (``_later``: same rows less
+finished ones, same positions) without touching the device; the next launch (1 or S steps)
+leaves when the first of them is taken, so the GPU runs the next S steps while the host walks
+through these. A reply's last tokens (fewer than S left in every row) go one step a replay, so
+its end waits for no steps past it.
 
 Needs KV slots past the step itself: ``Scheduler.lookahead`` = 2 S - 1 (1 without multi-step
 graphs), set by ``capture_cuda_graphs``, so that every position launched ahead has a slot.
 Penalties see the tokens the host has not seen yet: the launch hands the sampler the step's
-device tokens beside each row's history (``choose``'s ``pending``). A step launched ahead and then dropped
-(or a row of it) has consumed draws of the runner's generator: unseeded sampling stays a correct
-sample, and seeded rows (keyed by seed and token index) are unaffected.
+device tokens beside each row's history (``choose``'s ``pending``). A step launched ahead and
+then dropped (or a row of it) has consumed draws of the runner's generator: unseeded sampling
+stays a correct sample, and seeded rows (keyed by seed and token index) are unaffected.
 """
 
 from __future__ import annotations
