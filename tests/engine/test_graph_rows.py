@@ -62,21 +62,27 @@ class EagerRows:
         return logits, ops.argmax(logits)
 
 
-def staggered(hive: Hive, work, params) -> list[list[int]]:
+def staggered(hive: Hive, work, params, logprobs: list | None = None) -> list[list[int]]:
+    """Submit one request per step (so prompt chunks share steps with running decodes); with
+    ``logprobs`` (a list), append each request's (token, logprob, alternatives) there."""
     if isinstance(params, SamplingParams):
         params = [params] * len(work)
-    """Submit one request per step (so prompt chunks share steps with running decodes)."""
     engine = hive.engine
     pending = list(enumerate(work))
     ids: dict[str, int] = {}
     out: dict[int, list[int]] = {i: [] for i in range(len(work))}
+    lps: dict[int, list] = {i: [] for i in range(len(work))}
     while pending or engine.has_work:
         if pending:
             i, (model, prompt) = pending.pop(0)
             ids[engine.add_request(model, prompt, params[i])] = i
         for delta in engine.step():
             out[ids[delta.request_id]].extend(delta.token_ids)
+            lps[ids[delta.request_id]].extend(
+                (t.token_id, t.logprob, tuple(a[0] for a in t.top)) for t in delta.logprobs or ())
         engine.check_integrity()
+    if logprobs is not None:
+        logprobs.extend(lps[i] for i in range(len(work)))
     return [out[i] for i in range(len(work))]
 
 
@@ -132,3 +138,45 @@ def test_decode_ahead_matches_plain_steps(steps):
     assert sum(a.launched - a.taken for a in aheads) > 0  # some were dropped
     if steps > 1:
         assert all(a.multi_launched > 0 for a in aheads)
+
+
+def test_decode_ahead_with_penalties_and_logprobs_matches_plain_steps():
+    """Penalised requests (repetition, frequency, presence; greedy and seeded draws) and
+    logprobs requests beside plain ones, their decode steps launched ahead: a launched step's
+    penalties count the token it is fed, which no host history holds yet, and its logprobs
+    come back with its tokens; the tokens and logprobs equal plain steps', through prompts
+    joining, stop tokens and preemptions."""
+    rng = random.Random(12)
+    kinds = [dict(temperature=0.0, repetition_penalty=1.5),
+             dict(temperature=0.0, frequency_penalty=0.8, presence_penalty=0.5),
+             dict(temperature=0.9, seed=5, repetition_penalty=1.3, frequency_penalty=0.4),
+             dict(temperature=0.0, logprobs=2),
+             dict(temperature=0.7, seed=9, logprobs=0, presence_penalty=1.0),
+             dict(temperature=0.0)]
+    work, params = [], []
+    for i in range(24):
+        model = ("llama", "qwen2", "gemma3")[i % 3]
+        work.append((model, [rng.randrange(3, 60) for _ in range(rng.randint(1, 12))]))
+        params.append(SamplingParams(max_tokens=rng.randint(5, 30), ignore_eos=True,
+                                     stop_token_ids=[rng.randrange(3, 500) for _ in range(2)],
+                                     **kinds[i % len(kinds)]))
+    memory = budget_for_blocks(THREE, 16)
+    want_lps: list = []
+    expected = staggered(Hive(THREE, device="cpu", memory=memory), work, params, want_lps)
+    hive = Hive(THREE, device="cpu", memory=memory)
+    hive.engine.scheduler.lookahead = decode_lookahead(3)
+    aheads = []
+    for loaded in hive.engine.models.values():
+        loaded.runner.decode_graphs = EagerRows(loaded.runner, steps=3)
+        loaded.runner.ahead = DecodeAhead(loaded.runner.decode_graphs, loaded.limits.max_model_len,
+                                          loaded.runner.generator)
+        aheads.append(loaded.runner.ahead)
+    got_lps: list = []
+    assert staggered(hive, work, params, got_lps) == expected
+    for i, (got, want) in enumerate(zip(got_lps, want_lps, strict=True)):
+        assert len(got) == len(want) == (len(expected[i]) if params[i].logprobs is not None
+                                         else 0)
+        for (t, lp, top), (wt, wlp, wtop) in zip(got, want, strict=True):
+            assert t == wt and top == wtop and abs(lp - wlp) < 1e-5
+    assert sum(hive.engine.scheduler.num_preemptions.values()) > 0
+    assert all(a.taken > 0 for a in aheads), [(a.launched, a.taken) for a in aheads]
