@@ -1,7 +1,8 @@
 """Item 7 (soak, `make soak`): 10,000 mixed requests over three tiny models on one server (CPU).
 
-Mix: completions and chat, streaming and not, n=2, /tokenize, and a planned 5 % of invalid requests
-(400 expected). 32 clients at a time. Afterwards: the pool is whole, RSS grew < 5 % from the end of
+Mix: completions and chat, streaming and not, n=2, penalised drawn chats (frequency, presence,
+repetition, top-p, seeded), completions with logprobs, /tokenize, and a planned 5 % of invalid
+requests (400 expected). 32 clients at a time. Afterwards: the pool is whole, RSS grew < 5 % from the end of
 a 1,000-request warm-up to the end, and nothing failed except planned rejections (400 for the
 invalid ones; 429/503 with Retry-After would count as planned too). Figures are printed.
 """
@@ -55,7 +56,8 @@ def make_request(i: int, rng: random.Random) -> tuple[str, str, dict, int]:
     model = MODELS[i % 3]
     max_tokens = rng.randint(1, 24)
     kind = rng.choices(["completion", "chat", "stream-completion", "stream-chat", "n2",
-                        "tokenize", "invalid"], weights=[25, 25, 15, 15, 7, 8, 5])[0]
+                        "penalised", "logprobs", "tokenize", "invalid"],
+                       weights=[22, 22, 13, 13, 7, 5, 5, 8, 5])[0]
     prompt = " ".join(rng.choice(["bees", "hive", "honey", "queen", "wax", "pollen"])
                       for _ in range(rng.randint(1, 30)))
     chat = {"model": model, "messages": [{"role": "user", "content": prompt}],
@@ -72,6 +74,12 @@ def make_request(i: int, rng: random.Random) -> tuple[str, str, dict, int]:
                                                "stream_options": {"include_usage": True}}, 200
     if kind == "n2":
         return kind, "/v1/completions", {**completion, "n": 2, "seed": i}, 200
+    if kind == "penalised":
+        return kind, "/v1/chat/completions", {
+            **chat, "temperature": 0.8, "top_p": 0.9, "seed": i, "frequency_penalty": 0.5,
+            "presence_penalty": 0.3, "repetition_penalty": 1.1}, 200
+    if kind == "logprobs":
+        return kind, "/v1/completions", {**completion, "temperature": 0, "logprobs": 2}, 200
     if kind == "tokenize":
         return kind, "/tokenize", {"model": model, "prompt": prompt}, 200
     return kind, "/v1/completions", {**completion, "temperature": -1}, 400
@@ -94,6 +102,10 @@ async def send(client: httpx.AsyncClient, i: int, rng: random.Random) -> tuple[s
         choices = json.loads(data)["choices"]
         if len(choices) != body.get("n", 1) or any(c["finish_reason"] is None for c in choices):
             return kind, status, f"{kind}: bad choices {choices!r}"[:300]
+        if "logprobs" in body and any(
+                len(c["logprobs"]["top_logprobs"]) != len(c["logprobs"]["tokens"])
+                or not c["logprobs"]["tokens"] for c in choices):
+            return kind, status, f"{kind}: bad logprobs {choices!r}"[:300]
     return kind, status, ""
 
 
