@@ -12,15 +12,15 @@ On CUDA, steps of ``KERNEL_MIN_ROWS`` rows or more draw every row (greedy ones t
 Triton kernel (``kernels/triton/sampling.py``) that finds the top-k / top-p thresholds without
 sorting the vocabulary; the torch code here (``_draw``) is its reference, and the CPU's path.
 
-Every stage works on the whole batch at once, its per-row settings in one small tensor copied
-from pinned memory without waiting for the device: a step costs a fixed handful of kernels
-whatever its row count (one launch chain per row cost ~0.1 ms a row on a GPU host, more than the
-forward of a 256-row decode step). Stages no row asks for are skipped; a row that does not use a
-stage that runs gets a setting under which it changes nothing (top-k off: threshold -inf; top-p
-1: nothing dropped; min-p 0). The work is in place on one float32 copy of the logits; top-p
-sorts ``SAMPLER_SORT_ROWS`` rows at a time, and on the CPU first looks for each row's nucleus
-among its top logits (``_top_p_from_candidates``). ``planner.estimates.sampler_bytes`` is the
-peak the memory plan reserves for all this.
+The penalties are ``engine/penalties.py``. Every stage works on the whole batch at once, its
+per-row settings in one small tensor copied from pinned memory without waiting for the device: a
+step costs a fixed handful of kernels whatever its row count (one launch chain per row cost ~0.1
+ms a row on a GPU host, more than the forward of a 256-row decode step). Stages no row asks for
+are skipped; a row that does not use a stage that runs gets a setting under which it changes
+nothing (top-k off: threshold -inf; top-p 1: nothing dropped; min-p 0). The work is in place on
+one float32 copy of the logits; top-p sorts ``SAMPLER_SORT_ROWS`` rows at a time, and on the CPU
+first looks for each row's nucleus among its top logits (``_top_p_from_candidates``).
+``planner.estimates.sampler_bytes`` is the peak the memory plan reserves for all this.
 
 The draw is by inverse CDF: one uniform u per row, the first token whose cumulative probability
 passes u (an exact sample from ``probs``). The uniforms are made on the host (``uniforms``) and
@@ -37,14 +37,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from modelhive.engine.host_copy import device_index, host_values
+from modelhive.engine.penalties import penalised
 from modelhive.engine.sequence import SampledToken, ScheduledSeq
 from modelhive.kernels import ops
-from modelhive.planner.estimates import (
-    PENALTY_GROUP_ENTRIES,
-    SAMPLER_KERNEL,
-    SAMPLER_KERNEL_MIN_ROWS,
-    SAMPLER_SORT_ROWS,
-)
+from modelhive.planner.estimates import SAMPLER_KERNEL, SAMPLER_KERNEL_MIN_ROWS, SAMPLER_SORT_ROWS
+
+__all__ = ["choose", "device_index", "logprobs", "penalised", "sample", "sampled_tokens"]
 
 _SEED_STRIDE = 1_000_003
 #: draw on CUDA with the Triton kernel (``kernels/triton/sampling.py``); env
@@ -56,133 +55,13 @@ KERNEL = SAMPLER_KERNEL
 KERNEL_MIN_ROWS = SAMPLER_KERNEL_MIN_ROWS
 
 
-def device_index(idx: list[int], device: torch.device) -> torch.Tensor:
-    """``idx`` as an int64 tensor on ``device`` without waiting for the device: on CUDA,
-    ``torch.tensor(idx, device=...)`` copies from pageable memory and so waits for every kernel
-    queued before it (the step in flight); a pinned copy is queued behind them instead."""
-    return _host_values(idx, torch.int64, device)
-
-
-def _host_values(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``values`` (a list, or a numpy array) as a tensor on ``device``, queued behind the
-    device's work (pinned, non-blocking) instead of waiting for it."""
-    if isinstance(values, np.ndarray):
-        host = torch.from_numpy(values)
-        if device.type == "cuda":
-            host = host.pin_memory()
-    else:
-        host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
-    return host.to(device, non_blocking=True)
-
-
 def _row_values(values: Sequence[float], device: torch.device) -> torch.Tensor | float:
     """Per-row settings as a float32 column ``[rows, 1]`` on ``device`` (no sync), or one
     Python number when every row has the same (the usual batch: no copy at all)."""
     first = values[0]
     if all(v == first for v in values):
         return float(first)
-    return _host_values(list(values), torch.float32, device)[:, None]
-
-
-def penalised(logits: torch.Tensor, items: Sequence[ScheduledSeq],
-              pending: torch.Tensor | None = None) -> torch.Tensor:
-    """A float32 copy of ``logits`` ``[rows, vocab]`` with each row's penalties applied:
-    repetition (every token seen, prompt included), then frequency and presence (generated
-    tokens only), for the rows with a history. ``pending``: ``[rows, k]`` tokens on the device
-    that each row generated past its ``history`` (a step launched ahead of the host,
-    ``runner/decode_ahead.py``), counted as generated. Ids the logits do not have are ignored.
-
-    The host concatenates the rows' histories (numpy views the scheduler keeps,
-    ``Sequence.history``) straight into pinned memory from torch's caching host allocator
-    (a fresh numpy array of that size page-faults: two of them took 1.5 ms a step at 256 rows
-    of 800 tokens on this repository's CPU) and sends them with a small table per row
-    (``_penalise``), rows grouped so that a group holds at most ``PENALTY_GROUP_ENTRIES``
-    history entries (or one longer history), which bounds the memory the plan reserves for
-    them (``planner.estimates.penalty_bytes``)."""
-    vocab = logits.shape[1]
-    x = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-    rows = [r for r, it in enumerate(items) if len(it.history)]
-    if not rows:
-        return x
-    parts = [np.asarray(items[r].history, dtype=np.int64) for r in rows]
-    n_prompt = [items[r].num_prompt_tokens for r in rows]
-    ids = _staged(parts, x.device)
-    ids_np = ids.numpy()
-    if len(ids_np) and (ids_np.min() < 0 or ids_np.max() >= vocab):  # rare: drop those ids
-        keep = [(h >= 0) & (h < vocab) for h in parts]
-        n_prompt = [int(np.count_nonzero(k[:n])) for k, n in zip(keep, n_prompt, strict=True)]
-        parts = [h[k] for h, k in zip(parts, keep, strict=True)]
-        ids = _staged(parts, x.device)
-    group: list[tuple[int, int, int]] = []  # (row, history length, prompt tokens)
-    start = entries = 0
-    for row in zip(rows, map(len, parts), n_prompt, strict=True):
-        if group and entries + row[1] > PENALTY_GROUP_ENTRIES:
-            _penalise(x, items, group, ids[start:start + entries], pending)
-            group, start, entries = [], start + entries, 0
-        group.append(row)
-        entries += row[1]
-    _penalise(x, items, group, ids[start:start + entries], pending)
-    return x
-
-
-def _staged(parts: list[np.ndarray], device: torch.device) -> torch.Tensor:
-    """``parts`` end to end in one int64 host tensor, pinned for a copy to a CUDA device."""
-    total = sum(len(h) for h in parts)
-    host = torch.empty(total, dtype=torch.int64, pin_memory=device.type == "cuda")
-    np.concatenate(parts, out=host.numpy())
-    return host
-
-
-def _penalise(x: torch.Tensor, items: Sequence[ScheduledSeq], group: list[tuple[int, int, int]],
-              ids: torch.Tensor, pending: torch.Tensor | None) -> None:
-    """``penalised`` for one group of rows (row, history length, prompt tokens), whose
-    histories ``ids`` holds end to end (on the host), in place on ``x``. The device expands the
-    rows' table per entry, counts each (row, token)'s generated entries in a dense float32
-    buffer of the group's rows (an accumulating scatter: integer counts, exact in any order)
-    and writes every entry's final logit ``rep(x) - (freq c + pres [c > 0])`` computed from
-    the original ``x``, so a token seen several times is written several times with the same
-    value. About 30 ops whatever the histories' lengths, no per-entry work on the host
-    (building per-entry arrays in numpy took ~2.4 ms a step at 256 rows of 800-token
-    histories on the GPU host, more than the forward), and no wait for the device."""
-    vocab = x.shape[1]
-    device = x.device
-    m, total = len(group), len(ids)
-    lengths = np.fromiter((n for _, n, _ in group), dtype=np.int64, count=m)
-    # per row: its index, its history's length, where its generated tokens start in ``ids``
-    ints = np.stack([np.fromiter((r for r, _, _ in group), dtype=np.int64, count=m), lengths,
-                     np.cumsum(lengths) - lengths + np.minimum(
-                         np.fromiter((p for _, _, p in group), dtype=np.int64, count=m),
-                         lengths)])
-    ps = [items[r].params for r, _, _ in group]
-    floats = np.array([[p.repetition_penalty for p in ps], [p.frequency_penalty for p in ps],
-                       [p.presence_penalty for p in ps]], dtype=np.float32)
-    # the table in one copy: the ints, then the floats' bits as int64
-    table = _host_values(np.concatenate([
-        ints.ravel(), np.resize(floats, (2 * -(-3 * m // 2),)).view(np.int64)]),
-        torch.int64, device)
-    ints_d = table[:3 * m].view(3, m)
-    pen = table[3 * m:].view(torch.float32)[:3 * m].view(3, m)
-    ids = ids.to(device, non_blocking=True)
-    local = torch.repeat_interleave(torch.arange(m, device=device), ints_d[1], output_size=total)
-    if pending is not None:  # after every history: generated (at or past its row's start)
-        k = pending.shape[1]
-        ids = torch.cat([ids, pending[ints_d[0]].reshape(-1)])
-        local = torch.cat([local, torch.arange(m, device=device).repeat_interleave(k)])
-    row, _, gen_from = ints_d[:, local]
-    by, freq, pres = pen[:, local]
-    flat = x.view(-1)
-    at = ids + row * vocab
-    vals = flat.take(at)
-    if (floats[0] != 1.0).any():
-        vals = torch.where(vals > 0, vals / by, vals * by)
-    if floats[1:].any():
-        key = local * vocab + ids
-        generated = torch.arange(len(key), device=device) >= gen_from
-        counts = torch.zeros(m * vocab, dtype=torch.float32, device=device)
-        counts.index_put_((key,), generated.to(torch.float32), accumulate=True)
-        c = counts.take(key)
-        vals = vals - (freq * c + pres * (c > 0))
-    flat[at] = vals
+    return host_values(list(values), torch.float32, device)[:, None]
 
 
 def _filter_rows(x: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float],
@@ -200,7 +79,7 @@ def _filter_rows(x: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float],
         if all(k == kmax for k in ks):
             kth = top[:, -1:]
         else:
-            k_col = _host_values(ks, torch.int64, device)[:, None]
+            k_col = host_values(ks, torch.int64, device)[:, None]
             kth = top.gather(1, (k_col - 1).clamp_(min=0)).masked_fill_(k_col == 0, neg_inf)
         del top
         x.masked_fill_(x < kth, neg_inf)
@@ -277,7 +156,7 @@ def _draw(logits: torch.Tensor, settings: np.ndarray, owned: bool = False) -> to
     cdf = torch.softmax(x, dim=-1)
     del x
     cdf.cumsum_(dim=-1)
-    u = _host_values(np.ascontiguousarray(settings[:, 5]), torch.float32, device)[:, None]
+    u = host_values(np.ascontiguousarray(settings[:, 5]), torch.float32, device)[:, None]
     token = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0]
     return token.clamp_(max=cdf.shape[-1] - 1)
 
@@ -356,7 +235,7 @@ def choose(logits: torch.Tensor, items: Sequence[ScheduledSeq],
     settings = draw_settings(items, generator, ahead)
     kernel = ops.draw_kernel(logits) if KERNEL and len(items) >= KERNEL_MIN_ROWS else None
     if kernel is not None:  # every row in one kernel, the greedy ones included
-        return kernel(logits, _host_values(settings, torch.float32, logits.device), out=greedy)
+        return kernel(logits, host_values(settings, torch.float32, logits.device), out=greedy)
     if len(drawn) == len(items):
         tokens = _draw(logits, settings)
         return tokens if greedy is None else greedy.copy_(tokens)

@@ -164,7 +164,7 @@ def sampler_bytes(rows: int, vocab: int, kernel: bool = False, logits_bytes: int
 #: the sampler's penalties take the rows' histories in groups of at most this many entries (a
 #: longer history alone), so that their per-entry tensors stay bounded (``penalty_bytes``)
 PENALTY_GROUP_ENTRIES = 2**18
-#: device bytes a history entry holds at the penalties' peak (``engine/sampler._penalise``:
+#: device bytes a history entry holds at the penalties' peak (``engine/penalties._penalise``:
 #: ids, row, per-entry table and penalties, flat index, values, counts key; measured on an H200
 #: with repetition + frequency + presence penalties: 129-133, with pending tokens)
 PENALTY_ENTRY_BYTES = 144
