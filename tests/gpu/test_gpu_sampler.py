@@ -105,13 +105,16 @@ def sampler_peak(rows: int, vocab: int) -> int:
 @pytest.mark.parametrize("rows,vocab", [(200, 151936), (24, 151936), (8, 151936), (5, 32000)])
 def test_peak_memory_is_within_the_plan(rows, vocab, kernel, monkeypatch):
     """The sampler's peak stays within ``planner.estimates.sampler_bytes`` and
-    ``penalty_bytes`` (600-token histories), which the memory plan reserves, with the draw
-    kernel (steps of 8 rows or more) and without it."""
+    ``penalty_bytes`` (600-token histories), which the memory plan reserves, with the draw and
+    penalty kernels (the draw kernel: steps of 8 rows or more) and without them."""
     from modelhive.engine import sampler
+    from modelhive.planner import estimates
     from modelhive.planner.estimates import penalty_bytes, sampler_bytes
 
     monkeypatch.setattr(sampler, "KERNEL", kernel)
+    monkeypatch.setattr(estimates, "SAMPLER_KERNEL", kernel)  # the penalties' switch
     # the held bf16 logits are not in the measured peak: 2 B an entry
     peak = sampler_peak(rows, vocab) + 2 * rows * vocab
-    planned = sampler_bytes(rows, vocab, kernel, logits_bytes=2) + penalty_bytes(rows, 600)
+    planned = sampler_bytes(rows, vocab, kernel, logits_bytes=2) + penalty_bytes(rows, 600,
+                                                                                   kernel)
     assert peak <= planned, (peak / rows / vocab, planned / rows / vocab)

@@ -346,3 +346,6 @@ def test_sampler_and_penalty_terms():
     assert penalty_bytes(256, 32768) == 144 * 2**18  # one group
     assert penalty_bytes(1, 131072) == 144 * 131072  # one longer history
     assert penalty_bytes(4, 256) == 144 * 1024  # every row's whole history
+    # the Triton kernel holds only the int64 ids, in groups of up to 2^22 entries
+    assert penalty_bytes(256, 4096, kernel=True) == 8 * 256 * 4096
+    assert penalty_bytes(256, 32768, kernel=True) == 8 * 2**22

@@ -351,9 +351,9 @@ def test_pending_tokens_count_as_generated_history():
 
 
 def test_penalties_in_groups_of_rows_equal_all_rows_at_once(monkeypatch):
-    """Rows whose histories exceed ``PENALTY_GROUP_ENTRIES`` together go in several groups
+    """Rows whose histories exceed ``estimates.PENALTY_GROUP_ENTRIES`` together go in several groups
     (a longer history alone): the same penalised logits as one group, pending tokens too."""
-    from modelhive.engine import penalties
+    from modelhive.planner import estimates
 
     rng = np.random.default_rng(5)
     logits = torch.randn(12, 80) * 2
@@ -361,5 +361,5 @@ def test_penalties_in_groups_of_rows_equal_all_rows_at_once(monkeypatch):
     pending = torch.from_numpy(rng.integers(0, 80, (12, 1)))
     whole = penalised(logits, items, pending)
     for cap in (25, 65):  # each 30-token history alone; two in a group, then one
-        monkeypatch.setattr(penalties, "PENALTY_GROUP_ENTRIES", cap)
+        monkeypatch.setattr(estimates, "PENALTY_GROUP_ENTRIES", cap)
         torch.testing.assert_close(penalised(logits, items, pending), whole, rtol=0, atol=0)

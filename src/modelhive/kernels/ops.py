@@ -76,6 +76,13 @@ def draw_kernel(logits):
     return None if gpu is None else gpu.draw
 
 
+def penalty_kernel(logits):
+    """The Triton penalties for CUDA ``logits`` (``kernels/triton/penalties.penalise``), else
+    None: ``engine/penalties._penalise`` is its reference and the CPU's path."""
+    gpu = _gpu(logits)
+    return None if gpu is None else gpu.penalise
+
+
 def apply_rope(x, positions, inv_freq, attention_scaling=1.0):
     return (_gpu(x) or reference).apply_rope(x, positions, inv_freq, attention_scaling)
 

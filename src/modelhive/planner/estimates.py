@@ -110,8 +110,9 @@ def activation_bytes(
         scratch = 0
     attention = residual + t * (q + 2 * kv) * e + t * (q + kv) * e + t * q * e + scratch
     if sampler:
-        sampler = sampler_bytes(s, arch.vocab_size, kernel=device == "cuda" and SAMPLER_KERNEL,
-                                logits_bytes=e) + penalty_bytes(s, seq_len)
+        kernel = device == "cuda" and SAMPLER_KERNEL
+        sampler = sampler_bytes(s, arch.vocab_size, kernel=kernel,
+                                logits_bytes=e) + penalty_bytes(s, seq_len, kernel)
     else:
         sampler = 4 * s * arch.vocab_size
     logits = 2 * t * h * e + s * h * e
@@ -168,14 +169,26 @@ PENALTY_GROUP_ENTRIES = 2**18
 #: ids, row, per-entry table and penalties, flat index, values, counts key; measured on an H200
 #: with repetition + frequency + presence penalties: 129-133, with pending tokens)
 PENALTY_ENTRY_BYTES = 144
+#: the same for the Triton kernel (``kernels/triton/penalties.py``), which holds only the ids
+#: (int64) per entry: its groups take this many entries (32 MiB of ids)
+PENALTY_KERNEL_GROUP_ENTRIES = 2**22
+PENALTY_KERNEL_ENTRY_BYTES = 8
 
 
-def penalty_bytes(max_num_seqs: int, max_model_len: int) -> int:
+def penalty_group_entries(kernel: bool) -> int:
+    """History entries in one group of the penalties (``engine/penalties.penalised``)."""
+    return PENALTY_KERNEL_GROUP_ENTRIES if kernel else PENALTY_GROUP_ENTRIES
+
+
+def penalty_bytes(max_num_seqs: int, max_model_len: int, kernel: bool = False) -> int:
     """The penalties' per-entry tensors at their peak: one group of at most
-    ``PENALTY_GROUP_ENTRIES`` history entries, or one longer history (at most
-    ``max_model_len``), and never more than every row's whole history."""
-    entries = min(max_num_seqs * max_model_len, max(PENALTY_GROUP_ENTRIES, max_model_len))
-    return PENALTY_ENTRY_BYTES * entries
+    ``penalty_group_entries(kernel)`` history entries, or one longer history (at most
+    ``max_model_len``), and never more than every row's whole history. ``kernel``: on CUDA,
+    the Triton kernel; its ``[programs, vocab]`` int32 counts are within the draw's 8 B an
+    entry (``sampler_bytes``), the torch path's dense counts were measured in it too."""
+    entries = min(max_num_seqs * max_model_len,
+                  max(penalty_group_entries(kernel), max_model_len))
+    return (PENALTY_KERNEL_ENTRY_BYTES if kernel else PENALTY_ENTRY_BYTES) * entries
 
 
 #: captured graphs take steps of up to this many tokens even when ``max_num_seqs`` is smaller, so
