@@ -90,3 +90,33 @@ def test_groups_of_rows_equal_one_launch(monkeypatch):
     whole = penalties.penalised(logits, items, pending)
     monkeypatch.setattr(estimates, "PENALTY_KERNEL_GROUP_ENTRIES", 3000)
     assert torch.equal(penalties.penalised(logits, items, pending), whole)
+
+
+def compiled_variants() -> int:
+    """How many variants of the kernel Triton has compiled in this process."""
+    caches = getattr(kernel._penalty_kernel, "device_caches", None)
+    if caches is None:
+        pytest.skip("this Triton keeps its compiled kernels elsewhere")
+    return sum(len(cache[0]) for cache in caches.values())
+
+
+def test_new_row_counts_and_settings_compile_nothing_new():
+    """Row counts, strides, pending tokens at any alignment and repetition-only steps run the
+    variant already compiled: a compile in the middle of serving stalls every stream."""
+    needs_gpu_numerics(libdevice=True)
+    rng = np.random.default_rng(8)
+    vocab = 3000
+    wide = torch.randn(64, vocab + 40, device=DEVICE)
+
+    def step(rows, counts=True, offset=0):
+        items = batch(rng, rows, vocab, counts)
+        spare = torch.from_numpy(rng.integers(0, vocab, (rows, 3))).to(DEVICE)
+        got, want = both(wide[:rows, offset:offset + vocab], items, spare[:, 1:2])
+        assert torch.equal(got, want)
+
+    step(5)
+    before = compiled_variants()
+    for rows, counts, offset in [(1, True, 0), (16, True, 3), (17, False, 0), (64, True, 40),
+                                 (2, False, 7)]:
+        step(rows, counts, offset)
+    assert compiled_variants() == before

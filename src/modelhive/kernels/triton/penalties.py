@@ -37,22 +37,30 @@ FLOAT_COLUMNS = ("repetition", "frequency", "presence")
 
 
 @triton.jit
-def _value(src, counts, t, mask, rep, freq, pres, COUNT: tl.constexpr):
+def _value(src, counts, t, mask, rep, freq, pres, count):
     """The penalised float32 logit of tokens ``t`` of a row whose logits start at ``src``."""
     v = tl.load(src + t, mask=mask, other=0.0).to(tl.float32)
     v = tl.where(v > 0, libdevice.div_rn(v, rep), libdevice.mul_rn(v, rep))
-    if COUNT:
+    if count:
         c = tl.load(counts + t, mask=mask, other=0, cache_modifier=".cg").to(tl.float32)
         used = (c > 0).to(tl.float32)
         v = v - libdevice.add_rn(libdevice.mul_rn(freq, c), libdevice.mul_rn(pres, used))
     return v
 
 
-@triton.jit
+#: the arguments Triton would otherwise specialise on (integers == 1 or divisible by 16,
+#: pointers by their alignment): each new combination would compile the kernel again in the
+#: middle of serving (the row count ``m`` changes every step), while the engine's warm-up
+#: (``Engine.warm_up``) compiles the few variants there are: the constexprs (pending tokens or
+#: none) and the logits' dtype
+_INTS = ["logits_stride", "x_stride", "m", "pending_stride", "count", "vocab"]
+_POINTERS = ["logits_ptr", "pending_ptr"]
+
+
+@triton.jit(do_not_specialize=_INTS, do_not_specialize_on_alignment=_INTS + _POINTERS)
 def _penalty_kernel(logits_ptr, logits_stride, x_ptr, x_stride, ids_ptr, ints_ptr, floats_ptr,
-                    m, pending_ptr, pending_stride, counts_ptr, vocab,
-                    K: tl.constexpr, KB: tl.constexpr, COUNT: tl.constexpr,
-                    BLOCK: tl.constexpr):
+                    m, pending_ptr, pending_stride, counts_ptr, count, vocab,
+                    K: tl.constexpr, KB: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     counts = counts_ptr + pid.to(tl.int64) * vocab
     offs = tl.arange(0, BLOCK)
@@ -68,7 +76,7 @@ def _penalty_kernel(logits_ptr, logits_stride, x_ptr, x_stride, ids_ptr, ints_pt
         src = logits_ptr + row * logits_stride
         dst = x_ptr + row * x_stride
         ahead = pending_ptr + row * pending_stride
-        if COUNT:  # the generated tokens' counts
+        if count:  # the generated tokens' counts
             for off in range(gen, end, BLOCK):
                 i = off + offs
                 tg = tl.load(ids_ptr + i, mask=i < end, other=0)
@@ -80,13 +88,13 @@ def _penalty_kernel(logits_ptr, logits_stride, x_ptr, x_stride, ids_ptr, ints_pt
         for off in range(start, end, BLOCK):
             i = off + offs
             th = tl.load(ids_ptr + i, mask=i < end, other=0)
-            vh = _value(src, counts, th, i < end, rep, freq, pres, COUNT)
+            vh = _value(src, counts, th, i < end, rep, freq, pres, count)
             tl.store(dst + th, vh, mask=i < end)
         if K > 0:
             tp = tl.load(ahead + ks, mask=ks < K, other=0)
-            vp = _value(src, counts, tp, ks < K, rep, freq, pres, COUNT)
+            vp = _value(src, counts, tp, ks < K, rep, freq, pres, count)
             tl.store(dst + tp, vp, mask=ks < K)
-        if COUNT:  # back to zero for the program's next row
+        if count:  # back to zero for the program's next row
             tl.debug_barrier()
             for off in range(gen, end, BLOCK):
                 i = off + offs
@@ -124,9 +132,10 @@ def penalise(logits: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, ints: tor
         pending = pending.contiguous()
     programs = min(m, PROGRAMS)
     vocab = logits.shape[1]
+    # without counts the kernel never reads them: any int32 pointer keeps one compiled variant
     counts = (torch.zeros((programs, vocab), dtype=torch.int32, device=x.device) if count
-              else x)
+              else ints.view(torch.int32))
     _penalty_kernel[(programs,)](
         logits, logits.stride(0), x, x.stride(0), ids, ints, floats, m, pending,
-        pending.stride(0) if k else 0, counts, vocab, K=k, KB=max(triton.next_power_of_2(k), 1),
-        COUNT=count, BLOCK=BLOCK, num_warps=4)
+        pending.stride(0) if k else 0, counts, int(count), vocab, K=k,
+        KB=max(triton.next_power_of_2(k), 1), BLOCK=BLOCK, num_warps=4)
