@@ -120,3 +120,17 @@ def test_new_row_counts_and_settings_compile_nothing_new():
                                  (2, False, 7)]:
         step(rows, counts, offset)
     assert compiled_variants() == before
+
+
+def test_ids_outside_the_logits_are_ignored():
+    """Ids the logits do not have are dropped on the host, down to none at all."""
+    needs_gpu_numerics(libdevice=True)
+    logits = torch.randn(2, 100, device=DEVICE)
+    p = SamplingParams(repetition_penalty=1.3, frequency_penalty=0.5)
+    items = [ScheduledSeq("a", (1,), 0, (0,), True, p, 0, (5000, 6000), 1),
+             ScheduledSeq("b", (1,), 0, (0,), True, p, 0, (3, 700, 3), 1)]
+    pending = torch.tensor([[7], [9]], device=DEVICE)
+    got, want = both(logits, items, pending)
+    assert torch.equal(got, want)
+    got, want = both(logits[:1], items[:1])  # nothing left to penalise
+    assert torch.equal(got, want) and torch.equal(got, logits[:1])

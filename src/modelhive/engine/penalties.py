@@ -97,6 +97,8 @@ def _group(logits: torch.Tensor, x: torch.Tensor, items: Sequence[ScheduledSeq],
         torch.int64, device)
     ints_d = table[:4 * m].view(4, m)
     floats_d = table[4 * m:].view(torch.float32)[:3 * m].view(3, m)
+    if kernel is not None and not len(ids):  # every id dropped: still a pointer to pass
+        ids = torch.zeros(1, dtype=torch.int64)
     ids = ids.to(device, non_blocking=True)
     count = bool(floats[1:].any())
     if kernel is not None:
