@@ -3,6 +3,10 @@ host's time per step (schedule, runner, applying the tokens) and the GPU's busy 
 trace of every kernel and copy), so a phase that leaves the GPU idle shows as host-bound.
 
     PYTHONPATH=src python3 bench/gpu_throughput_trace.py [PRESET] [NUM_REQUESTS] [DECODE_STEPS]
+        [SETTING=VALUE ...]
+
+SETTING=VALUE: a ``SamplingParams`` setting of every request (numbers as numbers), e.g.
+``repetition_penalty=1.1`` or ``temperature=0.7 top_p=0.9 logprobs=1``; default greedy.
 
 The workload is ``bench throughput``'s (``offline.throughput_workload``; default
 preset:qwen2.5-0.5b, 256 requests); its first pass warms up, the second is traced. Phases: steps
@@ -31,11 +35,12 @@ from modelhive.planner.estimates import DECODE_STEPS
 preset = sys.argv[1] if len(sys.argv) > 1 else "qwen2.5-0.5b"
 num_requests = int(sys.argv[2]) if len(sys.argv) > 2 else 256
 decode_steps = int(sys.argv[3]) if len(sys.argv) > 3 else DECODE_STEPS
+sampling = {k: json.loads(v) for k, v in (a.split("=", 1) for a in sys.argv[4:])}
 
 work = throughput_workload(f"preset:{preset}", Setup(enforce_eager=False,
                                                      bandwidth=measure_copy_bandwidth(),
                                                      decode_steps=decode_steps),
-                           num_requests=num_requests)
+                           num_requests=num_requests, sampling=sampling or None)
 engine = work.engine
 queues = engine.scheduler.queues[work.name]
 runner = engine.models[work.name].runner
@@ -147,7 +152,7 @@ state["phase"].stop()
 assert generated == sum(work.output_lens)
 
 total_wall = sum(p.wall for p in phases.values())
-print(f"{preset}, {num_requests} requests: {generated} tokens, wall {total_wall:.3f} s in "
+print(f"{preset}, {num_requests} requests{f' ({sampling})' if sampling else ''}: {generated} tokens, wall {total_wall:.3f} s in "
       f"{sum(p.steps for p in phases.values())} steps ({generated / total_wall:,.0f} tok/s; the "
       f"profiler's own cost is in it)")
 print(f"{'phase':>8} {'steps':>6} {'rows':>5} {'wall ms':>9} {'GPU busy':>9} {'busy %':>7} "
