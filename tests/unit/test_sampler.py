@@ -315,6 +315,12 @@ def test_sequence_history_is_incremental_and_its_views_stay_put():
         views.append(seq.history())
         assert views[-1].tolist() == list(seq.tokens(0, seq.num_tokens))
     assert first.tolist() == [5, 6, 7] and views[9].tolist() == [5, 6, 7, *range(10)]
+    seq.output_token_ids.extend([900, 901, 902])  # several tokens between two calls
+    assert seq.history().tolist() == [5, 6, 7, *range(200), 900, 901, 902]
+    assert views[-1].tolist() == [5, 6, 7, *range(200)]
+    fresh = Sequence("t", "r", 0, "m", [5], SamplingParams(repetition_penalty=1.2), 0)
+    fresh.output_token_ids.append(8)  # the first call after an output token: prompt and token
+    assert fresh.history().tolist() == [5, 8]
 
 
 def test_penalties_ignore_ids_outside_the_vocabulary_and_take_arrays():

@@ -70,8 +70,11 @@ class Sequence:
         """Prompt + output tokens as an int64 array (a view the next tokens do not change),
         for the sampler's penalties. Kept up to date incrementally: a call copies only the
         tokens added since the last one (the whole history as a tuple each step cost ~20 us a
-        sequence at 600 tokens, the scheduler's tuple and the sampler's array together)."""
-        n = self.num_tokens
+        sequence at 600 tokens, the scheduler's tuple and the sampler's array together), a
+        step's single new token without building a tuple."""
+        n_prompt = len(self.prompt_token_ids)
+        out = self.output_token_ids
+        n = n_prompt + len(out)
         have = self._history_len
         if have < n:
             buf = self._history
@@ -81,7 +84,10 @@ class Sequence:
                 if have:
                     grown[:have] = buf[:have]
                 self._history = buf = grown
-            buf[have:n] = self.tokens(have, n)
+            if have == n - 1 and have >= n_prompt:  # a step's one new token: no tuple
+                buf[have] = out[-1]
+            else:
+                buf[have:n] = self.tokens(have, n)
             self._history_len = n
         return self._history[:n]
 
