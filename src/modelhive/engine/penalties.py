@@ -47,7 +47,8 @@ def penalised(logits: torch.Tensor, items: Sequence[ScheduledSeq],
     n_prompt = [items[r].num_prompt_tokens for r in rows]
     ids = _staged(parts, x.device)
     ids_np = ids.numpy()
-    if len(ids_np) and (ids_np.min() < 0 or ids_np.max() >= vocab):  # rare: drop those ids
+    # one pass for both ends: a negative id reads as a huge unsigned one
+    if len(ids_np) and ids_np.view(np.uint64).max() >= vocab:  # rare: drop those ids
         keep = [(h >= 0) & (h < vocab) for h in parts]
         n_prompt = [int(np.count_nonzero(k[:n])) for k, n in zip(keep, n_prompt, strict=True)]
         parts = [h[k] for h, k in zip(parts, keep, strict=True)]
