@@ -152,7 +152,8 @@ state["phase"].stop()
 assert generated == sum(work.output_lens)
 
 total_wall = sum(p.wall for p in phases.values())
-print(f"{preset}, {num_requests} requests{f' ({sampling})' if sampling else ''}: {generated} tokens, wall {total_wall:.3f} s in "
+settings = f" ({sampling})" if sampling else ""
+print(f"{preset}, {num_requests} requests{settings}: {generated} tokens, wall {total_wall:.3f} s in "
       f"{sum(p.steps for p in phases.values())} steps ({generated / total_wall:,.0f} tok/s; the "
       f"profiler's own cost is in it)")
 print(f"{'phase':>8} {'steps':>6} {'rows':>5} {'wall ms':>9} {'GPU busy':>9} {'busy %':>7} "
