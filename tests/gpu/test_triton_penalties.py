@@ -15,7 +15,7 @@ import torch
 from modelhive.engine import penalties
 from modelhive.engine.sequence import ScheduledSeq
 from modelhive.sampling_params import SamplingParams
-from tests.gpu.kernel_checks import DEVICE, needs_gpu_numerics
+from tests.gpu.kernel_checks import DEVICE, compiled_variants, needs_gpu_numerics
 
 # after kernel_checks, which skips this module without CUDA or Triton
 kernel = pytest.importorskip("modelhive.kernels.triton.penalties")
@@ -92,14 +92,6 @@ def test_groups_of_rows_equal_one_launch(monkeypatch):
     assert torch.equal(penalties.penalised(logits, items, pending), whole)
 
 
-def compiled_variants() -> int:
-    """How many variants of the kernel Triton has compiled in this process."""
-    caches = getattr(kernel._penalty_kernel, "device_caches", None)
-    if caches is None:
-        pytest.skip("this Triton keeps its compiled kernels elsewhere")
-    return sum(len(cache[0]) for cache in caches.values())
-
-
 def test_new_row_counts_and_settings_compile_nothing_new():
     """Row counts, strides, pending tokens at any alignment and repetition-only steps run the
     variant already compiled: a compile in the middle of serving stalls every stream."""
@@ -115,11 +107,11 @@ def test_new_row_counts_and_settings_compile_nothing_new():
         assert torch.equal(got, want)
 
     step(5)
-    before = compiled_variants()
+    before = compiled_variants(kernel._penalty_kernel)
     for rows, counts, offset in [(1, True, 0), (16, True, 3), (17, False, 0), (64, True, 40),
                                  (2, False, 7)]:
         step(rows, counts, offset)
-    assert compiled_variants() == before
+    assert compiled_variants(kernel._penalty_kernel) == before
 
 
 def test_ids_outside_the_logits_are_ignored():

@@ -12,7 +12,10 @@ On CUDA, steps of ``KERNEL_MIN_ROWS`` rows or more draw every row (greedy ones t
 Triton kernel (``kernels/triton/sampling.py``) that finds the top-k / top-p thresholds without
 sorting the vocabulary; the torch code here (``_draw``) is its reference, and the CPU's path.
 
-The penalties are ``engine/penalties.py``. Every stage works on the whole batch at once, its
+Logprobs (``logprobs``) take one Triton kernel pair on CUDA (``kernels/triton/logprobs.py``:
+the log-sum-exp and the top alternatives from one read of the logits), a float32 log-softmax
+and ``topk`` here otherwise (``_logprobs``, its reference). The penalties are
+``engine/penalties.py``. Every stage works on the whole batch at once, its
 per-row settings in one small tensor copied from pinned memory without waiting for the device: a
 step costs a fixed handful of kernels whatever its row count (one launch chain per row cost ~0.1
 ms a row on a GPU host, more than the forward of a 256-row decode step). Stages no row asks for
@@ -254,12 +257,19 @@ def logprobs(logits: torch.Tensor, tokens: torch.Tensor,
     wanted = [it.params.logprobs for it in items]
     if all(k is None for k in wanted):
         return None
+    kmax = max(k or 0 for k in wanted)
+    kernel = ops.logprobs_kernel(logits) if KERNEL else None
+    return (kernel or _logprobs)(logits, tokens, kmax)
+
+
+def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    """``logprobs``' torch path (the CPU's, and the reference of ``kernels/triton/logprobs.py``):
+    a float32 log-softmax of every row, the chosen tokens' entries and its ``k`` largest."""
     raw = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
     chosen = raw.gather(1, tokens[:, None])[:, 0]
-    kmax = max(k or 0 for k in wanted)
-    if not kmax:
+    if not k:
         return (chosen,)
-    top_vals, top_ids = torch.topk(raw, kmax, dim=-1)
+    top_vals, top_ids = torch.topk(raw, k, dim=-1)
     return chosen, top_vals, top_ids
 
 

@@ -83,6 +83,13 @@ def penalty_kernel(logits):
     return None if gpu is None else gpu.penalise
 
 
+def logprobs_kernel(logits):
+    """The Triton logprobs of CUDA ``logits`` (``kernels/triton/logprobs.logprobs``), else None:
+    ``engine/sampler._logprobs`` is its reference and the CPU's path."""
+    gpu = _gpu(logits)
+    return None if gpu is None else gpu.logprobs
+
+
 def apply_rope(x, positions, inv_freq, attention_scaling=1.0):
     return (_gpu(x) or reference).apply_rope(x, positions, inv_freq, attention_scaling)
 

@@ -154,8 +154,10 @@ def sampler_bytes(rows: int, vocab: int, kernel: bool = False, logits_bytes: int
     ``kernel`` (CUDA): steps of ``SAMPLER_KERNEL_MIN_ROWS`` rows or more draw in the Triton
     kernel, which needs no copy of its own (a ``[rows, 1024]`` scratch): the logits
     (``logits_bytes`` an entry: the model dtype's, from the cuBLAS LM head), then the
-    penalties' float32 copy or logprobs' float32 log-softmax with its float32 input (8 B an
-    entry, measured on an H200 at 8-256 rows: 8.00); smaller steps take the torch path."""
+    penalties' float32 copy and their int32 counts (8 B an entry, measured on an H200 at 8-256
+    rows: 8.00, when logprobs still took a float32 log-softmax with its float32 input; the
+    logprobs kernel, ``kernels/triton/logprobs.py``, holds ~42 floats per 4,096 logits of a
+    row); smaller steps take the torch path."""
     if kernel and rows >= SAMPLER_KERNEL_MIN_ROWS:
         return max(sampler_bytes(SAMPLER_KERNEL_MIN_ROWS - 1, vocab),
                    (logits_bytes + 8) * rows * vocab)

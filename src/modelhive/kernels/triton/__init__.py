@@ -9,6 +9,7 @@ shapes and static metadata only, so a decode step can be captured in a CUDA grap
 from modelhive.kernels.triton.activation import gelu_tanh_and_mul, silu_and_mul
 from modelhive.kernels.triton.argmax import argmax
 from modelhive.kernels.triton.linears import linear_add, logits, norm_linear, norm_linear_act
+from modelhive.kernels.triton.logprobs import logprobs
 from modelhive.kernels.triton.paged_attention import paged_attention
 from modelhive.kernels.triton.penalties import penalise
 from modelhive.kernels.triton.rmsnorm import rms_norm
@@ -16,6 +17,6 @@ from modelhive.kernels.triton.rope import apply_rope, rope_store_kv
 from modelhive.kernels.triton.sampling import draw
 from modelhive.kernels.triton.store_kv import store_kv
 
-__all__ = ["apply_rope", "argmax", "draw", "gelu_tanh_and_mul", "linear_add", "logits", "norm_linear",
-           "norm_linear_act", "paged_attention", "penalise", "rms_norm", "rope_store_kv", "silu_and_mul",
-           "store_kv"]
+__all__ = ["apply_rope", "argmax", "draw", "gelu_tanh_and_mul", "linear_add", "logits", "logprobs",
+           "norm_linear", "norm_linear_act", "paged_attention", "penalise", "rms_norm",
+           "rope_store_kv", "silu_and_mul", "store_kv"]

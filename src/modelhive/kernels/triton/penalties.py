@@ -48,6 +48,26 @@ def _value(src, counts, t, mask, rep, freq, pres, count):
     return v
 
 
+@triton.jit
+def _count(counts, ids_ptr, gen, end, ahead, offs, ks, K: tl.constexpr, ZERO: tl.constexpr,
+           BLOCK: tl.constexpr):
+    """Add one to ``counts`` for each generated token of a row (``ids[gen:end]``, then the
+    ``K`` pending ones at ``ahead``), or with ``ZERO`` set those counts back to zero."""
+    for off in range(gen, end, BLOCK):
+        i = off + offs
+        t = tl.load(ids_ptr + i, mask=i < end, other=0)
+        if ZERO:
+            tl.store(counts + t, 0, mask=i < end)
+        else:
+            tl.atomic_add(counts + t, 1, mask=i < end)
+    if K > 0:
+        tp = tl.load(ahead + ks, mask=ks < K, other=0)
+        if ZERO:
+            tl.store(counts + tp, 0, mask=ks < K)
+        else:
+            tl.atomic_add(counts + tp, 1, mask=ks < K)
+
+
 #: the arguments Triton would otherwise specialise on (integers == 1 or divisible by 16,
 #: pointers by their alignment): each new combination would compile the kernel again in the
 #: middle of serving (the row count ``m`` changes every step), while the engine's warm-up
@@ -77,13 +97,7 @@ def _penalty_kernel(logits_ptr, logits_stride, x_ptr, x_stride, ids_ptr, ints_pt
         dst = x_ptr + row * x_stride
         ahead = pending_ptr + row * pending_stride
         if count:  # the generated tokens' counts
-            for off in range(gen, end, BLOCK):
-                i = off + offs
-                tg = tl.load(ids_ptr + i, mask=i < end, other=0)
-                tl.atomic_add(counts + tg, 1, mask=i < end)
-            if K > 0:
-                tk = tl.load(ahead + ks, mask=ks < K, other=0)
-                tl.atomic_add(counts + tk, 1, mask=ks < K)
+            _count(counts, ids_ptr, gen, end, ahead, offs, ks, K, False, BLOCK)
             tl.debug_barrier()
         for off in range(start, end, BLOCK):
             i = off + offs
@@ -96,13 +110,7 @@ def _penalty_kernel(logits_ptr, logits_stride, x_ptr, x_stride, ids_ptr, ints_pt
             tl.store(dst + tp, vp, mask=ks < K)
         if count:  # back to zero for the program's next row
             tl.debug_barrier()
-            for off in range(gen, end, BLOCK):
-                i = off + offs
-                tz = tl.load(ids_ptr + i, mask=i < end, other=0)
-                tl.store(counts + tz, 0, mask=i < end)
-            if K > 0:
-                tq = tl.load(ahead + ks, mask=ks < K, other=0)
-                tl.store(counts + tq, 0, mask=ks < K)
+            _count(counts, ids_ptr, gen, end, ahead, offs, ks, K, True, BLOCK)
             tl.debug_barrier()
 
 
