@@ -78,8 +78,9 @@ class _Live:
 def token_logprob(tk: Tokenizer, token_id: int, logprob: float, top) -> TokenLogprob:
     """A token's logprob with its alternatives ``top`` (``(id, logprob)`` pairs), each with its
     text as the API returns it."""
-    return TokenLogprob(token_id, tk.logprob_text(token_id), logprob,
-                        tuple((i, tk.logprob_text(i), lp) for i, lp in top))
+    texts = tk.logprob_texts
+    return TokenLogprob(token_id, texts[token_id], logprob,
+                        tuple([(i, texts[i], lp) for i, lp in top]))
 
 
 def choice_params(params: SamplingParams, index: int) -> SamplingParams:

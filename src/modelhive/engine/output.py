@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-@dataclass(frozen=True)
-class TokenLogprob:
+@dataclass(slots=True)
+class TokenLogprob:  # a record, never changed once made; not frozen (one per token: see below)
     token_id: int
     token: str
     logprob: float

@@ -21,6 +21,21 @@ from modelhive.errors import ConfigError
 from modelhive.models.chat_template import render_chat_template
 
 
+class _LogprobTexts(dict):
+    """Token id -> its text in logprobs (``Tokenizer.logprob_text``), decoded on first use: a
+    hit is one dict lookup, which logprobs with alternatives make several times per token."""
+
+    def __init__(self, decode) -> None:
+        super().__init__()
+        self._decode = decode
+
+    def __missing__(self, token_id: int) -> str:
+        if len(self) >= Tokenizer.TOKEN_TEXTS_MAX:
+            self.clear()
+        text = self[token_id] = self._decode([token_id], False)  # skip_special_tokens=False
+        return text
+
+
 class Tokenizer:
     """Common surface; subclasses implement ``encode``, ``decode``, ``id_to_token``.
 
@@ -37,6 +52,8 @@ class Tokenizer:
 
     def __init__(self) -> None:
         self._token_texts: dict[tuple[int, bool], str] = {}
+        #: ``logprob_text`` of each id seen, as a mapping (``texts[id]``)
+        self.logprob_texts = _LogprobTexts(self.decode)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         raise NotImplementedError
@@ -61,7 +78,7 @@ class Tokenizer:
     def logprob_text(self, token_id: int) -> str:
         """A token's text in logprobs: what it decodes to alone, special tokens included
         (" Paris", not the vocabulary's "ĠParis"), as OpenAI and vLLM return it."""
-        return self.decode_token(token_id, False)  # skip_special_tokens=False
+        return self.logprob_texts[token_id]
 
     def appended_text(self, token_id: int) -> str | None:
         """The text ``token_id`` adds at the end of a decode whatever comes before it, if the
