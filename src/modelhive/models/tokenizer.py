@@ -25,12 +25,13 @@ class _LogprobTexts(dict):
     """Token id -> its text in logprobs (``Tokenizer.logprob_text``), decoded on first use: a
     hit is one dict lookup, which logprobs with alternatives make several times per token."""
 
-    def __init__(self, decode) -> None:
+    def __init__(self, decode, max_size: int) -> None:
         super().__init__()
         self._decode = decode
+        self.max_size = max_size  # cleared when it holds this many
 
     def __missing__(self, token_id: int) -> str:
-        if len(self) >= Tokenizer.TOKEN_TEXTS_MAX:
+        if len(self) >= self.max_size:
             self.clear()
         text = self[token_id] = self._decode([token_id], False)  # skip_special_tokens=False
         return text
@@ -53,7 +54,7 @@ class Tokenizer:
     def __init__(self) -> None:
         self._token_texts: dict[tuple[int, bool], str] = {}
         #: ``logprob_text`` of each id seen, as a mapping (``texts[id]``)
-        self.logprob_texts = _LogprobTexts(self.decode)
+        self.logprob_texts = _LogprobTexts(self.decode, self.TOKEN_TEXTS_MAX)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         raise NotImplementedError
