@@ -46,7 +46,8 @@ from modelhive.engine.sequence import SampledToken, ScheduledSeq
 from modelhive.kernels import ops
 from modelhive.planner.estimates import SAMPLER_KERNEL, SAMPLER_KERNEL_MIN_ROWS, SAMPLER_SORT_ROWS
 
-__all__ = ["choose", "device_index", "logprobs", "penalised", "sample", "sampled_tokens"]
+__all__ = ["choose", "device_index", "logprobs", "penalised", "sample", "sampled_tokens",
+           "token_logprobs"]
 
 _SEED_STRIDE = 1_000_003
 #: draw on CUDA with the Triton kernel (``kernels/triton/sampling.py``); env
@@ -257,9 +258,16 @@ def logprobs(logits: torch.Tensor, tokens: torch.Tensor,
     wanted = [it.params.logprobs for it in items]
     if all(k is None for k in wanted):
         return None
-    kmax = max(k or 0 for k in wanted)
+    return token_logprobs(logits, tokens, max(k or 0 for k in wanted))
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
+                   k: int) -> tuple[torch.Tensor, ...]:
+    """Each row's raw logprob of ``tokens`` (float32 ``[rows]``) and, with ``k`` > 0, its ``k``
+    largest logprobs and their ids: the Triton kernels on CUDA (``kernels/triton/logprobs.py``),
+    else ``_logprobs``. Also the prompt logprobs' scoring (``runner/model_runner.py``)."""
     kernel = ops.logprobs_kernel(logits) if KERNEL else None
-    return (kernel or _logprobs)(logits, tokens, kmax)
+    return (kernel or _logprobs)(logits, tokens, k)
 
 
 def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:

@@ -22,7 +22,7 @@ import logging
 import torch
 
 from modelhive.engine.kv_pool import KVLayout
-from modelhive.engine.sampler import choose, device_index, logprobs, sample
+from modelhive.engine.sampler import choose, device_index, logprobs, sample, token_logprobs
 from modelhive.engine.sequence import ModelBatch, PromptScores, SampledToken, ScheduledSeq
 from modelhive.kernels import reference
 from modelhive.models.base import CausalLM, KVCaches
@@ -163,11 +163,11 @@ class ModelRunner:
                 for lo in range(0, len(targets), self.score_rows):
                     part = targets[lo:lo + self.score_rows]
                     logits = self.model.compute_logits(hidden[start + lo:start + lo + len(part)])
-                    logprobs = torch.log_softmax(logits.float(), dim=-1)
-                    ids = torch.tensor(part, dtype=torch.long, device=logprobs.device)
-                    chosen = logprobs.gather(1, ids[:, None])[:, 0].tolist()
+                    ids = torch.tensor(part, dtype=torch.long, device=logits.device)
+                    chosen, *top = token_logprobs(logits, ids, k)
+                    chosen = chosen.tolist()
                     if k:
-                        vals, top_ids = torch.topk(logprobs, k, dim=-1)
+                        vals, top_ids = top
                         tops = [tuple(zip(i, v, strict=True))
                                 for i, v in zip(top_ids.tolist(), vals.tolist(), strict=True)]
                     else:
