@@ -3,8 +3,9 @@ torch path (``engine/sampler._logprobs``: float32 log-softmax, gather, topk), on
 inputs: the chosen tokens' logprobs and the k largest within float32 rounding, the alternatives'
 ids those of their values, for float32, bf16 and fp16 logits, 1-300 rows, vocabularies from
 a few hundred to Gemma's 262,144 and k from 0 to 20; ties at the top (the smallest id first);
-a strided logits view; and no new compile for another row count, k or alignment. Runs on CUDA,
-or on the CPU under ``TRITON_INTERPRET=1`` (not the bf16 cases).
+a strided logits view; no new compile for another row count, k or alignment; and an engine's
+logprobs and prompt logprobs through the kernel equal to the torch path's. Runs on CUDA, or on
+the CPU under ``TRITON_INTERPRET=1`` (not the bf16 cases).
 """
 
 from __future__ import annotations
@@ -115,3 +116,46 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError):
         kernel.logprobs(logits.t(), tokens, 1)
     assert kernel.logprobs(logits[:0], tokens[:0], 3)[1].shape == (0, 3)
+
+
+def engine_logprobs(kernel_on: bool, monkeypatch) -> tuple[list, list, list]:
+    """A greedy request with logprobs and prompt logprobs through an engine on ``DEVICE``, the
+    logprobs (decode and prompt scoring) by the kernel or by the torch path."""
+    from modelhive import ModelSpec
+    from modelhive.engine.hive import build_engine
+    from modelhive.kernels import ops
+
+    monkeypatch.setattr(ops, "logprobs_kernel",
+                        (lambda _: kernel.logprobs) if kernel_on else (lambda _: None))
+    spec = ModelSpec(name="m", source="preset:tiny-llama", dtype="float32", max_model_len=128,
+                     max_num_seqs=4)
+    engine = build_engine([spec], device=DEVICE, memory="3GiB" if DEVICE == "cuda" else "1GiB",
+                          enforce_eager=True, measure_memory=False)
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, logprobs=3,
+                            prompt_logprobs=2)
+    engine.add_request("m", list(range(10, 40)), params, request_id="r")
+    deltas = []
+    while engine.has_work:
+        deltas += engine.step()
+    assert not [d.error for d in deltas if d.error]
+
+    def flat(records):
+        return [(r.token_id, r.logprob, [(i, v) for i, _, v in r.top]) for r in records]
+
+    return ([t for d in deltas for t in d.token_ids],
+            flat(r for d in deltas for r in (d.logprobs or ())),
+            flat(r for d in deltas for r in (d.prompt_logprobs or ())))
+
+
+def test_engine_logprobs_and_prompt_logprobs_through_the_kernel(monkeypatch):
+    """The runner's two users of the kernel (a step's logprobs, prompt scoring) give the torch
+    path's tokens, logprobs and alternatives."""
+    got = engine_logprobs(True, monkeypatch)
+    want = engine_logprobs(False, monkeypatch)
+    assert got[0] == want[0] and len(got[0]) == 5
+    for a, b in ((got[1], want[1]), (got[2], want[2])):
+        assert len(a) == len(b) > 0
+        for (t1, l1, top1), (t2, l2, top2) in zip(a, b, strict=True):
+            assert t1 == t2 and abs(l1 - l2) < REF_ATOL
+            assert [i for i, _ in top1] == [i for i, _ in top2]
+            assert all(abs(u - v) < REF_ATOL for (_, u), (_, v) in zip(top1, top2, strict=True))
