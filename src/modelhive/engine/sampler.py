@@ -288,14 +288,21 @@ def sampled_tokens(items: Sequence[ScheduledSeq], tokens: list[int],
     if lps is None:
         return [SampledToken(it.seq_id, t) for it, t in zip(items, tokens, strict=True)]
     chosen, *top = lps
+    if not top:  # no row asked for alternatives
+        return [SampledToken(it.seq_id, t) if it.params.logprobs is None
+                else SampledToken(it.seq_id, t, c, ())
+                for it, t, c in zip(items, tokens, chosen, strict=True)]
+    vals, ids = top
+    kmax = len(ids[0])
     out = []
-    for row, (item, token) in enumerate(zip(items, tokens, strict=True)):
-        k = item.params.logprobs
+    for it, t, c, row_ids, row_vals in zip(items, tokens, chosen, ids, vals, strict=True):
+        k = it.params.logprobs
         if k is None:
-            out.append(SampledToken(item.seq_id, token))
-            continue
-        alts = tuple(zip(top[1][row][:k], top[0][row][:k], strict=True)) if k else ()
-        out.append(SampledToken(item.seq_id, token, chosen[row], alts))
+            out.append(SampledToken(it.seq_id, t))
+        else:  # (id, logprob) pairs; no slicing when the row asked for the most there are
+            if k != kmax:
+                row_ids, row_vals = row_ids[:k], row_vals[:k]
+            out.append(SampledToken(it.seq_id, t, c, tuple(zip(row_ids, row_vals, strict=False))))
     return out
 
 
