@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 
 @dataclass(slots=True)
-class TokenLogprob:  # a record, never changed once made; not frozen (one per token: see below)
+class TokenLogprob:  # a record, never changed once made; not frozen (one per token: as CompletionDelta)
     token_id: int
     token: str
     logprob: float
