@@ -118,13 +118,12 @@ def measure(num_seqs: int, steps: int = 100, profile: bool = False,
         engine.scheduler.lookahead = decode_lookahead(decode_steps)
     else:
         def execute(batch):  # with logprobs: made-up values of the right shape
-            out = [SampledToken(s.seq_id, 300 + i % 100)
-                   for i, s in enumerate(batch.seqs) if s.sample]
-            if logprobs is not None:
-                out = [SampledToken(t.seq_id, t.token_id, -0.5,
-                                    tuple((t.token_id + j, -0.5 - j) for j in range(logprobs)))
-                       for t in out]
-            return out
+            if logprobs is None:
+                return [SampledToken(s.seq_id, 300 + i % 100)
+                        for i, s in enumerate(batch.seqs) if s.sample]
+            return [SampledToken(s.seq_id, 300 + i % 100, -0.5,
+                                 tuple((300 + i % 100 + j, -0.5 - j) for j in range(logprobs)))
+                    for i, s in enumerate(batch.seqs) if s.sample]
 
         runner.execute = execute
     for _ in range(warm):
