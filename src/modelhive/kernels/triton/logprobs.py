@@ -61,8 +61,12 @@ def _chunk_kernel(x_ptr, stride, V, C, k, max_ptr, sum_ptr, val_ptr, id_ptr,
     _take_largest(x, cols, k, 0.0, val_ptr + at * k, id_ptr + at * k, offs)
 
 
-@triton.jit(do_not_specialize=_INTS, do_not_specialize_on_alignment=_INTS + ["x_ptr", "tok_ptr"])
-def _row_kernel(x_ptr, stride, V, C, k, tok_ptr, max_ptr, sum_ptr, val_ptr, id_ptr,
+_ROW_INTS = ["stride", "C", "k"]
+
+
+@triton.jit(do_not_specialize=_ROW_INTS,
+            do_not_specialize_on_alignment=_ROW_INTS + ["x_ptr", "tok_ptr"])
+def _row_kernel(x_ptr, stride, C, k, tok_ptr, max_ptr, sum_ptr, val_ptr, id_ptr,
                 chosen_ptr, top_val_ptr, top_id_ptr, CB: tl.constexpr, NB: tl.constexpr):
     row = tl.program_id(0)
     cs = tl.arange(0, CB)
@@ -107,7 +111,7 @@ def logprobs(logits: torch.Tensor, tokens: torch.Tensor,
     tokens = tokens.contiguous()
     _chunk_kernel[(rows, C)](logits, logits.stride(0), vocab, C, k, maxima, sums, vals, ids,
                              CHUNK=CHUNK, num_warps=4)
-    _row_kernel[(rows,)](logits, logits.stride(0), vocab, C, k, tokens, maxima, sums, vals, ids,
+    _row_kernel[(rows,)](logits, logits.stride(0), C, k, tokens, maxima, sums, vals, ids,
                          chosen, top_vals, top_ids, CB=triton.next_power_of_2(C),
                          NB=triton.next_power_of_2(C * MAX_LOGPROBS), num_warps=4)
     return (chosen,) if not k else (chosen, top_vals, top_ids)
