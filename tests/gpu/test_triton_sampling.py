@@ -105,6 +105,25 @@ def test_each_filter_alone_over_the_whole_range_of_u(setting):
     check(logits, settings)
 
 
+@pytest.mark.parametrize("top_k", [20, 1024, 1025, 2900])
+def test_top_k_at_and_past_the_scratch_row_then_top_p_and_min_p(top_k):
+    """Top-k up to ``CAP`` leaves the whole kept set in the scratch row, and top-p, min-p and
+    the draw then run there; past it they take passes over the row; top-p alone on a peaked
+    row also ends in the scratch row, on a flat one not. Every path draws the reference's
+    tokens (the generation-config mix top-k 20 + top-p 0.8 + temperature 0.7 among them)."""
+    assert sampling.CAP == 1024
+    rng = np.random.default_rng(top_k)
+    rows = 16 if INTERPRET else 256
+    vocab = VOCABS[-1]
+    torch.manual_seed(top_k)
+    scale = torch.tensor(rng.choice([0.05, 1.0, 4.0, 12.0], rows), dtype=torch.float32)
+    logits = (torch.randn(rows, vocab) * scale[:, None]).to(DEVICE)
+    settings = settings_for(rng, rows, temperature=rng.choice([0.7, 1.0], rows).astype(
+        np.float32), top_k=rng.choice([top_k, top_k, 0], rows),
+        top_p=rng.choice([1.0, 0.8, 0.95], rows), min_p=rng.choice([0.0, 0.0, 0.05], rows))
+    check(logits, settings)
+
+
 def test_ties_at_the_cut_and_more_ties_than_the_kernel_sorts():
     """Integer-valued logits: many tokens share each value, so top-k and top-p cuts fall inside
     runs of ties (all kept); a row where thousands of tokens tie at the k-th value."""

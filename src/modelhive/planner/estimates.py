@@ -152,7 +152,7 @@ def sampler_bytes(rows: int, vocab: int, kernel: bool = False, logits_bytes: int
     rows of a 152k vocabulary, 52.2 at 24 rows (this gives 30.1 and 60).
 
     ``kernel`` (CUDA): steps of ``SAMPLER_KERNEL_MIN_ROWS`` rows or more draw in the Triton
-    kernel, which needs no copy of its own (a ``[rows, 1024]`` scratch): the logits
+    kernel, which needs no copy of its own (an 8 KiB scratch a row): the logits
     (``logits_bytes`` an entry: the model dtype's, from the cuBLAS LM head), then the
     penalties' float32 copy and their int32 counts (8 B an entry, measured on an H200 at 8-256
     rows: 8.00, when logprobs still took a float32 log-softmax with its float32 input; the
