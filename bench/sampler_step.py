@@ -29,6 +29,7 @@ SETTINGS = {
     "temperature": dict(temperature=1.0),
     "top_p": dict(temperature=0.7, top_p=0.9),
     "top_k+min_p": dict(temperature=0.7, top_k=50, min_p=0.05),
+    "top_k+top_p": dict(temperature=0.7, top_k=20, top_p=0.8),  # Qwen2.5's generation config
     "seeded": dict(temperature=0.7, seed=1),
     "penalties": dict(temperature=0.0, repetition_penalty=1.1, frequency_penalty=0.2),
     "logprobs": dict(temperature=0.7, logprobs=5),
@@ -66,6 +67,7 @@ def main() -> None:
     ap.add_argument("--history", type=int, default=600, help="tokens of a penalised row")
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--scale", type=float, default=1.0, help="logits = randn * scale")
+    ap.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     args = ap.parse_args()
     device = torch.device(args.device)
     gen = torch.Generator()  # the runner's: on the host
@@ -73,7 +75,8 @@ def main() -> None:
     print(f"device {device} vocab {args.vocab} scale {args.scale}; ms per call "
           f"(median of {args.repeat})")
     print(f"{'setting':<14}{'rows':>6}{'choose, no wait':>17}{'choose':>10}{'sample':>10}")
-    for name, setting in SETTINGS.items():
+    for name in args.settings:
+        setting = SETTINGS[name]
         for rows in args.rows:
             logits = torch.randn(rows, args.vocab, device=device) * args.scale
             batch = items(setting, rows, args.history)
