@@ -22,7 +22,9 @@ ms a row on a GPU host, more than the forward of a 256-row decode step). Stages 
 are skipped; a row that does not use a stage that runs gets a setting under which it changes
 nothing (top-k off: threshold -inf; top-p 1: nothing dropped; min-p 0). The work is in place on
 one float32 copy of the logits; top-p sorts ``SAMPLER_SORT_ROWS`` rows at a time, and on the CPU
-first looks for each row's nucleus among its top logits (``_top_p_from_candidates``).
+first looks for each row's nucleus among its top logits (``_top_p_from_candidates``). On the
+CPU, rows with a top-k of at most ``TOP_K_CANDIDATES`` draw from their top-k candidates alone
+(``_draw_from_top_k``: no softmax or sort over the vocabulary).
 ``planner.estimates.sampler_bytes`` is the peak the memory plan reserves for all this.
 
 The draw is by inverse CDF: one uniform u per row, the first token whose cumulative probability
@@ -141,16 +143,38 @@ def _top_p_from_candidates(x: torch.Tensor, limits: list[float]) -> list[int]:
             if not d and lim != float("inf")]  # an infinite limit: top-p off for that row
 
 
+#: on the CPU, rows with a top-k of at most this many tokens draw from their top-k alone
+TOP_K_CANDIDATES = 1024
+
+
 def _draw(logits: torch.Tensor, settings: np.ndarray, owned: bool = False) -> torch.Tensor:
     """One drawn token per row (int64 on the logits' device) under ``draw_settings`` rows whose
     temperature is > 0: the torch path, and the reference of ``kernels/triton/sampling.py``.
     Works on one float32 copy of the logits, in place (``planner.estimates.sampler_bytes``);
-    ``owned``: ``logits`` is the caller's own copy, used as it is when it is float32."""
+    ``owned``: ``logits`` is the caller's own copy, used as it is when it is float32. On the
+    CPU, rows with a small top-k draw from their top-k candidates (``_draw_from_top_k``)."""
     device = logits.device
     x = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=not owned)
     inverse = _row_values(settings[:, 1].tolist(), device)  # float32 1 / temperature
     if not isinstance(inverse, float) or inverse != 1.0:
         x.mul_(inverse)
+    k = settings[:, 2]
+    few = np.flatnonzero((k > 0) & (k <= TOP_K_CANDIDATES) & (k < x.shape[-1]))
+    if device.type != "cpu" or not len(few):
+        return _draw_filtered(x, settings)
+    token = torch.empty(len(x), dtype=torch.int64)
+    rest = _draw_from_top_k(x, few, settings, token)
+    if rest:
+        if len(rest) < len(x):
+            x = x[torch.tensor(rest)]  # a gathered copy, in place of the whole one
+        token[rest] = _draw_filtered(x, settings[rest])
+    return token
+
+
+def _draw_filtered(x: torch.Tensor, settings: np.ndarray) -> torch.Tensor:
+    """``_draw`` over the whole vocabulary of ``x`` (temperature-scaled float32 logits, changed
+    in place): the filters mask it, then the inverse CDF."""
+    device = x.device
     _filter_rows(x, settings[:, 2].astype(np.int64).tolist(), settings[:, 3].tolist(),
                  settings[:, 4].tolist())
     # inverse CDF: the first token whose cumulative mass passes u * total, u uniform in [0, 1)
@@ -163,6 +187,42 @@ def _draw(logits: torch.Tensor, settings: np.ndarray, owned: bool = False) -> to
     u = host_values(np.ascontiguousarray(settings[:, 5]), torch.float32, device)[:, None]
     token = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0]
     return token.clamp_(max=cdf.shape[-1] - 1)
+
+
+def _draw_from_top_k(x: torch.Tensor, few: np.ndarray, settings: np.ndarray,
+                     token: torch.Tensor) -> list[int]:
+    """On the CPU, the draws of the rows ``few`` of ``x`` (top-k of at most
+    ``TOP_K_CANDIDATES``) from their largest ``max k + 1`` logits alone, written into
+    ``token``: top-k, top-p (on the mass top-k leaves) and min-p mask the candidates, and the
+    inverse CDF runs over them in vocabulary order. Returns the rows left to the full path:
+    the others, and those whose k-th value ties with a token past the candidates. Where the
+    full path took a softmax and sorts over the whole vocabulary (top-k 40 + top-p 0.9 at 64
+    rows of 49,152: ~40 ms on a 2-core CPU), this takes one ``topk``. The sums are sequential
+    (``cumsum``) and unnormalised, so a row draws the same alone or in any batch."""
+    index = torch.from_numpy(few)
+    sub = x if len(few) == len(x) else x[index]
+    s = settings[few]
+    ks = torch.from_numpy(s[:, 2].astype(np.int64))[:, None]
+    vals, ids = torch.topk(sub, int(ks.max()) + 1, dim=-1)  # largest first
+    kth = vals.gather(1, ks - 1)
+    complete = (vals[:, -1:] < kth)[:, 0]  # every token at or above kth is a candidate
+    e = torch.exp(vals - vals[:, :1])  # p / p_max; the first is the row's maximum
+    e.masked_fill_(vals < kth, 0.0)
+    if (s[:, 3] < 1.0).any():  # keep the values not below the first whose mass before ...
+        limit = torch.from_numpy(np.where(s[:, 3] < 1.0, s[:, 3], np.inf).astype(np.float32))
+        cum = e.cumsum(dim=-1)
+        kept = ((cum - e) <= limit[:, None] * cum[:, -1:]).sum(dim=-1, keepdim=True)  # >= 1
+        e.masked_fill_(vals < vals.gather(1, kept - 1), 0.0)  # ... passes top_p (ties kept)
+    if (s[:, 4] > 0.0).any():
+        e.masked_fill_(e < torch.from_numpy(s[:, 4])[:, None], 0.0)
+    order = ids.argsort(dim=-1)  # the inverse CDF in vocabulary order
+    e = e.gather(1, order).cumsum_(dim=-1)
+    u = torch.from_numpy(np.ascontiguousarray(s[:, 5]))[:, None]
+    at = torch.searchsorted(e, u * e[:, -1:], right=True).clamp_(max=e.shape[-1] - 1)
+    done = complete.nonzero()[:, 0]
+    token[index[done]] = ids.gather(1, order.gather(1, at))[done, 0]
+    rest = set(range(len(x))) - set(few[done.numpy()].tolist())
+    return sorted(rest)
 
 
 def draw_settings(items: Sequence[ScheduledSeq], generator: torch.Generator | None = None,
