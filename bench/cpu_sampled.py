@@ -27,8 +27,8 @@ def main() -> None:
                            max_model_len=512, max_num_seqs=64, max_num_batched_tokens=2048)],
                 device="cpu", memory="3GiB")
     prompts = [[1, 504, 3458, 28, 2451 + i, 253, 1345, 2821, 563, 30] for i in range(64)]
-    hive.generate("smol", prompts[:2], SamplingParams(max_tokens=4, **SETTINGS["greedy"]))
-    hive.generate("smol", prompts[:2], SamplingParams(max_tokens=4, **SETTINGS["top_k 40 + top_p 0.9"]))
+    for setting in SETTINGS.values():  # warm-up
+        hive.generate("smol", prompts[:2], SamplingParams(max_tokens=4, **setting))
     for name, setting in SETTINGS.items():
         params = SamplingParams(max_tokens=64, ignore_eos=True, **setting)
         rates = []

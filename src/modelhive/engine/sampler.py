@@ -158,9 +158,11 @@ def _draw(logits: torch.Tensor, settings: np.ndarray, owned: bool = False) -> to
     inverse = _row_values(settings[:, 1].tolist(), device)  # float32 1 / temperature
     if not isinstance(inverse, float) or inverse != 1.0:
         x.mul_(inverse)
+    if device.type != "cpu":
+        return _draw_filtered(x, settings)
     k = settings[:, 2]
     few = np.flatnonzero((k > 0) & (k <= TOP_K_CANDIDATES) & (k < x.shape[-1]))
-    if device.type != "cpu" or not len(few):
+    if not len(few):
         return _draw_filtered(x, settings)
     token = torch.empty(len(x), dtype=torch.int64)
     rest = _draw_from_top_k(x, few, settings, token)
@@ -221,8 +223,9 @@ def _draw_from_top_k(x: torch.Tensor, few: np.ndarray, settings: np.ndarray,
     at = torch.searchsorted(e, u * e[:, -1:], right=True).clamp_(max=e.shape[-1] - 1)
     done = complete.nonzero()[:, 0]
     token[index[done]] = ids.gather(1, order.gather(1, at))[done, 0]
-    rest = set(range(len(x))) - set(few[done.numpy()].tolist())
-    return sorted(rest)
+    rest = np.ones(len(x), dtype=bool)
+    rest[few[done.numpy()]] = False
+    return np.flatnonzero(rest).tolist()
 
 
 def draw_settings(items: Sequence[ScheduledSeq], generator: torch.Generator | None = None,
